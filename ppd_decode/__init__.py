@@ -1,0 +1,10 @@
+"""ppd_decode: the runtime half of ppd (model loading, task data and prompts, heads, decoding, evaluation).
+
+Training (``ppd_train``) depends on this package; this package never imports ``ppd_train``.
+"""
+
+from .errors import HeadMismatchError, ModelLoadError, PPDError, PromptTooLongError, TaskDataError
+from .modeling import DEFAULT_MODEL, load_model
+
+__all__ = ["load_model", "DEFAULT_MODEL", "PPDError", "ModelLoadError", "TaskDataError", "PromptTooLongError",
+           "HeadMismatchError"]

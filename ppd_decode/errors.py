@@ -1,0 +1,21 @@
+"""Errors that name their fix. Every user-facing failure in ppd raises one of these."""
+
+
+class PPDError(Exception):
+    """Base class: the message says what went wrong and how to fix it."""
+
+
+class ModelLoadError(PPDError):
+    """A model spec could not be turned into a model + tokenizer."""
+
+
+class TaskDataError(PPDError):
+    """Task data is missing, unreadable, or lacks a field a prompt needs."""
+
+
+class PromptTooLongError(PPDError):
+    """A prompt (plus the tokens to generate) does not fit the configured budget or the model's context."""
+
+
+class HeadMismatchError(PPDError):
+    """An early-exit head file does not belong to this model or layer."""

@@ -1,0 +1,160 @@
+"""Early-exit heads and their file format (shared by training, which writes them, and decoding, which reads them).
+
+A head maps the hidden state after decoder layer ``d`` (1-based: ``hidden_states[d]`` of a transformers model) to
+vocabulary logits. By default it is a copy of the model's own final norm and LM head, so an untrained head is the
+"logit lens"; an optional residual adapter (zero-initialised, so it starts as the identity) adds capacity.
+
+On disk a set of heads is a directory::
+
+    heads.safetensors   tensors named "layer{d}.{param}"
+    heads.json          {"format": "ppd-heads/1", "model": <signature>, "heads": {"d": {...}}, ...}
+
+The model signature (architecture sizes plus a small probe of the embedding matrix) lets ``load_heads`` refuse a
+head trained for another model with an error that says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import HeadMismatchError
+
+FORMAT = "ppd-heads/1"
+_PROBE = 16  # probe the first 16x16 block of the input embeddings
+
+
+def num_layers(model) -> int:
+    return model.config.num_hidden_layers
+
+
+def check_layer(model, layer: int) -> int:
+    L = num_layers(model)
+    if not isinstance(layer, int) or not 1 <= layer < L:
+        raise HeadMismatchError(
+            f"layer {layer!r} is not an intermediate layer of this {L}-layer model. Fix: choose d in 1..{L - 1} "
+            f"(layer {L} is the final layer, whose own LM head already predicts there).")
+    return layer
+
+
+def model_signature(model) -> dict:
+    c = model.config
+    emb = model.get_input_embeddings().weight
+    return {"name_or_path": getattr(c, "_name_or_path", "") or "", "model_type": c.model_type,
+            "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "vocab_size": emb.shape[0],
+            "embedding_probe": emb[:_PROBE, :_PROBE].detach().float().cpu().flatten().tolist()}
+
+
+def check_signature(saved: dict, model, where: str) -> None:
+    mine = model_signature(model)
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+        if saved.get(key) != mine[key]:
+            raise HeadMismatchError(
+                f"{where} holds heads for another model ({key}: {saved.get(key)!r} there, {mine[key]!r} here; "
+                f"trained for {saved.get('name_or_path') or 'an unnamed model'!r}). Fix: load the model the heads "
+                f"were trained for, or train heads for this one.")
+    probe = torch.tensor(saved["embedding_probe"])
+    ours = torch.tensor(mine["embedding_probe"])
+    # Tolerant enough for a dtype change (fp32 vs bf16), strict enough to tell two checkpoints apart.
+    if not torch.allclose(probe, ours, rtol=2e-2, atol=1e-3):
+        raise HeadMismatchError(
+            f"{where} holds heads trained for a model with the same shape but other weights "
+            f"({saved.get('name_or_path')!r}). Fix: load that model, or train heads for this one.")
+
+
+class ResidualAdapter(nn.Module):
+    """h + up(act(down(h))), with ``up`` zero-initialised so a fresh adapter changes nothing."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+        self.act = nn.SiLU()
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h)))
+
+
+class EarlyExitHead(nn.Module):
+    def __init__(self, layer: int, norm: nn.Module, lm_head: nn.Linear, adapter_rank: int = 0):
+        super().__init__()
+        self.layer = layer
+        self.adapter_rank = adapter_rank
+        self.adapter = ResidualAdapter(lm_head.in_features, adapter_rank) if adapter_rank else None
+        self.norm = norm
+        self.lm_head = lm_head
+
+    @classmethod
+    def from_model(cls, model, layer: int, adapter_rank: int = 0) -> "EarlyExitHead":
+        """A head initialised from the model's own final norm and LM head (copied: tied embeddings stay intact)."""
+        check_layer(model, layer)
+        base = model.get_output_embeddings()
+        lm_head = nn.Linear(base.in_features, base.out_features, bias=False,
+                            device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            lm_head.weight.copy_(base.weight)
+        head = cls(layer, copy.deepcopy(model.model.norm), lm_head, adapter_rank)
+        return head.to(device=base.weight.device, dtype=base.weight.dtype)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.adapter is not None:
+            hidden = self.adapter(hidden)
+        return self.lm_head(self.norm(hidden))
+
+
+def save_heads(directory: str | Path, heads: dict[int, EarlyExitHead], model, meta: dict | None = None) -> Path:
+    """Write heads (any number of layers) for ``model``; ``meta`` (objective, data, steps...) is kept as is."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {f"layer{layer}.{k}": v.detach().cpu().contiguous()
+               for layer, head in heads.items() for k, v in head.state_dict().items()}
+    info = {"format": FORMAT, "model": model_signature(model),
+            "heads": {str(layer): {"adapter_rank": h.adapter_rank, "dtype": str(h.lm_head.weight.dtype)}
+                      for layer, h in heads.items()}, "meta": meta or {}}
+    tmp = d / "heads.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(d / "heads.safetensors")
+    (d / "heads.json").write_text(json.dumps(info, indent=1))
+    return d
+
+
+def read_heads_info(directory: str | Path) -> dict:
+    d = Path(directory)
+    info_path = d / "heads.json"
+    if not info_path.is_file() or not (d / "heads.safetensors").is_file():
+        raise HeadMismatchError(f"{d} is not a heads directory (needs heads.json and heads.safetensors). "
+                                f"Fix: pass the directory a training run exported its heads to.")
+    info = json.loads(info_path.read_text())
+    if info.get("format") != FORMAT:
+        raise HeadMismatchError(f"{info_path} has format {info.get('format')!r}; this ppd reads {FORMAT!r}.")
+    return info
+
+
+def load_heads(directory: str | Path, model, layers: list[int] | None = None) -> dict[int, EarlyExitHead]:
+    """Heads saved by ``save_heads``, checked against ``model``, on its device and dtype."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    info = read_heads_info(d)
+    check_signature(info["model"], model, str(d))
+    have = sorted(int(k) for k in info["heads"])
+    want = have if layers is None else list(layers)
+    missing = [x for x in want if x not in have]
+    if missing:
+        raise HeadMismatchError(f"{d} has heads for layers {have}, not {missing}. Fix: pick from {have} or train them.")
+    tensors = load_file(str(d / "heads.safetensors"))
+    out = {}
+    for layer in want:
+        head = EarlyExitHead.from_model(model, layer, info["heads"][str(layer)]["adapter_rank"])
+        prefix = f"layer{layer}."
+        head.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        out[layer] = head.eval()
+    return out

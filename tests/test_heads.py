@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from ppd_decode import HeadMismatchError, load_model
+from ppd_decode.heads import EarlyExitHead, load_heads, save_heads
+
+
+def _hidden(model, ids):
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True).hidden_states
+
+
+def test_untrained_head_is_the_logit_lens(tiny):
+    model, _ = tiny
+    ids = torch.randint(4, 260, (1, 12))
+    hs = _hidden(model, ids)
+    head = EarlyExitHead.from_model(model, 2)
+    with torch.no_grad():
+        lens = model.lm_head(model.model.norm(hs[2]))
+        assert torch.allclose(head(hs[2]), lens)
+        # At the last layer, hidden_states already has the final norm: the model's logits are lm_head(hs[L]).
+        assert torch.allclose(model(ids).logits, model.lm_head(hs[-1]), atol=1e-5)
+
+
+def test_head_owns_its_weights():
+    model, _ = load_model("tiny-random:seed=3")
+    before = model.lm_head.weight.clone()
+    head = EarlyExitHead.from_model(model, 1)
+    with torch.no_grad():
+        head.lm_head.weight.add_(1.0)
+        head.norm.weight.add_(1.0)
+    assert torch.equal(model.lm_head.weight, before)
+    assert not torch.equal(model.model.norm.weight, head.norm.weight)
+
+
+def test_zero_initialised_adapter_changes_nothing(tiny):
+    model, _ = tiny
+    h = torch.randn(2, 5, model.config.hidden_size)
+    plain, adapted = EarlyExitHead.from_model(model, 1), EarlyExitHead.from_model(model, 1, adapter_rank=8)
+    with torch.no_grad():
+        assert torch.allclose(plain(h), adapted(h))
+
+
+@pytest.mark.parametrize("layer", [0, 4, -1, 2.0])
+def test_bad_layer(tiny, layer):
+    with pytest.raises(HeadMismatchError, match=r"choose d in 1\.\.3"):
+        EarlyExitHead.from_model(tiny[0], layer)
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    model, _ = tiny
+    heads = {1: EarlyExitHead.from_model(model, 1), 3: EarlyExitHead.from_model(model, 3, adapter_rank=4)}
+    with torch.no_grad():
+        for h in heads.values():
+            for p in h.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    save_heads(tmp_path, heads, model, meta={"objective": "distill"})
+    loaded = load_heads(tmp_path, model)
+    x = torch.randn(1, 3, model.config.hidden_size)
+    with torch.no_grad():
+        for d in (1, 3):
+            assert torch.equal(loaded[d](x), heads[d](x))
+    assert list(load_heads(tmp_path, model, layers=[3])) == [3]
+    assert json.loads((tmp_path / "heads.json").read_text())["meta"] == {"objective": "distill"}
+
+
+def test_heads_for_another_model_are_refused(tiny, tmp_path):
+    model, _ = tiny
+    save_heads(tmp_path, {1: EarlyExitHead.from_model(model, 1)}, model)
+    other_weights, _ = load_model("tiny-random:seed=9")
+    with pytest.raises(HeadMismatchError, match="same shape but other weights"):
+        load_heads(tmp_path, other_weights)
+    other_shape, _ = load_model("tiny-random:layers=6")
+    with pytest.raises(HeadMismatchError, match="num_hidden_layers"):
+        load_heads(tmp_path, other_shape)
+    # A dtype change is the same model.
+    as_f64, _ = load_model("tiny-random", dtype="float64")
+    assert load_heads(tmp_path, as_f64)[1].lm_head.weight.dtype == torch.float64
+
+
+def test_missing_layer_and_missing_directory(tiny, tmp_path):
+    model, _ = tiny
+    save_heads(tmp_path / "h", {2: EarlyExitHead.from_model(model, 2)}, model)
+    with pytest.raises(HeadMismatchError, match=r"has heads for layers \[2\]"):
+        load_heads(tmp_path / "h", model, layers=[1])
+    with pytest.raises(HeadMismatchError, match="not a heads directory"):
+        load_heads(tmp_path / "nothing", model)
