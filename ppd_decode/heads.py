@@ -4,12 +4,13 @@ A head maps the hidden state after decoder layer ``d`` (1-based: ``hidden_states
 vocabulary logits. By default it is a copy of the model's own final norm and LM head, so an untrained head is the
 "logit lens"; an optional residual adapter (zero-initialised, so it starts as the identity) adds capacity.
 
-On disk a set of heads is a directory::
+On disk each head is its own directory, laid out like a hub model repo::
 
-    heads.safetensors   tensors named "layer{d}.{param}"
-    heads.json          {"format": "ppd-heads/1", "model": <signature>, "heads": {"d": {...}}, ...}
+    layer15/config.json        {"format": "ppd-head/1", "layer": 15, "base_model": ..., "base_fingerprint": {...},
+                                "hidden_size", "vocab_size", "num_hidden_layers", "objective", "data", "metrics"}
+    layer15/model.safetensors  norm.weight, lm_head.weight (+ adapter.*)
 
-The model signature (architecture sizes plus a small probe of the embedding matrix) lets ``load_heads`` refuse a
+A training run exports ``heads/layer{d}/`` for each layer it trained. The model signature (architecture sizes plus a small probe of the embedding matrix) lets ``load_heads`` refuse a
 head trained for another model with an error that says so.
 """
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from .errors import HeadMismatchError
 
-FORMAT = "ppd-heads/1"
+FORMAT = "ppd-head/1"
 _PROBE = 16  # probe the first 16x16 block of the input embeddings
 
 
@@ -108,53 +109,82 @@ class EarlyExitHead(nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
-def save_heads(directory: str | Path, heads: dict[int, EarlyExitHead], model, meta: dict | None = None) -> Path:
-    """Write heads (any number of layers) for ``model``; ``meta`` (objective, data, steps...) is kept as is."""
+def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | None = None) -> Path:
+    """One head as a hub-style directory: ``config.json`` + ``model.safetensors``. Written atomically."""
     from safetensors.torch import save_file
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layer{layer}.{k}": v.detach().cpu().contiguous()
-               for layer, head in heads.items() for k, v in head.state_dict().items()}
-    info = {"format": FORMAT, "model": model_signature(model),
-            "heads": {str(layer): {"adapter_rank": h.adapter_rank, "dtype": str(h.lm_head.weight.dtype)}
-                      for layer, h in heads.items()}, "meta": meta or {}}
-    tmp = d / "heads.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(d / "heads.safetensors")
-    (d / "heads.json").write_text(json.dumps(info, indent=1))
+    tmp = d.with_name(d.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    sig = model_signature(model)
+    config = {"format": FORMAT, "layer": head.layer, "adapter_rank": head.adapter_rank,
+              "base_model": sig["name_or_path"], "base_fingerprint": sig,
+              "num_hidden_layers": sig["num_hidden_layers"], "hidden_size": sig["hidden_size"],
+              "vocab_size": sig["vocab_size"], "dtype": str(head.lm_head.weight.dtype).replace("torch.", ""),
+              **(meta or {})}
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    if d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    tmp.rename(d)
     return d
 
 
-def read_heads_info(directory: str | Path) -> dict:
+def save_heads(directory: str | Path, heads: dict[int, EarlyExitHead], model, meta: dict | None = None,
+               per_head_meta: dict[int, dict] | None = None) -> Path:
+    """Several heads: ``directory/layer{d}/`` each (see ``save_head``)."""
     d = Path(directory)
-    info_path = d / "heads.json"
-    if not info_path.is_file() or not (d / "heads.safetensors").is_file():
-        raise HeadMismatchError(f"{d} is not a heads directory (needs heads.json and heads.safetensors). "
+    for layer, head in heads.items():
+        save_head(d / f"layer{layer}", head, model, {**(meta or {}), **((per_head_meta or {}).get(layer, {}))})
+    return d
+
+
+def head_dirs(path: str | Path) -> dict[int, Path]:
+    """``{layer: directory}`` for a single head directory or a directory of ``layer{d}/`` heads."""
+    p = Path(path)
+    cands = [p] if (p / "config.json").is_file() else sorted(p.glob("layer*/"))
+    out = {}
+    for c in cands:
+        info = read_head_config(c)
+        out[int(info["layer"])] = c
+    if not out:
+        raise HeadMismatchError(f"{p} holds no heads (expected config.json + model.safetensors, or layer*/ "
+                                f"subdirectories of them). Fix: pass the directory a training run exported.")
+    return out
+
+
+def read_head_config(directory: str | Path) -> dict:
+    d = Path(directory)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file() or not (d / "model.safetensors").is_file():
+        raise HeadMismatchError(f"{d} is not a head directory (needs config.json and model.safetensors). "
                                 f"Fix: pass the directory a training run exported its heads to.")
-    info = json.loads(info_path.read_text())
+    info = json.loads(cfg_path.read_text())
     if info.get("format") != FORMAT:
-        raise HeadMismatchError(f"{info_path} has format {info.get('format')!r}; this ppd reads {FORMAT!r}.")
+        raise HeadMismatchError(f"{cfg_path} has format {info.get('format')!r}; this ppd reads {FORMAT!r}.")
     return info
 
 
-def load_heads(directory: str | Path, model, layers: list[int] | None = None) -> dict[int, EarlyExitHead]:
-    """Heads saved by ``save_heads``, checked against ``model``, on its device and dtype."""
+def load_heads(path: str | Path, model, layers: list[int] | None = None) -> dict[int, EarlyExitHead]:
+    """Heads saved by ``save_head(s)``, checked against ``model``, on its device and dtype."""
     from safetensors.torch import load_file
 
-    d = Path(directory)
-    info = read_heads_info(d)
-    check_signature(info["model"], model, str(d))
-    have = sorted(int(k) for k in info["heads"])
-    want = have if layers is None else list(layers)
-    missing = [x for x in want if x not in have]
+    if not Path(path).exists():
+        raise HeadMismatchError(f"{path} does not exist. Fix: pass the directory a training run exported heads to.")
+    found = head_dirs(path)
+    want = sorted(found) if layers is None else list(layers)
+    missing = [x for x in want if x not in found]
     if missing:
-        raise HeadMismatchError(f"{d} has heads for layers {have}, not {missing}. Fix: pick from {have} or train them.")
-    tensors = load_file(str(d / "heads.safetensors"))
+        raise HeadMismatchError(f"{path} has heads for layers {sorted(found)}, not {missing}. "
+                                f"Fix: pick from {sorted(found)} or train them.")
     out = {}
     for layer in want:
-        head = EarlyExitHead.from_model(model, layer, info["heads"][str(layer)]["adapter_rank"])
-        prefix = f"layer{layer}."
-        head.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        info = read_head_config(found[layer])
+        check_signature(info["base_fingerprint"], model, str(found[layer]))
+        head = EarlyExitHead.from_model(model, layer, info.get("adapter_rank", 0))
+        head.load_state_dict(load_file(str(found[layer] / "model.safetensors")))
         out[layer] = head.eval()
     return out

@@ -63,7 +63,9 @@ def test_save_load_round_trip(tiny, tmp_path):
         for d in (1, 3):
             assert torch.equal(loaded[d](x), heads[d](x))
     assert list(load_heads(tmp_path, model, layers=[3])) == [3]
-    assert json.loads((tmp_path / "heads.json").read_text())["meta"] == {"objective": "distill"}
+    assert list(load_heads(tmp_path / "layer3", model)) == [3]  # one head's own directory
+    cfg = json.loads((tmp_path / "layer1" / "config.json").read_text())
+    assert (cfg["objective"], cfg["layer"], cfg["vocab_size"]) == ("distill", 1, model.config.vocab_size)
 
 
 def test_heads_for_another_model_are_refused(tiny, tmp_path):
@@ -85,5 +87,8 @@ def test_missing_layer_and_missing_directory(tiny, tmp_path):
     save_heads(tmp_path / "h", {2: EarlyExitHead.from_model(model, 2)}, model)
     with pytest.raises(HeadMismatchError, match=r"has heads for layers \[2\]"):
         load_heads(tmp_path / "h", model, layers=[1])
-    with pytest.raises(HeadMismatchError, match="not a heads directory"):
+    with pytest.raises(HeadMismatchError, match="does not exist"):
         load_heads(tmp_path / "nothing", model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HeadMismatchError, match="holds no heads"):
+        load_heads(tmp_path / "empty", model)
