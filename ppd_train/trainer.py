@@ -1,0 +1,279 @@
+"""The head-training job: a frozen backbone, a bank of early-exit heads trained by DeepSpeed, W&B, resume, export.
+
+One backbone forward per micro batch feeds every requested head; each head's loss is independent of the others
+(sum of losses, no shared gradient clipping), so training five heads together is numerically the same as training
+each alone on the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ppd_decode.errors import PPDError
+from ppd_decode.heads import EarlyExitHead, check_layer, save_heads
+from ppd_decode.modeling import load_model
+
+from .backbone import FrozenBackbone
+from .data import DataConfig, build_training_data
+from .objectives import agreement, check_objective, head_loss, needs_final_layer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class HeadBank(nn.Module):
+    """All heads of a run, as the one module DeepSpeed trains."""
+
+    def __init__(self, heads: dict[int, EarlyExitHead], objective: str, kind: str, temperature: float):
+        super().__init__()
+        self.heads = nn.ModuleDict({str(d): h for d, h in heads.items()})
+        self.objective, self.kind, self.temperature = objective, kind, temperature
+
+    def forward(self, hidden: dict[int, torch.Tensor], input_ids, teacher_logits):
+        # Heads may keep fp32 weights over a bf16 backbone: cast the features to the head's dtype.
+        losses = {int(d): head_loss(h(hidden[int(d)].to(h.lm_head.weight.dtype)), input_ids, teacher_logits, self.objective, self.kind,
+                                    self.temperature) for d, h in self.heads.items()}
+        return sum(losses.values()), losses
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """torchrun sets RANK/WORLD_SIZE; a plain `python -m ppd_train` becomes a world of one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+# ------------------------------------------------------------------------------------------- DeepSpeed config
+def deepspeed_config(name_or_path: str, *, micro_batch: int, grad_accum: int, world: int, lr: float,
+                     weight_decay: float, betas, warmup_steps: int, total_steps: int) -> dict:
+    """Load ``configs/deepspeed/<name>.json`` and fill its ``"auto"`` values from the trainer config
+    (the convention of transformers' DeepSpeed integration)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIGS / "deepspeed" / f"{name_or_path}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in (CONFIGS / "deepspeed").glob("*.json"))
+        raise PPDError(f"no DeepSpeed config {path}; use trainer.deepspeed=<one of {have}> or a path to a JSON file")
+    cfg = json.loads(path.read_text())
+    auto = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch * grad_accum * world, "lr": lr, "weight_decay": weight_decay,
+            "betas": list(betas), "warmup_max_lr": lr, "warmup_num_steps": warmup_steps,
+            "total_num_steps": total_steps, "warmup_min_lr": 0.0}
+
+    def fill(node):
+        if isinstance(node, dict):
+            return {k: (auto[k] if v == "auto" and k in auto else fill(v)) for k, v in node.items()}
+        return node
+
+    return fill(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def validate(cfg, model=None) -> None:
+    """Bad input fails here, before any compute is spent."""
+    check_objective(cfg.head.objective, cfg.head.get("distill_kind", "kl"))
+    layers = list(cfg.head.layers)
+    if not layers:
+        raise PPDError("head.layers is empty; name at least one layer, e.g. head.layers=[15] (or make train LAYER=15)")
+    if model is not None:
+        for d in layers:
+            check_layer(model, d)
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        if ctx is not None and cfg.trainer.seq_len > ctx:
+            raise PPDError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds the model's context of {ctx} positions. "
+                           f"Fix: trainer.seq_len={ctx} or less.")
+    if cfg.trainer.seq_len < 2:
+        raise PPDError("trainer.seq_len must be at least 2")
+
+
+def _batch_rows(perm: torch.Tensor, micro_index: int, micro: int, world: int, rank: int) -> torch.Tensor:
+    start = (micro_index * world + rank) * micro
+    return perm[start:start + micro]
+
+
+@torch.no_grad()
+def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro: int, device) -> dict:
+    bank.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for i in range(0, len(val), micro):
+        ids = val[i:i + micro].to(device)
+        hidden, teacher = backbone(ids, final_logits=True)
+        for d, head in bank.heads.items():
+            logits = head(hidden[int(d)].to(head.lm_head.weight.dtype))
+            for k, v in agreement(logits, teacher, ks=(1, 5)).items():
+                sums[f"val/top{k}_agree/layer{d}"] = sums.get(f"val/top{k}_agree/layer{d}", 0.0) + v * len(ids)
+            loss = head_loss(logits, ids, teacher, bank.objective, bank.kind, bank.temperature).item()
+            sums[f"val/loss/layer{d}"] = sums.get(f"val/loss/layer{d}", 0.0) + loss * len(ids)
+        n += len(ids)
+    bank.train()
+    return {k: v / n for k, v in sums.items()}
+
+
+def train(cfg, run_dir: str | Path | None = None) -> dict:
+    """Run (or resume) one training job described by a Hydra config. Returns the final metrics."""
+    import deepspeed
+    from omegaconf import OmegaConf
+
+    validate(cfg)
+    run_dir = Path(run_dir or cfg.output_dir)
+    device, rank, world = init_distributed()
+    is_main = rank == 0
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(int(cfg.trainer.threads))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=device)
+    validate(cfg, model)
+    layers = sorted(set(int(d) for d in cfg.head.layers))
+    objective, kind = cfg.head.objective, cfg.head.get("distill_kind", "kl")
+    seq_len, micro, accum = int(cfg.trainer.seq_len), int(cfg.trainer.micro_batch), int(cfg.trainer.grad_accum)
+
+    data_cfg = DataConfig.from_cfg(cfg.data)
+    data = build_training_data(data_cfg, tok, seq_len, model=model, model_spec=cfg.model.spec, is_main=is_main,
+                               barrier=torch.distributed.barrier)
+    global_batch = micro * accum * world
+    steps_per_epoch = len(data.train) // global_batch
+    if steps_per_epoch == 0:
+        raise PPDError(f"{len(data.train)} training blocks are fewer than one global batch ({global_batch} = micro "
+                       f"{micro} x accum {accum} x world {world}). Fix: more data (data.max_train_tokens) or a "
+                       f"smaller batch.")
+    total_steps = int(cfg.trainer.max_steps or 0) or int(cfg.trainer.epochs) * steps_per_epoch
+    warmup = max(1, int(round(float(cfg.trainer.warmup_ratio) * total_steps)))  # DeepSpeed needs >= 1
+
+    heads = {d: EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank)).float() for d in layers}
+    bank = HeadBank(heads, objective, kind, float(cfg.head.get("temperature", 1.0))).to(device)
+    ds_cfg = deepspeed_config(cfg.trainer.deepspeed, micro_batch=micro, grad_accum=accum, world=world,
+                              lr=float(cfg.trainer.lr), weight_decay=float(cfg.trainer.weight_decay),
+                              betas=cfg.trainer.betas, warmup_steps=warmup, total_steps=total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=bank, model_parameters=[p for p in bank.parameters()],
+                                                   config=ds_cfg)
+    backbone = FrozenBackbone(model, layers)
+    need_teacher = needs_final_layer(objective)
+
+    ckpt_dir = run_dir / "checkpoints"
+    step = 0
+    if (ckpt_dir / "latest").is_file():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        step = int(client["step"])
+        torch.set_rng_state(client["torch_rng"])
+        if is_main:
+            print(f"[ppd_train] resumed from {ckpt_dir} at step {step}/{total_steps}")
+
+    run = _init_wandb(cfg, run_dir, data, total_steps) if is_main else None
+    history = []
+    t_last, tokens_since = time.time(), 0
+    log_every, eval_every = int(cfg.trainer.log_every), int(cfg.trainer.eval_every)
+    save_every = int(cfg.trainer.save_every)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc="train heads", disable=not is_main, dynamic_ncols=True)
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        losses = {}
+        for m in range(accum):
+            ids = data.train[_batch_rows(perm, in_epoch * accum + m, micro, world, rank)].to(device)
+            hidden, teacher = backbone(ids, final_logits=need_teacher)
+            loss, per_head = engine(hidden, ids, teacher)
+            engine.backward(loss)
+            engine.step()
+            for d, v in per_head.items():
+                losses[d] = losses.get(d, 0.0) + v.item() / accum
+        step += 1
+        tokens_since += global_batch * seq_len
+        bar.update(1)
+        metrics = {}
+        if step % log_every == 0 or step == total_steps:
+            dt = time.time() - t_last
+            metrics.update({f"train/loss/layer{d}": v for d, v in losses.items()})
+            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_since / dt,
+                            "train/epoch": step / steps_per_epoch})
+            t_last, tokens_since = time.time(), 0
+            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
+        if step % eval_every == 0 or step == total_steps:
+            metrics.update(evaluate(backbone, engine.module, data.val, micro, device))
+        if metrics and is_main:
+            history.append({"step": step, **metrics})
+            if run is not None:
+                run.log(metrics, step=step)
+        if step % save_every == 0 or step == total_steps:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
+                                   client_state={"step": step, "torch_rng": torch.get_rng_state()})
+            if is_main:
+                _prune_checkpoints(ckpt_dir, keep=int(cfg.trainer.keep_checkpoints))
+    bar.close()
+
+    final = evaluate(backbone, engine.module, data.val, micro, device)
+    result = {"final": final, "steps": total_steps, "train_blocks": len(data.train), "seq_len": seq_len}
+    if is_main:
+        _export(run_dir, engine.module, model, cfg, data, final)
+        (run_dir / "metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))
+        if run is not None:
+            run.summary.update(final)
+            run.finish()
+        print(f"[ppd_train] done: heads in {run_dir / 'heads'}")
+        for d in layers:
+            print(f"  layer {d}: val top-1 agreement {final[f'val/top1_agree/layer{d}']:.3f}, "
+                  f"top-5 {final[f'val/top5_agree/layer{d}']:.3f}")
+    torch.distributed.barrier()
+    return result
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _export(run_dir: Path, bank: HeadBank, model, cfg, data, final: dict) -> None:
+    heads = {int(d): h for d, h in bank.heads.items()}
+    meta = {"objective": cfg.head.objective, "distill_kind": cfg.head.get("distill_kind", "kl"),
+            "data": data.source, "model_spec": cfg.model.spec}
+    per_head = {d: {"metrics": {k.split("/layer")[0].replace("val/", "val_"): v for k, v in final.items()
+                                if k.endswith(f"/layer{d}")}} for d in heads}
+    save_heads(run_dir / "heads", heads, model, meta, per_head)
+
+
+def _init_wandb(cfg, run_dir: Path, data, total_steps: int):
+    from omegaconf import OmegaConf
+
+    if cfg.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.update(data_source=data.source, train_blocks=len(data.train), total_steps=total_steps)
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.get("entity"), name=cfg.run_name, id=run_id,
+                      resume="allow", dir=str(run_dir), mode=cfg.wandb.mode, config=config)
