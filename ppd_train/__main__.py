@@ -1,12 +1,9 @@
 """``python -m ppd_train`` / ``torchrun --nproc_per_node=N -m ppd_train head.layers=[15]``: the Hydra app."""
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .trainer import train
-
-# run_name joins the layer list: outputs/train/smollm2-135m/L11-15-distill
-OmegaConf.register_new_resolver("ppd_join", lambda xs: "-".join(str(x) for x in xs), replace=True)
+from .trainer import train  # also registers the config resolvers
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

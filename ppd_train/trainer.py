@@ -11,12 +11,14 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import time
 import uuid
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from ppd_decode.errors import PPDError
@@ -28,6 +30,9 @@ from .data import DataConfig, build_training_data
 from .objectives import agreement, check_objective, head_loss, needs_final_layer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# run_name joins the layer list: outputs/train/smollm2-135m-L11-15-distill
+OmegaConf.register_new_resolver("ppd_join", lambda xs: "-".join(str(x) for x in xs), replace=True)
 
 
 class HeadBank(nn.Module):
@@ -119,6 +124,7 @@ def _batch_rows(perm: torch.Tensor, micro_index: int, micro: int, world: int, ra
 
 @torch.no_grad()
 def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro: int, device) -> dict:
+    """Mean validation loss and top-1/top-5 agreement with the final layer, per head."""
     bank.eval()
     sums: dict[str, float] = {}
     n = 0
@@ -139,14 +145,15 @@ def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro:
 def train(cfg, run_dir: str | Path | None = None) -> dict:
     """Run (or resume) one training job described by a Hydra config. Returns the final metrics."""
     import deepspeed
-    from omegaconf import OmegaConf
 
     validate(cfg)
     run_dir = Path(run_dir or cfg.output_dir)
     device, rank, world = init_distributed()
     is_main = rank == 0
-    if cfg.trainer.get("threads"):
-        torch.set_num_threads(int(cfg.trainer.threads))
+    if device.type == "cpu":
+        # torchrun pins every rank to one thread; share this node's cores between its ranks instead.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(int(cfg.trainer.get("threads") or max(1, (os.cpu_count() or 1) // local_world)))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -159,6 +166,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     data_cfg = DataConfig.from_cfg(cfg.data)
     data = build_training_data(data_cfg, tok, seq_len, model=model, model_spec=cfg.model.spec, is_main=is_main,
                                barrier=torch.distributed.barrier)
+    val = data.val[: int(cfg.trainer.eval_blocks)]
     global_batch = micro * accum * world
     steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
@@ -219,7 +227,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             t_last, tokens_since = time.time(), 0
             bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
         if step % eval_every == 0 or step == total_steps:
-            metrics.update(evaluate(backbone, engine.module, data.val, micro, device))
+            metrics.update(evaluate(backbone, engine.module, val, micro, device))
         if metrics and is_main:
             history.append({"step": step, **metrics})
             if run is not None:
@@ -229,9 +237,11 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
                                    client_state={"step": step, "torch_rng": torch.get_rng_state()})
             if is_main:
                 _prune_checkpoints(ckpt_dir, keep=int(cfg.trainer.keep_checkpoints))
+        if cfg.trainer.get("debug_kill_at_step") == step:  # fault injection: the resume test's SIGKILL
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
-    final = evaluate(backbone, engine.module, data.val, micro, device)
+    final = evaluate(backbone, engine.module, val, micro, device)
     result = {"final": final, "steps": total_steps, "train_blocks": len(data.train), "seq_len": seq_len}
     if is_main:
         _export(run_dir, engine.module, model, cfg, data, final)
@@ -263,8 +273,6 @@ def _export(run_dir: Path, bank: HeadBank, model, cfg, data, final: dict) -> Non
 
 
 def _init_wandb(cfg, run_dir: Path, data, total_steps: int):
-    from omegaconf import OmegaConf
-
     if cfg.wandb.mode == "disabled":
         return None
     import wandb

@@ -1,0 +1,210 @@
+"""Head training on a tiny random model: numerics, resume after SIGKILL, export, bad input. Seconds each."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ppd_decode import HeadMismatchError, PPDError, TaskDataError, load_model
+from ppd_decode.heads import load_heads
+from ppd_train.backbone import FrozenBackbone
+from ppd_train.data import DataConfig, load_conversations, pack, render, split_train_val
+from ppd_train.objectives import agreement, head_loss
+from ppd_train.trainer import CONFIGS, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny-random", "trainer.seq_len=32", "trainer.micro_batch=2", "trainer.log_every=1",
+        "trainer.eval_every=4", "trainer.save_every=2", "wandb.mode=disabled", "data.val_examples=8"]
+
+
+def _write_corpus(path: Path, n: int = 60) -> Path:
+    rows = [{"id": str(i), "messages": [{"role": "user", "content": f"Question number {i}: what is {i} + {i}?"},
+                                        {"role": "assistant", "content": f"The answer is {2 * i}. " * 3}]}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return _write_corpus(tmp_path / "corpus.jsonl")
+
+
+def _cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=list(TINY) + list(overrides))
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+def test_backbone_matches_hidden_states_and_stops_at_the_deepest_layer(tiny):
+    model, _ = tiny
+    ids = torch.randint(4, 260, (2, 10))
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True)
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in
+             enumerate(model.model.layers)]
+    try:
+        hidden, logits = FrozenBackbone(model, [2, 1])(ids)
+        assert logits is None and ran == [0, 1]  # layers 3 and 4 never ran
+        ran.clear()
+        hidden_full, logits = FrozenBackbone(model, [1, 2])(ids, final_logits=True)
+        assert ran == [0, 1, 2, 3]
+    finally:
+        for h in hooks:
+            h.remove()
+    for d in (1, 2):
+        assert torch.equal(hidden[d], ref.hidden_states[d]) and torch.equal(hidden_full[d], ref.hidden_states[d])
+    assert torch.equal(logits, ref.logits)
+
+
+def test_agreement_and_losses():
+    teacher = torch.tensor([[[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]]])
+    student = torch.tensor([[[0.0, 1.0, 5.0], [3.0, 2.0, 1.0]]])
+    assert agreement(student, teacher, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+    ids = torch.tensor([[1, 2]])
+    ce = head_loss(student, ids, None, "ce")
+    assert torch.isclose(ce, torch.nn.functional.cross_entropy(student[0, :1], ids[0, 1:]))
+    assert head_loss(teacher, ids, teacher, "distill", "kl").abs() < 1e-6
+    assert torch.isclose(head_loss(student, ids, teacher, "distill", "argmax"),
+                         torch.nn.functional.cross_entropy(student[0], teacher[0].argmax(-1)))
+
+
+def test_corpus_loading_split_and_packing(corpus, tiny):
+    _, tok = tiny
+    convs = load_conversations(DataConfig(files=(str(corpus),)))
+    assert len(convs) == 60 and convs[0][0]["role"] == "user"
+    train_c, val_c = split_train_val(convs, 8, seed=0)
+    assert len(val_c) == 8 and len(train_c) == 52
+    assert not {c[0]["content"] for c in val_c} & {c[0]["content"] for c in train_c}
+    assert split_train_val(convs, 8, seed=0) == (train_c, val_c)
+    blocks = pack([render(tok, c) for c in train_c], 32)
+    assert blocks.shape[1] == 32 and blocks.numel() <= sum(len(render(tok, c)) for c in train_c)
+
+
+def test_bad_corpus_rows(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"id": "1", "text": "no messages"}) + "\n")
+    with pytest.raises(TaskDataError, match="row 0 has no usable 'messages'"):
+        load_conversations(DataConfig(files=(str(f),)))
+
+
+def test_evaluation_sets_are_refused_as_training_data(shared_data):
+    with pytest.raises(TaskDataError, match="never train"):
+        load_conversations(DataConfig(files=("squad/validation_part_a.jsonl",)))
+
+
+def test_self_distillation_writes_the_models_own_answers_and_resumes(tiny, corpus, tmp_path):
+    from ppd_train.data import read_self_distilled, self_distill
+
+    model, tok = tiny
+    convs = load_conversations(DataConfig(files=(str(corpus),)))[:6]
+    cfg = DataConfig(files=(str(corpus),), self_distill=True, sd_max_new_tokens=5, sd_batch_size=4)
+    cache = tmp_path / "sd.jsonl"
+    self_distill(convs, model, tok, cfg, cache, progress=False)
+    rows = read_self_distilled(cache)
+    assert len(rows) == 6 and rows[0][0]["content"] == convs[0][0]["content"]
+    # The answer is the model's own greedy continuation of the prompt.
+    from ppd_decode.prompts import encode_chat
+
+    ids = torch.tensor([encode_chat(tok, convs[5][0]["content"])])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert rows[5][1]["content"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    # A cache cut mid-line by a kill is repaired, and only the missing rows are generated again.
+    lines = cache.read_text().splitlines()
+    cache.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])
+    self_distill(convs, model, tok, cfg, cache, progress=False)
+    assert read_self_distilled(cache) == rows
+
+
+# ------------------------------------------------------------------------------------------------ the job
+def _head_params(run_dir: Path, model) -> dict:
+    return {d: {k: v.clone() for k, v in h.state_dict().items()} for d, h in load_heads(run_dir / "heads", model).items()}
+
+
+def test_one_forward_for_several_heads_equals_training_each_alone(corpus, tmp_path):
+    common = [f"data.files=[{corpus}]", "trainer.max_steps=4"]
+    together = train(_cfg("head.layers=[1,3]", *common), run_dir=tmp_path / "both")
+    train(_cfg("head.layers=[1]", *common), run_dir=tmp_path / "one")
+    train(_cfg("head.layers=[3]", *common), run_dir=tmp_path / "three")
+    model, _ = load_model("tiny-random")
+    both = _head_params(tmp_path / "both", model)
+    alone = {**_head_params(tmp_path / "one", model), **_head_params(tmp_path / "three", model)}
+    start = {k: v for k, v in model.lm_head.state_dict().items()}
+    for d in (1, 3):
+        for k in both[d]:
+            torch.testing.assert_close(both[d][k], alone[d][k], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(both[d]["lm_head.weight"], start["weight"])  # it did train
+    assert together["final"][f"val/top1_agree/layer1"] >= 0
+
+
+def test_export_round_trip_and_metadata(corpus, tmp_path):
+    train(_cfg("head.layers=[2]", f"data.files=[{corpus}]", "trainer.max_steps=2", "head.objective=ce"),
+          run_dir=tmp_path)
+    cfg = json.loads((tmp_path / "heads" / "layer2" / "config.json").read_text())
+    assert (cfg["layer"], cfg["objective"], cfg["num_hidden_layers"]) == (2, "ce", 4)
+    assert "val_top1_agree" in cfg["metrics"] and str(corpus) in cfg["data"]
+    model, _ = load_model("tiny-random")
+    assert list(load_heads(tmp_path / "heads", model)) == [2]
+    with pytest.raises(HeadMismatchError, match="num_hidden_layers"):
+        load_heads(tmp_path / "heads", load_model("tiny-random:layers=3")[0])
+    with pytest.raises(HeadMismatchError, match="vocab_size"):
+        load_heads(tmp_path / "heads", load_model("tiny-random:vocab=280")[0])
+
+
+@pytest.mark.parametrize("override, error, words", [
+    ("head.layers=[4]", HeadMismatchError, r"choose d in 1\.\.3"),
+    ("head.layers=[0]", HeadMismatchError, "not an intermediate layer"),
+    ("head.layers=[]", PPDError, "head.layers is empty"),
+    ("head.objective=mse", PPDError, "unknown objective"),
+    ("head.distill_kind=js", PPDError, "unknown distill kind"),
+    ("trainer.seq_len=4096", PPDError, "exceeds the model's context of 512"),
+    ("trainer.deepspeed=zero9", PPDError, "no DeepSpeed config"),
+])
+def test_bad_input_is_refused_before_training(corpus, tmp_path, override, error, words):
+    layers = [] if override.startswith("head.layers") else ["head.layers=[1]"]
+    with pytest.raises(error, match=words):
+        train(_cfg(override, *layers, f"data.files=[{corpus}]", "trainer.max_steps=1"), run_dir=tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_empty_and_too_small_data(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(TaskDataError):
+        train(_cfg(f"data.files=[{empty}]", "head.layers=[1]"), run_dir=tmp_path / "a")
+    tiny_corpus = _write_corpus(tmp_path / "small.jsonl", n=3)
+    with pytest.raises(PPDError, match="block|global batch"):
+        train(_cfg(f"data.files=[{tiny_corpus}]", "head.layers=[1]", "trainer.seq_len=256"), run_dir=tmp_path / "b")
+
+
+def _run_cli(run_dir: Path, corpus: Path, *extra):
+    cmd = [sys.executable, "-m", "ppd_train", *TINY, "head.layers=[1,3]", f"data.files=[{corpus}]",
+           "trainer.max_steps=8", f"output_dir={run_dir}", *extra]
+    # A fresh launch: drop the rendezvous variables the in-process tests above left in this environment.
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sigkilled_run_resumes_and_ends_like_an_uninterrupted_one(corpus, tmp_path):
+    straight = _run_cli(tmp_path / "straight", corpus)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _run_cli(tmp_path / "killed", corpus, "trainer.debug_kill_at_step=5")
+    assert killed.returncode == -9  # SIGKILL after step 5; the last checkpoint is step 4
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step4"
+    assert not (tmp_path / "killed" / "heads").exists()
+    resumed = _run_cli(tmp_path / "killed", corpus)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "at step 4/8" in resumed.stdout
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["final"]
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())["final"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
