@@ -33,6 +33,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # run_name joins the layer list: outputs/train/smollm2-135m-L11-15-distill
 OmegaConf.register_new_resolver("ppd_join", lambda xs: "-".join(str(x) for x in xs), replace=True)
+# ... and names the objective: "ce", "distill-kl", "distill-argmax"
+OmegaConf.register_new_resolver("ppd_objective", lambda obj, kind: obj if obj != "distill" else f"{obj}-{kind}",
+                                replace=True)
 
 
 class HeadBank(nn.Module):

@@ -208,3 +208,26 @@ def test_sigkilled_run_resumes_and_ends_like_an_uninterrupted_one(corpus, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+def test_paper_experiment_config_composes_to_the_papers_recipe():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+experiment=paper_llama2_13b"])
+    t = cfg.trainer
+    assert cfg.model.spec == "meta-llama/Llama-2-13b-hf" and list(cfg.head.layers) == [15, 20, 30, 35, 37]
+    assert (t.lr, t.epochs, t.seq_len, t.weight_decay, t.warmup_ratio) == (2e-5, 3, 2048, 0.0, 0.04)
+    assert t.micro_batch * t.grad_accum * 8 == 128
+    ds = json.loads((CONFIGS / "deepspeed" / f"{t.deepspeed}.json").read_text())
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["type"] == "AdamW"
+
+
+def test_multirun_sweep_gives_each_job_its_own_run(corpus, tmp_path):
+    cmd = [sys.executable, "-m", "ppd_train", "-m", *TINY, "head.layers=[1]", f"data.files=[{corpus}]",
+           "trainer.max_steps=1", "head.objective=ce,distill", f"hydra.sweep.dir={tmp_path}"]
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # The sweep's jobs run in the sweep directory (output_dir follows hydra's job dir only for single runs).
+    names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert names == ["tiny-random-L1-ce", "tiny-random-L1-distill-kl"], names

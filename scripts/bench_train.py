@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Head-training throughput: one head, five heads from one backbone forward, and five separate single-head runs,
+on the same model, data and batch shape, in one process (the real DeepSpeed training step each time).
+
+    python scripts/bench_train.py                       # SmolLM2-135M, layers 11,15,22,26,28, distill
+    python scripts/bench_train.py --model tiny-random --layers 1,2,3 --steps 6   # a quick check
+
+Per configuration: tokens/s = the median over logging windows after the first (the first holds warm-up).
+Writes docs/benchmarks/train.{json,md}. Target (issue 3): five heads in one pass cost at most 1.3x one head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(overrides: list[str], workdir: Path) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from ppd_train.trainer import CONFIGS, train
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    t0 = time.time()
+    train(cfg, run_dir=workdir)
+    wall = time.time() - t0
+    hist = json.loads((workdir / "metrics.json").read_text())["history"]
+    rates = [h["train/tokens_per_s"] for h in hist if "train/tokens_per_s" in h][1:]
+    if not rates:
+        raise SystemExit("too few steps to measure: raise --steps")
+    return {"tokens_per_s": statistics.median(rates), "windows": len(rates), "wall_s": wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layers", default="11,15,22,26,28")
+    p.add_argument("--objective", default="distill", choices=["ce", "distill"])
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--log-every", type=int, default=2)
+    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    import torch
+    import transformers
+
+    layers = [int(x) for x in a.layers.split(",")]
+    base = [f"model={a.model}", f"head.objective={a.objective}", f"trainer.max_steps={a.steps}",
+            f"trainer.log_every={a.log_every}", f"trainer.eval_every={10 ** 9}", f"trainer.save_every={10 ** 9}",
+            "trainer.eval_blocks=1", "wandb.mode=disabled", *a.overrides]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        one = run(base + [f"head.layers=[{layers[1 if len(layers) > 1 else 0]}]"], Path(tmp) / "one")
+        rows.append({"config": f"1 head (layer {layers[1 if len(layers) > 1 else 0]})", **one})
+        together = run(base + [f"head.layers=[{a.layers}]"], Path(tmp) / "together")
+        rows.append({"config": f"{len(layers)} heads, one pass", **together})
+        # Separate runs: the same tokens once per head, so the combined rate is 1 / sum(1 / rate).
+        sep = [run(base + [f"head.layers=[{d}]"], Path(tmp) / f"sep{d}") for d in layers]
+        rows.append({"config": f"{len(layers)} heads, separate runs",
+                     "tokens_per_s": 1 / sum(1 / r["tokens_per_s"] for r in sep), "windows": sep[0]["windows"],
+                     "wall_s": sum(r["wall_s"] for r in sep), "per_layer": {d: r for d, r in zip(layers, sep)}})
+    ref = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["cost_vs_one_head"] = ref / r["tokens_per_s"]
+    out = {"model": a.model, "objective": a.objective, "layers": layers, "steps": a.steps, "overrides": a.overrides,
+           "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+                       "torch": torch.__version__, "transformers": transformers.__version__},
+           "rows": rows, "target": "five heads in one pass cost at most 1.3x one head"}
+    docs = Path(a.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "train.json").write_text(json.dumps(out, indent=1))
+    lines = [f"Head training throughput, {a.model}, objective {a.objective} (median tokens/s over logging windows)",
+             "", "| configuration | tokens/s | cost vs one head |", "|---|---|---|"]
+    lines += [f"| {r['config']} | {r['tokens_per_s']:.0f} | {r['cost_vs_one_head']:.2f}x |" for r in rows]
+    (docs / "train.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

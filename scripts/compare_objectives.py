@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Which training objective makes heads agree best with the final layer? Trains the same layers on the same data
+with each objective (one `python -m ppd_train` run each), then tabulates validation top-1/top-5 agreement.
+
+    python scripts/compare_objectives.py --layers 8,15,22 --tokens 100000
+
+Writes docs/benchmarks/objectives.{json,md,png}. Runs resume: an interrupted comparison picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OBJECTIVES = {"ce": ["head.objective=ce"], "distill-kl": ["head.objective=distill", "head.distill_kind=kl"],
+              "distill-argmax": ["head.objective=distill", "head.distill_kind=argmax"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layers", default="8,15,22")
+    p.add_argument("--tokens", type=int, default=100_000, help="training tokens per run (data.max_train_tokens)")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--out", default=str(REPO / "outputs" / "compare_objectives"))
+    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    a = p.parse_args()
+    results = {}
+    for name in a.objectives.split(","):
+        run_dir = Path(a.out) / name
+        if not (run_dir / "metrics.json").is_file():
+            cmd = [sys.executable, "-m", "ppd_train", f"model={a.model}", f"head.layers=[{a.layers}]",
+                   f"data.max_train_tokens={a.tokens}", f"output_dir={run_dir}", *OBJECTIVES[name], *a.overrides]
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        results[name] = json.loads((run_dir / "metrics.json").read_text())
+    layers = [int(x) for x in a.layers.split(",")]
+    rows = []
+    for name, m in results.items():
+        first = next((h for h in m["history"] if any(k.startswith("val/top1") for k in h)), None)
+        for d in layers:
+            rows.append({"objective": name, "layer": d, "top1": m["final"][f"val/top1_agree/layer{d}"],
+                         "top5": m["final"][f"val/top5_agree/layer{d}"], "steps": m["steps"]})
+    docs = Path(a.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "objectives.json").write_text(json.dumps(
+        {"model": a.model, "layers": layers, "train_tokens": a.tokens, "overrides": a.overrides, "rows": rows},
+        indent=1))
+    lines = [f"Validation agreement with the final layer's top-1 ({a.model}, {a.tokens:,} training tokens per run, "
+             f"dolly, same data and steps for every objective)", "",
+             "| layer | " + " | ".join(f"{n} top-1 | {n} top-5" for n in results) + " |",
+             "|---|" + "---|---|" * len(results)]
+    for d in layers:
+        cells = []
+        for n in results:
+            r = next(r for r in rows if r["objective"] == n and r["layer"] == d)
+            cells.append(f"{r['top1']:.3f} | {r['top5']:.3f}")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    (docs / "objectives.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for n in results:
+            ax.plot(layers, [r["top1"] for r in rows if r["objective"] == n], marker="o", label=f"{n} top-1")
+            ax.plot(layers, [r["top5"] for r in rows if r["objective"] == n], marker="x", ls="--", label=f"{n} top-5")
+        ax.set_xlabel("layer d")
+        ax.set_ylabel("agreement with final top-1")
+        ax.set_title(f"Head objectives, {a.model}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(docs / "objectives.png", dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
