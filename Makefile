@@ -13,7 +13,10 @@ LAYER ?=
 LAYERS ?= $(LAYER)
 NPROC ?= 1
 
-.PHONY: install demo test test-slow train clean-cache
+# `make bench HEADS=outputs/train/<run>/heads` (without HEADS: the untrained logit lens at layer 15).
+HEADS ?=
+
+.PHONY: install demo test test-slow train bench bench-train clean-cache
 
 install: $(STAMP)
 
@@ -34,6 +37,12 @@ test: install
 
 train: install
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m ppd_train $(if $(LAYERS),head.layers=[$(LAYERS)]) $(ARGS)
+
+bench: install
+	$(BIN)/python scripts/bench_decode.py $(if $(HEADS),--heads $(HEADS)) $(ARGS)
+
+bench-train: install
+	$(BIN)/python scripts/bench_train.py $(ARGS)
 
 # Adds the tests that load the real SmolLM2-135M (about a minute more; converts it once into the cache).
 test-slow: install

@@ -15,7 +15,8 @@ from typing import Any
 from .errors import TaskDataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TASKS = ("squad", "wmt15", "cnn_dailymail")
+TASKS = ("squad", "wmt15", "cnn_dailymail")  # the paper's evaluation tasks
+BENCH_TASKS = TASKS + ("mt_bench",)  # plus the chat prompts speed benchmarks use
 
 
 def configs_dir() -> Path:
@@ -30,7 +31,7 @@ def data_root() -> Path:
 @dataclass
 class TaskConfig:
     name: str
-    hub: str
+    hub: str | None  # None: local files only
     split: str
     fields: dict[str, str]
     reference: str
@@ -79,12 +80,17 @@ class TaskConfig:
 
 
 def get_path(row: dict, dotted: str) -> Any:
-    """``row['a']['b']`` for ``'a.b'``; None where any part is missing."""
+    """``row['a']['b']`` for ``'a.b'`` (``'turns.0'`` indexes a list); None where any part is missing."""
     cur: Any = row
     for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
+        if isinstance(cur, list) and part.isdigit():
+            if int(part) >= len(cur):
+                return None
+            cur = cur[int(part)]
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
             return None
-        cur = cur[part]
     return cur
 
 
@@ -115,6 +121,8 @@ def load_task(task: TaskConfig | str, n: int | None = None, source: str = "auto"
     datasets.disable_progress_bars()
     try:
         if source == "hub":
+            if task.hub is None:
+                raise TaskDataError(f"task {task.name} has no hub data set; use its local file (source='local')")
             where = f"{task.hub}" + (f" ({task.hub_config})" if task.hub_config else "")
             ds = datasets.load_dataset(task.hub, task.hub_config, split=task.split + sl)
         else:

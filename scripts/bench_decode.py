@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Every registered decoding method side by side, measured the Spec-Bench way (docs/benchmarking.md).
+
+    python scripts/bench_decode.py --heads outputs/train/<run>/heads            # the full measurement
+    python scripts/bench_decode.py --heads ... --per-set 5 --max-new-tokens 64 --runs 1   # a quick one
+
+Greedy, batch size 1. Warm-up first, then only the generation call is timed. Per-prompt speed = new tokens / wall
+time; a method's tokens/s = mean over prompts; the whole measurement is repeated (--runs) and reported as mean and
+standard deviation over runs; speedups are against greedy measured in the same run with 1 and with 2 threads.
+Every output is compared token for token with greedy; a mismatch is reported with the reference's top-two logit
+gap at the first differing position (a near-tie when below 1e-4). Writes docs/benchmarks/decode.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+NEAR_TIE = 1e-4
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def method_rows(args, head_layers: list[int]) -> list[dict]:
+    """(registry name, config, threads) for each row of the table."""
+    rows = [{"name": "greedy", "config": {}, "threads": 1}, {"name": "greedy", "config": {}, "threads": 2},
+            {"name": "prompt_lookup", "config": {}, "threads": 1},
+            {"name": "assistant_early_exit", "config": {"layer": args.early_exit_layer}, "threads": 1}]
+    for d in head_layers:
+        rows.append({"name": "self_speculative", "config": {"layer": d}, "threads": 1})
+    if head_layers:
+        rows.append({"name": "self_speculative", "config": {"layer": head_layers[len(head_layers) // 2]},
+                     "threads": 2})
+    if args.methods:
+        keep = set(args.methods.split(","))
+        rows = [r for r in rows if r["name"] in keep or (r["name"] == "greedy" and r["threads"] in (1, 2))]
+    return rows
+
+
+def top2_gap(model, prompt: list[int], ref: list[int], pos: int) -> float:
+    ids = torch.tensor([prompt + ref[:pos]], device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--heads", default=None, help="a heads directory (training output); default: logit lens")
+    p.add_argument("--layers", default=None, help="head layers to use for self-speculation (default: all in --heads)")
+    p.add_argument("--sets", default="squad,wmt15,cnn_dailymail,mt_bench")
+    p.add_argument("--per-set", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="override every task's prompt budget")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--early-exit-layer", type=int, default=15)
+    p.add_argument("--methods", default=None, help="comma list of registry names to run (greedy always runs)")
+    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
+    p.add_argument("--name", default="decode")
+    a = p.parse_args()
+
+    import transformers
+
+    from ppd_decode.heads import EarlyExitHead, load_heads
+    from ppd_decode.modeling import load_model
+    from ppd_decode.prompts import load_prompts
+    from ppd_decode.strategies import get_strategy
+
+    model, tok = load_model(a.model)
+    if a.heads:
+        heads = load_heads(a.heads, model, [int(x) for x in a.layers.split(",")] if a.layers else None)
+        head_kind = "trained"
+    else:
+        layers = [int(x) for x in (a.layers or str(a.early_exit_layer)).split(",")]
+        heads = {d: EarlyExitHead.from_model(model, d) for d in layers}
+        head_kind = "logit lens"
+    head_layers = sorted(heads)
+
+    prompts = {}
+    for s in a.sets.split(","):
+        kw = {"max_prompt_tokens": a.max_prompt_tokens} if a.max_prompt_tokens else {}
+        ps, report = load_prompts(s, tok, n=a.per_set, source="local", max_new_tokens=a.max_new_tokens,
+                                  context_length=model.config.max_position_embeddings, **kw)
+        prompts[s] = [x.input_ids for x in ps]
+        print(report)
+    rows = method_rows(a, head_layers)
+    for r in rows:
+        cls = get_strategy(r["name"])
+        r["strategy"] = cls(model, config=cls.Config(**r["config"]), heads=heads if cls.needs_heads else None)
+        r.update(runs=[], mismatches=0, near_ties=0, mismatch_detail=[], accepted=0, drafted=0, steps=0, tokens=0)
+
+    first = next(iter(prompts.values()))[0]
+    for run in range(a.runs):
+        reference: dict[tuple, list[int]] = {}
+        for r in rows:
+            torch.set_num_threads(r["threads"])
+            for _ in range(a.warmup if run == 0 else 1):
+                r["strategy"].generate(first, a.max_new_tokens)
+            per_set = {}
+            label = f"{r['name']} {r['config']} t{r['threads']}"
+            for s, plist in prompts.items():
+                speeds = []
+                for i, prompt in enumerate(plist):
+                    res = r["strategy"].generate(prompt, a.max_new_tokens)
+                    speeds.append(len(res.tokens) / res.seconds)
+                    key = (s, i)
+                    if r["name"] == "greedy" and r["threads"] == 1:
+                        reference[key] = res.tokens
+                    elif res.tokens != reference[key]:
+                        ref = reference[key]
+                        pos = next((j for j, (x, y) in enumerate(zip(ref, res.tokens)) if x != y),
+                                   min(len(ref), len(res.tokens)))
+                        gap = top2_gap(model, prompt, ref, pos) if pos < len(ref) else float("nan")
+                        r["mismatches"] += 1
+                        r["near_ties"] += int(gap < NEAR_TIE)
+                        r["mismatch_detail"].append({"run": run, "set": s, "prompt": i, "position": pos,
+                                                     "top2_gap": gap})
+                    if run == 0:
+                        r["accepted"] += res.accepted
+                        r["drafted"] += res.drafted
+                        r["steps"] += res.steps
+                        r["tokens"] += len(res.tokens)
+                per_set[s] = statistics.mean(speeds)
+            overall = statistics.mean([v for s in prompts for v in [per_set[s]] * len(prompts[s])])
+            r["runs"].append({"overall": overall, "per_set": per_set})
+            print(f"run {run + 1}/{a.runs}  {label:60s} {overall:7.2f} tok/s  mismatches so far {r['mismatches']}",
+                  flush=True)
+
+    def mean_of(r, key=None):
+        vals = [x["overall"] if key is None else x["per_set"][key] for x in r["runs"]]
+        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+    g1 = mean_of(rows[0])[0]
+    g2 = mean_of(rows[1])[0]
+    methods = []
+    for r in rows:
+        m, sd = mean_of(r)
+        drafting = r["drafted"] > 0
+        methods.append({
+            "name": r["name"], "config": {**r["config"], "threads": r["threads"],
+                                          **({"head": head_kind} if r["strategy"].needs_heads else {})},
+            "tokens_per_s": m, "tokens_per_s_std": sd,
+            "speedup_vs_greedy_1t": m / g1, "speedup_vs_greedy_2t": m / g2,
+            "mean_accepted_tokens": (r["tokens"] / r["steps"]) if r["steps"] else None,
+            "match_rate": (r["accepted"] / r["drafted"]) if drafting else None,
+            "predicted_speedup": None, "mismatches": r["mismatches"], "near_ties": r["near_ties"],
+            "mismatch_detail": r["mismatch_detail"],
+            "per_set": {s: {"tokens_per_s": mean_of(r, s)[0], "speedup_vs_greedy_1t": mean_of(r, s)[0] /
+                            mean_of(rows[0], s)[0]} for s in prompts}})
+    out = {"model": a.model, "dtype": str(model.dtype).replace("torch.", ""), "max_new_tokens": a.max_new_tokens,
+           "runs": a.runs, "warmup": a.warmup, "heads": a.heads or "logit lens",
+           "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                       "torch": torch.__version__, "transformers": transformers.__version__},
+           "prompt_sets": {s: len(v) for s, v in prompts.items()}, "methods": methods,
+           "date": time.strftime("%Y-%m-%d")}
+    docs = Path(a.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"{a.name}.json").write_text(json.dumps(out, indent=1))
+    lines = [f"{a.model} ({out['dtype']}), {sum(out['prompt_sets'].values())} prompts "
+             f"({', '.join(f'{k} {v}' for k, v in out['prompt_sets'].items())}), {a.max_new_tokens} new tokens, "
+             f"{a.runs} run(s), heads: {out['heads']}; {out['machine']['cpu']}", "",
+             "| method | config | tokens/s | vs greedy 1t | vs greedy 2t | accepted/step | draft acceptance | mismatches (near-ties) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        cfg = ", ".join(f"{k}={v}" for k, v in m["config"].items())
+        acc = f"{m['mean_accepted_tokens']:.2f}" if m["mean_accepted_tokens"] else "-"
+        mr = f"{m['match_rate']:.2f}" if m["match_rate"] is not None else "-"
+        lines.append(f"| {m['name']} | {cfg} | {m['tokens_per_s']:.1f} ± {m['tokens_per_s_std']:.1f} | "
+                     f"{m['speedup_vs_greedy_1t']:.2f}x | {m['speedup_vs_greedy_2t']:.2f}x | {acc} | {mr} | "
+                     f"{m['mismatches']} ({m['near_ties']}) |")
+    (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(methods) + 1))
+        labels = [f"{m['name']} ({', '.join(f'{k}={v}' for k, v in m['config'].items())})" for m in methods]
+        ax.barh(labels, [m["speedup_vs_greedy_1t"] for m in methods], xerr=[m["tokens_per_s_std"] / g1 for m in methods])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(g2 / g1, color="tab:red", lw=0.8, ls="--", label="greedy, 2 threads")
+        ax.set_xlabel("speedup over greedy (1 thread)")
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / f"{a.name}.png", dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

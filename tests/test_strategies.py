@@ -1,0 +1,128 @@
+"""Every registered decoding strategy is token-identical to model.generate(do_sample=False).
+
+float64 tiny random Llamas (where a flip is a bug, not rounding), random heads, many prompts and settings. Some
+models have their upper layers damped so the early layers already predict well: the draft is then mostly accepted
+and the acceptance and cache-rollback paths are exercised, not only the all-rejected one.
+"""
+
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ppd_decode import HeadMismatchError, PPDError, PromptTooLongError, load_model
+from ppd_decode.heads import EarlyExitHead
+from ppd_decode.strategies import REGISTRY, get_strategy
+
+LAYERS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def model(seed: int, damp: float):
+    m, _ = load_model(f"tiny-random:layers={LAYERS},seed={seed}", dtype="float64")
+    with torch.no_grad():
+        for layer in m.model.layers[1:]:
+            layer.self_attn.o_proj.weight.mul_(damp)
+            layer.mlp.down_proj.weight.mul_(damp)
+    return m
+
+
+def heads_for(m, seed: int, noise: float):
+    """Heads for every layer: the logit lens plus seeded noise (noise 0: untrained, larger: nearly random)."""
+    g = torch.Generator().manual_seed(seed)
+    heads = {}
+    for d in range(1, LAYERS):
+        h = EarlyExitHead.from_model(m, d)
+        with torch.no_grad():
+            h.lm_head.weight.add_(torch.randn(h.lm_head.weight.shape, generator=g, dtype=torch.float64) * noise)
+        heads[d] = h
+    return heads
+
+
+def reference(m, prompt, n):
+    ids = torch.tensor([prompt])
+    out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                     pad_token_id=m.generation_config.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def build(name, m, heads, layer=None, **cfg):
+    cls = get_strategy(name)
+    config = cls.Config(**cfg)
+    if hasattr(config, "layer") and layer is not None:
+        config.layer = layer
+    return cls(m, config=config, heads=heads if cls.needs_heads else None)
+
+
+prompts = st.lists(st.integers(4, 259), min_size=1, max_size=40)
+models = st.tuples(st.integers(0, 2), st.sampled_from([1.0, 0.3, 0.05]))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=prompts, mdl=models, layer=st.integers(1, LAYERS - 1), noise=st.sampled_from([0.0, 0.05, 1.0]),
+       n=st.integers(1, 48))
+def test_token_identical_to_greedy(name, prompt, mdl, layer, noise, n):
+    m = model(*mdl)
+    s = build(name, m, heads_for(m, mdl[0], noise), layer=layer)
+    assert s.generate(prompt, n).tokens == reference(m, prompt, n)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=prompts, mdl=models, layer=st.integers(1, LAYERS - 1), gamma=st.integers(1, 8),
+       adaptive=st.booleans(), n=st.integers(1, 64))
+def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, n):
+    m = model(*mdl)
+    s = build("self_speculative", m, heads_for(m, 1, 0.0), layer=layer, draft_tokens=gamma,
+              max_draft_tokens=max(gamma, 12), adaptive=adaptive)
+    r = s.generate(prompt, n)
+    assert r.tokens == reference(m, prompt, n)
+    assert r.accepted <= r.drafted and len(r.tokens) <= n
+
+
+def test_self_speculative_accepts_drafts_when_the_head_is_good():
+    """Guards the tests above against passing vacuously: with damped upper layers most drafts are accepted."""
+    m = model(0, 0.05)
+    s = build("self_speculative", m, heads_for(m, 0, 0.0), layer=2)
+    r = s.generate(list(range(10, 30)), 60)
+    assert r.tokens == reference(m, list(range(10, 30)), 60)
+    assert r.accepted / r.drafted > 0.5 and r.mean_accepted_tokens > 2
+
+
+def test_stops_at_eos_like_generate():
+    m = model(1, 0.3)
+    ref = reference(m, [5, 6, 7], 200)
+    eos = ref[len(ref) // 2]  # pretend a token the model emits is EOS
+    m2, _ = load_model(f"tiny-random:layers={LAYERS},seed=1", dtype="float64")
+    m2.load_state_dict(m.state_dict())
+    m2.generation_config.eos_token_id = eos
+    want = reference(m2, [5, 6, 7], 200)
+    assert want[-1] == eos and len(want) < 200
+    for name in sorted(REGISTRY):
+        assert build(name, m2, heads_for(m2, 0, 0.0), layer=2).generate([5, 6, 7], 200).tokens == want, name
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_bad_requests_are_refused(name):
+    m = model(0, 1.0)
+    s = build(name, m, heads_for(m, 0, 0.0), layer=2)
+    with pytest.raises(PPDError, match="empty prompt"):
+        s.generate([], 5)
+    with pytest.raises(PPDError, match="max_new_tokens"):
+        s.generate([5], 0)
+    with pytest.raises(PromptTooLongError, match="context of 512"):
+        s.generate([5] * 500, 20)
+
+
+def test_head_errors():
+    m = model(0, 1.0)
+    with pytest.raises(HeadMismatchError, match="needs an early-exit head"):
+        get_strategy("self_speculative")(m)
+    with pytest.raises(HeadMismatchError, match="no head for layer 3"):
+        build("self_speculative", m, {2: EarlyExitHead.from_model(m, 2)}, layer=3)
+    with pytest.raises(HeadMismatchError, match="several heads"):
+        get_strategy("self_speculative")(m, heads=heads_for(m, 0, 0.0))
+    with pytest.raises(PPDError, match="unknown decoding strategy"):
+        get_strategy("beam")
