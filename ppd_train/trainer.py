@@ -25,7 +25,7 @@ from ppd_decode.errors import PPDError
 from ppd_decode.heads import EarlyExitHead, check_layer, save_heads
 from ppd_decode.modeling import load_model
 
-from .backbone import FrozenBackbone
+from ppd_decode.features import FrozenBackbone
 from .data import DataConfig, build_training_data
 from .objectives import agreement, check_objective, head_loss, needs_final_layer
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from ppd_decode import HeadMismatchError, PPDError, TaskDataError, load_model
 from ppd_decode.heads import load_heads
-from ppd_train.backbone import FrozenBackbone
+from ppd_decode.features import FrozenBackbone
 from ppd_train.data import DataConfig, load_conversations, pack, render, split_train_val
 from ppd_train.objectives import agreement, head_loss
 from ppd_train.trainer import CONFIGS, train

@@ -55,3 +55,17 @@ class FrozenBackbone:
             except _StopForward:
                 pass
         return {d: store[d] for d in self.layers}, logits
+
+    @torch.no_grad()
+    def with_final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """``({d: hidden}, final normed hidden [B, T, H])``: the full forward, but the LM head runs on one position
+        only (``logits_to_keep=1``), so the caller projects just the positions it scores."""
+        store: dict[int, torch.Tensor] = {}
+        final = {}
+        handle = self.model.model.norm.register_forward_hook(lambda m, a, o: final.setdefault("h", o))
+        try:
+            with self._hooks(store, stop=False):
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return {d: store[d] for d in self.layers}, final["h"]

@@ -1,0 +1,131 @@
+"""The compute-latency model of docs/method.md, fed with measured match rates and measured stage timings.
+
+Two deployments:
+* stage-pipelined (two workers split at layer d): E[T] = max(T2, T1(k)) + (1 - p_k) * T1(1) per token, against
+  T_greedy for plain greedy; compute per token = T1(k) + (1 - p_k) * T1(1) + T2 busy seconds.
+* replicated (k + 1 full-model workers, d >= L/2, one level): E[T] = p*d + (1-p)*L layer times per token;
+  compute per token = L + (L - d)(k - p) layer passes.
+A discrete-event simulator replays per-position match outcomes through each deployment; it must agree with the
+closed forms (tests check within 2%).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .stack import crop_cache, embed, final_logits, new_cache, num_layers, run_layers
+
+
+# ------------------------------------------------------------------------------------------- closed forms
+def stage_pipelined(p: float, t1k: float, t1: float, t2: float, t_greedy: float) -> dict:
+    latency = max(t2, t1k) + (1 - p) * t1
+    compute = t1k + (1 - p) * t1 + t2
+    return {"latency": latency, "speedup": t_greedy / latency, "extra_compute": compute / t_greedy - 1,
+            "split_greedy_speedup": t_greedy / (t1 + t2)}
+
+
+def replicated(p: float, d: int, L: int, k: int) -> dict:
+    latency = p * d + (1 - p) * L
+    compute = L + (L - d) * (k - p)
+    return {"latency": latency, "speedup": L / latency, "extra_compute": compute / L - 1}
+
+
+# ------------------------------------------------------------------------------------------------ simulator
+def simulate_stage_pipelined(outcomes: list[bool], t1k: float, t1: float, t2: float) -> float:
+    """Event replay: B runs token i while A runs the k guesses for i + 1; B's decision at the end of its pass either
+    releases the matching guess (hit) or makes A run the real token (miss). Returns mean time per token."""
+    a_free = t1  # A ran the first real token
+    start = t1  # B starts token 0
+    t0 = start
+    for hit in outcomes:
+        b_done = start + t2
+        a_done = max(a_free, start) + t1k  # A's guesses for the next token
+        decided = b_done
+        if hit:
+            start = max(decided, a_done)
+            a_free = a_done
+        else:
+            a_free = max(decided, a_done) + t1
+            start = a_free
+    return (start - t0) / max(1, len(outcomes))
+
+
+def simulate_replicated(outcomes: list[bool], d: int, L: int, k: int) -> tuple[float, float]:
+    """Event replay with k + 1 workers (layer-time units): the pass for token t+1 starts at layer d of token t's pass;
+    on a hit it is the next main pass (done L layer times after it started), on a miss the next pass starts when t
+    is decided. Returns (mean time per token, mean layer passes of compute per token)."""
+    start = 0.0  # start of token t's main pass
+    compute = 0.0
+    for hit in outcomes:
+        decided = start + L
+        compute += L  # the main pass; k guesses each run layers 1..L, but a miss wastes them from layer d on
+        if hit:
+            compute += (L - d) * (k - 1)  # the other k - 1 guess passes ran layers d+1..L of their own for nothing
+            start = start + d
+        else:
+            compute += (L - d) * k
+            start = decided
+    n = max(1, len(outcomes))
+    return start / n, compute / n
+
+
+# ------------------------------------------------------------------------------------------- stage timings
+@dataclass
+class StageTimes:
+    d: int
+    t1: dict[int, float]  # k -> seconds for layers 1..d + early head on k guesses
+    t2: float  # layers d+1..L + final norm + LM head on one token
+    greedy: float  # a full one-token forward (plain greedy's step)
+    head: float  # the early head alone on one token
+    layer: float  # one decoder layer on one token (tau)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int = 300, repeats: int = 20) -> StageTimes:
+    """Real forwards on this machine with a ``context``-token cached prefix. The k guesses run as one batch of k
+    tokens (shape-wise the same work as the pipelined worker does)."""
+    L = num_layers(model)
+    dev = model.device
+    cache = new_cache(model)
+    prefix = torch.randint(10, model.config.vocab_size, (1, context), device=dev)
+    model(input_ids=prefix, past_key_values=cache, use_cache=True)
+
+    def layers_only(start, end, q):
+        def fn():
+            h = embed(model, torch.randint(10, 100, (1, q), device=dev))
+            out = run_layers(model, h, start, end, cache, past=context)
+            crop_cache(cache, context)
+            return out
+        return fn
+
+    t1 = {}
+    for k in ks:
+        def fn(k=k):
+            h = layers_only(0, d, k)()
+            head(h)
+        t1[k] = _median_time(fn, repeats)
+
+    def t2_fn():
+        h = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
+        final_logits(model, run_layers(model, h, d, L, cache, past=context))
+        crop_cache(cache, context)
+
+    h1 = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
+    return StageTimes(d=d, t1=t1, t2=_median_time(t2_fn, repeats),
+                      greedy=_median_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
+                      head=_median_time(lambda: head(h1), repeats),
+                      layer=_median_time(layers_only(0, 1, 1), repeats))

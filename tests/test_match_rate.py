@@ -1,0 +1,83 @@
+import random
+
+import pytest
+import torch
+
+from ppd_decode import PPDError, load_model
+from ppd_decode.heads import EarlyExitHead
+from ppd_decode.match_rate import KS, greedy_continuations, score_heads
+from ppd_decode.theory import (measure_stage_times, replicated, simulate_replicated, simulate_stage_pipelined,
+                               stage_pipelined)
+
+
+@pytest.fixture(scope="module")
+def m64():
+    return load_model("tiny-random:layers=4,seed=2", dtype="float64")[0]
+
+
+PROMPTS = [[5, 6, 7], list(range(10, 40)), [9] * 12, list(range(100, 107))]
+
+
+def test_batched_left_padded_generation_is_exactly_greedy(m64):
+    conts = greedy_continuations(m64, PROMPTS, 24, batch_size=3)
+    for p, c in zip(PROMPTS, conts):
+        ref = m64.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
+        assert c == ref
+
+
+def test_scores_match_a_direct_computation(m64):
+    conts = greedy_continuations(m64, PROMPTS, 16)
+    heads = {("lens", d): EarlyExitHead.from_model(m64, d) for d in (1, 3)}
+    scores, stats = score_heads(m64, heads, PROMPTS, conts, batch_size=3)
+    assert stats["teacher_forced_disagreements"] == 0 and stats["positions"] == sum(map(len, conts))
+    for sc in scores:
+        hits = {k: 0 for k in KS}
+        for p, c in zip(PROMPTS, conts):
+            with torch.no_grad():
+                hs = m64(torch.tensor([p + c]), output_hidden_states=True).hidden_states
+                logits = heads[(sc.label, sc.layer)](hs[sc.layer][0, len(p) - 1:len(p) - 1 + len(c)])
+            for k in KS:
+                hits[k] += sum(t in row for t, row in zip(c, logits.topk(k, -1).indices.tolist()))
+        assert sc.hits == hits
+        assert all(sc.rate(a) <= sc.rate(b) for a, b in zip(KS, KS[1:]))  # top-k grows with k
+    assert scores[1].rate(1) > scores[0].rate(1)  # layer 3 is closer to the final layer than layer 1
+
+
+def test_k_beyond_the_vocabulary_is_refused(m64):
+    with pytest.raises(PPDError, match="larger than the vocabulary"):
+        score_heads(m64, {("lens", 1): EarlyExitHead.from_model(m64, 1)}, PROMPTS, [[1]] * 4, ks=(1, 1000))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.7, 1.0])
+def test_stage_pipelined_simulator_agrees_with_closed_form(p):
+    rng = random.Random(0)
+    outcomes = [rng.random() < p for _ in range(5000)]
+    p_hat = sum(outcomes) / len(outcomes)
+    for t1k, t1, t2 in [(1.0, 0.8, 1.0), (1.5, 1.0, 1.0), (0.5, 0.4, 1.2)]:
+        sim = simulate_stage_pipelined(outcomes, t1k, t1, t2)
+        closed = stage_pipelined(p_hat, t1k, t1, t2, t_greedy=t1 + t2)["latency"]
+        assert sim == pytest.approx(closed, rel=0.02)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.9])
+def test_replicated_simulator_agrees_with_closed_form(p):
+    rng = random.Random(1)
+    outcomes = [rng.random() < p for _ in range(5000)]
+    p_hat = sum(outcomes) / len(outcomes)
+    lat, comp = simulate_replicated(outcomes, d=30, L=40, k=3)
+    cf = replicated(p_hat, 30, 40, 3)
+    assert lat == pytest.approx(cf["latency"], rel=0.02)
+    assert comp / 40 - 1 == pytest.approx(cf["extra_compute"], rel=0.02)
+
+
+def test_closed_form_limits():
+    # d = L/2 and T1 = T2: speedup 1 / (1 - p/2) (method.md)
+    for p in (0.0, 0.5, 1.0):
+        r = stage_pipelined(p, 1.0, 1.0, 1.0, t_greedy=2.0)
+        assert r["speedup"] == pytest.approx(1 / (1 - p / 2))
+    assert replicated(1.0, 20, 40, 1)["speedup"] == pytest.approx(2.0)
+
+
+def test_stage_times_are_measured(m64):
+    t = measure_stage_times(m64, EarlyExitHead.from_model(m64, 2), d=2, ks=(1, 3), context=16, repeats=3)
+    assert set(t.t1) == {1, 3} and all(v > 0 for v in t.t1.values()) and t.t2 > 0 and t.greedy > 0
