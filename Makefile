@@ -16,7 +16,7 @@ NPROC ?= 1
 # `make bench HEADS=outputs/train/<run>/heads` (without HEADS: the untrained logit lens at layer 15).
 HEADS ?=
 
-.PHONY: install demo test test-slow train bench bench-train clean-cache
+.PHONY: install demo test test-slow train eval bench bench-train clean-cache
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ test: install
 
 train: install
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m ppd_train $(if $(LAYERS),head.layers=[$(LAYERS)]) $(ARGS)
+
+# `make eval HEADS=outputs/train/<run>/heads` (HEADS may list several, comma-separated, e.g. one per objective).
+eval: install
+	$(BIN)/python -m ppd_decode.eval $(if $(HEADS),heads=[$(HEADS)]) $(ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench_decode.py $(if $(HEADS),--heads $(HEADS)) $(ARGS)

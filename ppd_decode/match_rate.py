@@ -57,6 +57,8 @@ class HeadScore:
     hits: dict[int, int] = field(default_factory=dict)
     positions: int = 0
     outcomes: list[torch.Tensor] = field(default_factory=list)  # per prompt: bool [n_pos, len(KS)]
+    top: list[torch.Tensor] = field(default_factory=list)  # per prompt: the head's top-max(k) tokens [n_pos, kmax]
+    targets: list[torch.Tensor] = field(default_factory=list)  # per prompt: the final layer's argmax [n_pos]
 
     def rate(self, k: int) -> float:
         return self.hits.get(k, 0) / self.positions if self.positions else float("nan")
@@ -64,7 +66,8 @@ class HeadScore:
 
 @torch.no_grad()
 def score_heads(model, heads: dict[tuple[str, int], torch.nn.Module], prompts: list[list[int]],
-                continuations: list[list[int]], ks=KS, batch_size: int = 4, progress=None) -> tuple[list[HeadScore], dict]:
+                continuations: list[list[int]], ks=KS, batch_size: int = 4, progress=None,
+                keep_top: bool = False) -> tuple[list[HeadScore], dict]:
     """Score every head (keyed by (label, layer)) at every generated position of every prompt."""
     vocab = model.config.vocab_size
     if max(ks) > vocab:
@@ -98,6 +101,9 @@ def score_heads(model, heads: dict[tuple[str, int], torch.nn.Module], prompts: l
                 for j, k in enumerate(ks):
                     sc.hits[k] += int(out[:, j].sum())
                 sc.outcomes.append(out)
+                if keep_top:
+                    sc.top.append(top.cpu())
+                    sc.targets.append(y.cpu())
         if progress is not None:
             progress.update(len(idx))
     return list(scores.values()), stats

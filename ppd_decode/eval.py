@@ -1,0 +1,272 @@
+"""``make eval HEADS=...`` / ``python -m ppd_decode.eval heads=[dir,...]``: match rates, latency model, report.
+
+For each task (SQuAD, WMT15, CNN/DM): greedy continuations (batched), one teacher-forced pass, match rates
+p_k(d) for every head and k, next to the untrained logit lens at the same layers; the greedy outputs' task scores
+as context; the compute-latency model fed with the measured rates and stage timings measured here; JSON, CSV,
+markdown and plots under the run directory (and docs/benchmarks/match_rate.* with ``publish=true``), logged to W&B.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .heads import EarlyExitHead, head_dirs, load_heads, read_head_config
+from .match_rate import greedy_continuations, score_heads
+from .metrics import TASK_METRIC, load_metric
+from .modeling import load_model
+from .prompts import build_prompts, context_length
+from .tasks import TaskConfig, load_task
+from .theory import (measure_stage_times, replicated, simulate_replicated, simulate_stage_pipelined,
+                     stage_pipelined)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def collect_heads(model, dirs: list[str], lens_layers: list[int]) -> dict[tuple[str, int], torch.nn.Module]:
+    """Trained heads labelled by objective (a run directory's ``heads/`` or a single head), plus the logit lens."""
+    heads: dict[tuple[str, int], torch.nn.Module] = {}
+    for d in dirs:
+        path = Path(d)
+        for layer, hdir in head_dirs(path).items():
+            info = read_head_config(hdir)
+            label = info.get("objective", "trained")
+            if label == "distill":
+                label = f"distill-{info.get('distill_kind', 'kl')}"
+            if (label, layer) in heads:
+                label = f"{label}:{path.parent.name or path.name}"
+            heads[(label, layer)] = load_heads(hdir, model)[layer]
+    layers = sorted({d for _, d in heads} | set(lens_layers))
+    for d in layers:
+        heads[("lens", d)] = EarlyExitHead.from_model(model, d)
+    return heads
+
+
+def task_scores(name: str, tok, prompts, conts) -> dict:
+    if name not in TASK_METRIC:
+        return {}
+    metric = load_metric(TASK_METRIC[name])
+    preds = [tok.decode(c, skip_special_tokens=True).strip() for c in conts]
+    refs = [p.reference for p in prompts]
+    if name == "squad":
+        preds = [x.split("\n")[0] for x in preds]
+        refs = [list(r) for r in refs]
+    elif name == "wmt15":
+        preds = [x.split("\n")[0] for x in preds]
+    return metric.compute(predictions=preds, references=refs)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=cfg.model.device)
+    L = model.config.num_hidden_layers
+    heads = collect_heads(model, list(cfg.heads or []), list(cfg.lens_layers or []))
+    ks = [int(k) for k in cfg.ks]
+    match_metric = load_metric("match_rate")
+    report = {"model": cfg.model.spec, "layers": L, "ks": ks, "heads": list(cfg.heads or []), "tasks": {},
+              "n": cfg.n, "max_new_tokens": cfg.max_new_tokens}
+    from tqdm import tqdm
+
+    for name, tcfg in cfg.tasks.items():
+        task = TaskConfig.from_dict(tcfg)
+        try:
+            rows = load_task(task, n=cfg.n, source=cfg.source)
+        except Exception as e:  # a missing data set is reported, never a silent number
+            report["tasks"][name] = {"skipped": str(e)}
+            print(f"[eval] skipping {name}: {e}")
+            continue
+        prompts, trunc = build_prompts(rows, tok, max_new_tokens=cfg.max_new_tokens,
+                                       context_length=context_length(model))
+        ids = [p.input_ids for p in prompts]
+        bar = tqdm(total=2 * len(ids), desc=f"{name}: generate + score", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        conts = greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar)
+        t_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores, stats = score_heads(model, heads, ids, conts, ks=ks, batch_size=max(1, cfg.batch_size // 2),
+                                    progress=bar, keep_top=True)
+        t_score = time.perf_counter() - t0
+        bar.close()
+        rates = []
+        for sc in scores:
+            # Reported through the project's `evaluate` module; the tensor hit counts must say the same.
+            res = match_metric.compute(predictions=torch.cat(sc.top).tolist(),
+                                       references=torch.cat(sc.targets).tolist(), k=ks)
+            assert all(abs(res[f"p@{k}"] - sc.rate(k)) < 1e-9 for k in ks), (res, sc.hits)
+            rates.append({"head": sc.label, "layer": sc.layer, "positions": sc.positions,
+                          **{f"p@{k}": res[f"p@{k}"] for k in ks}})
+        report["tasks"][name] = {
+            "source": rows.source, "prompts": len(ids), "truncation": str(trunc), "positions": stats["positions"],
+            "teacher_forced_disagreements": stats["teacher_forced_disagreements"],
+            "seconds_generate": t_gen, "seconds_score_all_heads": t_score,
+            "measure_cost_vs_generation": (t_gen + t_score) / t_gen,
+            "rates": rates, "task_scores": task_scores(name, tok, prompts, conts),
+            "_scores": scores}
+        print(f"[eval] {name}: {len(ids)} prompts, {stats['positions']} positions; measuring cost "
+              f"{(t_gen + t_score) / t_gen:.2f}x generation; scores {report['tasks'][name]['task_scores']}")
+
+    theory = latency_model(cfg, model, heads, report, ks) if cfg.timing.enabled else {}
+    report["theory"] = theory
+    for t in report["tasks"].values():
+        t.pop("_scores", None)
+    write_report(report, out_dir, cfg)
+    return report
+
+
+def latency_model(cfg, model, heads, report, ks) -> dict:
+    L = model.config.num_hidden_layers
+    layers = sorted({d for _, d in heads})
+    timings = {}
+    for d in layers:
+        st = measure_stage_times(model, heads[("lens", d)], d, ks=ks, context=cfg.timing.context,
+                                 repeats=cfg.timing.repeats)
+        timings[d] = st
+    out = {"timings": {d: {"t1": st.t1, "t2": st.t2, "greedy": st.greedy, "head": st.head, "layer": st.layer}
+                       for d, st in timings.items()}, "predictions": [], "best": {}}
+    for name, t in report["tasks"].items():
+        if "_scores" not in t:
+            continue
+        best = None
+        for sc in t["_scores"]:
+            st = timings[sc.layer]
+            outcomes = torch.cat(sc.outcomes)
+            for j, k in enumerate(ks):
+                p = sc.rate(k)
+                sp = stage_pipelined(p, st.t1[k], st.t1[1], st.t2, st.greedy)
+                seq = outcomes[:, j].tolist()
+                sim = simulate_stage_pipelined(seq, st.t1[k], st.t1[1], st.t2)
+                rp = replicated(p, sc.layer, L, k)
+                rsim, _ = simulate_replicated(seq, sc.layer, L, k)
+                row = {"task": name, "head": sc.label, "layer": sc.layer, "k": k, "p": p,
+                       "pipelined_speedup": sp["speedup"], "pipelined_extra_compute": sp["extra_compute"],
+                       "pipelined_sim_vs_closed": sim / sp["latency"],
+                       "replicated_speedup": rp["speedup"], "replicated_extra_compute": rp["extra_compute"],
+                       "replicated_sim_vs_closed": rsim / rp["latency"] if sc.layer >= L / 2 else None}
+                out["predictions"].append(row)
+                if best is None or row["pipelined_speedup"] > best["pipelined_speedup"]:
+                    best = row
+        out["best"][name] = best
+    return out
+
+
+def write_report(report: dict, out_dir: Path, cfg) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "match_rate.json").write_text(json.dumps(report, indent=1, default=str))
+    ks = report["ks"]
+    with (out_dir / "match_rate.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "head", "layer", "positions", *[f"p@{k}" for k in ks]])
+        for name, t in report["tasks"].items():
+            for r in t.get("rates", []):
+                w.writerow([name, r["head"], r["layer"], r["positions"], *[f"{r[f'p@{k}']:.4f}" for k in ks]])
+    lines = [f"# Match rates, {report['model']} ({report['n']} prompts per task, up to {report['max_new_tokens']} "
+             f"greedy tokens each)", ""]
+    for name, t in report["tasks"].items():
+        if "skipped" in t:
+            lines += [f"## {name}: skipped ({t['skipped']})", ""]
+            continue
+        lines += [f"## {name} ({t['prompts']} prompts, {t['positions']} positions; task scores of the greedy "
+                  f"output: {', '.join(f'{k} {v:.1f}' for k, v in t['task_scores'].items() if isinstance(v, float))})",
+                  "", f"Measuring all heads cost {t['measure_cost_vs_generation']:.2f}x the greedy generation.", "",
+                  "| head | layer | " + " | ".join(f"p@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+        for r in sorted(t["rates"], key=lambda r: (r["layer"], r["head"] != "lens", r["head"])):
+            lines.append(f"| {r['head']} | {r['layer']} | " + " | ".join(f"{r[f'p@{k}']:.3f}" for k in ks) + " |")
+        best = report.get("theory", {}).get("best", {}).get(name)
+        if best:
+            lines += ["", f"Best predicted stage-pipelined setting: head {best['head']} at d={best['layer']}, "
+                          f"k={best['k']}: speedup {best['pipelined_speedup']:.2f}x over greedy at "
+                          f"{100 * best['pipelined_extra_compute']:.0f}% extra compute (p={best['p']:.3f})."]
+        lines.append("")
+    tm = report.get("theory", {}).get("timings")
+    if tm:
+        lines += ["## Stage timings measured here (ms)", "", "| d | T1(1) | T1(k max) | T2 | greedy step | early head |",
+                  "|---|---|---|---|---|---|"]
+        for d, t in tm.items():
+            kmax = max(t["t1"])
+            lines.append(f"| {d} | {1e3 * t['t1'][1]:.2f} | {1e3 * t['t1'][kmax]:.2f} (k={kmax}) | "
+                         f"{1e3 * t['t2']:.2f} | {1e3 * t['greedy']:.2f} | {1e3 * t['head']:.2f} |")
+    (out_dir / "match_rate.md").write_text("\n".join(lines) + "\n")
+    plot(report, out_dir)
+    if cfg.get("publish"):
+        docs = REPO / "docs" / "benchmarks"
+        docs.mkdir(parents=True, exist_ok=True)
+        for suffix in ("json", "csv", "md"):
+            (docs / f"match_rate.{suffix}").write_text((out_dir / f"match_rate.{suffix}").read_text())
+        for png in out_dir.glob("*.png"):
+            (docs / png.name).write_bytes(png.read_bytes())
+    log_wandb(report, out_dir, cfg)
+    print((out_dir / "match_rate.md").read_text())
+
+
+def plot(report: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [n for n, t in report["tasks"].items() if "rates" in t]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, name in zip(axes[0], tasks):
+        rates = report["tasks"][name]["rates"]
+        for head in sorted({r["head"] for r in rates}):
+            rs = sorted((r for r in rates if r["head"] == head), key=lambda r: r["layer"])
+            for k, style in ((1, "-"), (5, "--")):
+                ax.plot([r["layer"] for r in rs], [r[f"p@{k}"] for r in rs], style, marker="o", label=f"{head} p@{k}")
+        ax.set_title(name)
+        ax.set_xlabel("layer d")
+        ax.set_ylabel("match rate")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "match_rate_vs_layer.png", dpi=110)
+    preds = report.get("theory", {}).get("predictions", [])
+    if preds:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+        for ax, name in zip(axes[0], tasks):
+            for head in sorted({p["head"] for p in preds if p["task"] == name}):
+                ps = [p for p in preds if p["task"] == name and p["head"] == head]
+                ax.scatter([100 * p["pipelined_extra_compute"] for p in ps], [p["pipelined_speedup"] for p in ps],
+                           s=12, label=head)
+            ax.axhline(1.0, color="k", lw=0.6)
+            ax.set_title(f"{name}: stage-pipelined, every (d, k)")
+            ax.set_xlabel("extra compute (%)")
+            ax.set_ylabel("predicted speedup over greedy")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "speedup_vs_compute.png", dpi=110)
+
+
+def log_wandb(report: dict, out_dir: Path, cfg) -> None:
+    if cfg.wandb.mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(out_dir), job_type="eval",
+                     config=OmegaConf.to_container(cfg, resolve=True))
+    ks = report["ks"]
+    table = wandb.Table(columns=["task", "head", "layer", *[f"p@{k}" for k in ks]])
+    for name, t in report["tasks"].items():
+        for r in t.get("rates", []):
+            table.add_data(name, r["head"], r["layer"], *[r[f"p@{k}"] for k in ks])
+    run.log({"match_rates": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in out_dir.glob("*.png")}})
+    run.finish()
+
+
+@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

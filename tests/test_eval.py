@@ -1,0 +1,72 @@
+"""The match-rate report end to end on a tiny model: files, baselines beside trained heads, latency model, skips."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ppd_decode import load_model
+from ppd_decode.eval import run
+from ppd_decode.heads import EarlyExitHead, save_heads
+from ppd_decode.metrics import load_metric
+from ppd_train.trainer import CONFIGS
+
+SMALL = ["model=tiny-random", "n=2", "max_new_tokens=6", "timing.repeats=2", "timing.context=16", "ks=[1,2,5]",
+         "wandb.mode=disabled", "tasks.squad.max_prompt_tokens=300", "tasks.cnn_dailymail.max_prompt_tokens=300",
+         "lens_layers=[1]"]
+
+
+def _cfg(*extra):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="eval", overrides=[*SMALL, *extra])
+
+
+def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
+    model, _ = load_model("tiny-random")
+    head = EarlyExitHead.from_model(model, 2)
+    with torch.no_grad():
+        head.lm_head.weight.add_(0.01)
+    save_heads(tmp_path / "run" / "heads", {2: head}, model, meta={"objective": "distill", "distill_kind": "kl"})
+    report = run(_cfg(f"heads=[{tmp_path / 'run' / 'heads'}]"), tmp_path / "out")
+    for f in ("match_rate.json", "match_rate.csv", "match_rate.md", "match_rate_vs_layer.png",
+              "speedup_vs_compute.png"):
+        assert (tmp_path / "out" / f).is_file(), f
+    squad = report["tasks"]["squad"]
+    labels = {(r["head"], r["layer"]) for r in squad["rates"]}
+    assert labels == {("lens", 1), ("lens", 2), ("distill-kl", 2)}
+    for r in squad["rates"]:
+        assert 0 <= r["p@1"] <= r["p@2"] <= r["p@5"] <= 1
+    assert squad["teacher_forced_disagreements"] == 0
+    assert {"exact_match", "f1"} <= set(squad["task_scores"])
+    assert "bleu" in report["tasks"]["wmt15"]["task_scores"]
+    assert "rouge1" in report["tasks"]["cnn_dailymail"]["task_scores"]
+    preds = report["theory"]["predictions"]
+    assert len(preds) == 3 * 3 * 3  # tasks x heads x k
+    assert all(p["pipelined_sim_vs_closed"] == pytest.approx(1.0, rel=0.02) for p in preds)
+    assert set(report["theory"]["best"]) == {"squad", "wmt15", "cnn_dailymail"}
+    saved = json.loads((tmp_path / "out" / "match_rate.json").read_text())
+    assert saved["tasks"]["squad"]["rates"] == squad["rates"]
+
+
+def test_missing_data_is_a_reported_skip(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPD_DATA", str(tmp_path / "nothing"))
+    report = run(_cfg("source=local", "timing.enabled=false"), tmp_path / "out")
+    assert all("does not exist" in t["skipped"] for t in report["tasks"].values())
+    assert "skipped" in (tmp_path / "out" / "match_rate.md").read_text()
+
+
+def test_match_rate_metric_module():
+    m = load_metric("match_rate")
+    r = m.compute(predictions=[[3, 1, 2], [0, 4, 2], [9, 8, 7]], references=[3, 2, 1], k=[1, 3])
+    assert r == {"p@1": 1 / 3, "p@3": 2 / 3, "positions": 3}
+    with pytest.raises(ValueError, match="fewer than k=3"):
+        m.compute(predictions=[[1]], references=[1], k=[3])
+
+
+def test_task_metric_modules():
+    assert load_metric("squad_v1").compute(predictions=["The Broncos!"], references=[["Denver Broncos", "Broncos"]]) \
+        == {"exact_match": 100.0, "f1": 100.0}
+    assert load_metric("sacrebleu_bleu").compute(predictions=["a b c d"], references=["a b c d"])["bleu"] \
+        == pytest.approx(100)
+    assert load_metric("rouge_scores").compute(predictions=["x y"], references=["p q"])["rouge1"] == 0
