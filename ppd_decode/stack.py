@@ -50,17 +50,42 @@ def embed(model, input_ids: torch.Tensor) -> torch.Tensor:
     return decoder(model).embed_tokens(input_ids)
 
 
-def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: int | None = None) -> torch.Tensor:
-    """Decoder layers ``start..end-1`` on ``hidden`` [B, q, H] at positions ``past..past+q-1``, appending to
-    ``cache``. ``past`` defaults to the cache length of layer ``start``."""
+def sibling_mask(q: int, past: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Additive mask [1, 1, q, past + q] for q alternative tokens at the same position: each sees the prefix and
+    itself, not its siblings (PPD's k guesses for the next token, run as one block)."""
+    if q == 1:
+        return None
+    mask = torch.full((q, past + q), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask[:, :past] = 0
+    mask[:, past:].fill_diagonal_(0)
+    return mask[None, None]
+
+
+def keep_cache_entry(cache, past: int, j: int, layers: range) -> None:
+    """After a block of siblings at positions past..past+q-1 of the cache, keep sibling j only."""
+    for i in layers:
+        layer = cache.layers[i]
+        layer.keys = torch.cat([layer.keys[..., :past, :], layer.keys[..., past + j:past + j + 1, :]], dim=-2)
+        layer.values = torch.cat([layer.values[..., :past, :], layer.values[..., past + j:past + j + 1, :]], dim=-2)
+
+
+def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: int | None = None,
+               siblings: bool = False) -> torch.Tensor:
+    """Decoder layers ``start..end-1`` on ``hidden`` [B, q, H], appending to ``cache``. The q tokens sit at
+    positions ``past..past+q-1`` (causal among themselves), or all at position ``past`` with ``siblings=True``.
+    ``past`` defaults to the cache length of layer ``start``."""
     if start >= end:
         return hidden
     m = decoder(model)
     q = hidden.shape[1]
     past = cache_len(cache, start) if past is None else past
-    position_ids = torch.arange(past, past + q, device=hidden.device)[None]
+    if siblings:
+        position_ids = torch.full((1, q), past, device=hidden.device)
+        mask = sibling_mask(q, past, hidden.dtype, hidden.device)
+    else:
+        position_ids = torch.arange(past, past + q, device=hidden.device)[None]
+        mask = causal_mask(q, past, hidden.dtype, hidden.device)
     position_embeddings = m.rotary_emb(hidden, position_ids=position_ids)
-    mask = causal_mask(q, past, hidden.dtype, hidden.device)
     for layer in m.layers[start:end]:
         out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
                     past_key_values=cache, use_cache=True)

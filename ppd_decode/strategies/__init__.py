@@ -4,3 +4,10 @@ from .base import REGISTRY, DecodeResult, DecodingStrategy, get_strategy, regist
 from . import greedy, hf_methods, self_speculative  # noqa: F401  (registration)
 
 __all__ = ["REGISTRY", "DecodeResult", "DecodingStrategy", "get_strategy", "register"]
+
+
+def _register_pipeline():
+    from .. import pipeline  # noqa: F401  (registers "ppd"; imported here so strategies/ stays importable alone)
+
+
+_register_pipeline()

@@ -1,0 +1,335 @@
+"""The PPD engine: exact greedy generation pipelined over two worker processes (docs/method.md, deployment 1).
+
+Worker A holds layers 1..d and the early head; worker B holds layers d+1..L and the final head; each keeps the KV
+cache of its own layers, and only hidden states and token ids cross between them (torch.distributed, gloo on CPU).
+While B finishes token t, A runs the head's k guesses for token t+1 through its layers as one block of siblings
+(each attends to the cached prefix and itself). When B's token arrives: on a match A keeps that guess's cache
+entries and hands B its hidden state at once; on a miss A runs the real token. B only ever emits its own argmax,
+so the output is the model's greedy output whatever the head.
+
+The driver (the caller's process) starts the workers once; they serve many prompts. A worker that dies or falls
+silent never yields a wrong token: the driver stops both workers and finishes the request with plain greedy
+decoding from the tokens already decided (or raises ``WorkerError`` with ``fallback=False``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from .errors import HeadMismatchError, PPDError
+from .heads import check_layer
+from .stack import crop_cache, embed, final_logits, keep_cache_entry, new_cache, num_layers, run_layers
+from .strategies.base import DecodeResult, DecodingStrategy, register
+
+SHUTDOWN, GENERATE = 0, 1
+
+
+class WorkerError(PPDError):
+    """A pipeline worker died, hung or raised; the message says which and why."""
+
+
+@dataclass
+class PPDConfig:
+    layer: int | None = None  # d: the split (default: the only head given)
+    k: int = 3  # guesses per token
+    speculate: bool = True  # False: the same two-stage split without guessing (the baseline PPD must beat)
+    threads_per_worker: int = 1
+    timeout_s: float = 120.0  # a worker silent this long (per token) counts as hung
+    fallback: bool = True  # finish with sequential greedy when a worker fails; False: raise WorkerError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _watch_parent(parent: int) -> None:
+    """Workers exit when the driver is gone (even after a SIGKILL): no orphans."""
+    def loop():
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.5)
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _init(rank: int, port: int, threads: int, parent: int):
+    import torch.distributed as dist
+
+    _watch_parent(parent)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    return dist
+
+
+# --------------------------------------------------------------------------------------------------- worker A
+@torch.no_grad()
+def _worker_a(model, head, d, cfg: PPDConfig, port, parent, requests, results):
+    try:
+        dist = _init(0, port, cfg.threads_per_worker, parent)
+        dtype, H = model.dtype, model.config.hidden_size
+        results.put(("ready", None))
+        while True:
+            req = requests.get()
+            if req is None:
+                dist.send(torch.tensor([SHUTDOWN, 0, 0], dtype=torch.long), dst=1)
+                break
+            ids, max_new, eos = req
+            _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos, dtype, H)
+    except Exception:
+        results.put(("error", "worker A (layers 1..d):\n" + traceback.format_exc()))
+
+
+def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos, dtype, H):
+    n = len(ids)
+    cache = new_cache(model)
+    h = run_layers(model, embed(model, torch.tensor([ids])), 0, d, cache, past=0)
+    dist.send(torch.tensor([GENERATE, n, max_new], dtype=torch.long), dst=1)
+    dist.send(h[0].contiguous(), dst=1)
+    guesses = head(h[:, -1]).topk(cfg.k, dim=-1).indices[0].tolist() if cfg.speculate else []
+    pos, emitted, matches, t_comm = n, 0, 0, 0.0
+    y = torch.zeros(1, dtype=torch.long)
+    while True:
+        # B is finishing the token at `pos`; guess it meanwhile.
+        if guesses:
+            hg = run_layers(model, embed(model, torch.tensor([guesses])), 0, d, cache, past=pos, siblings=True)
+            next_guesses = head(hg).topk(cfg.k, dim=-1).indices[0]
+        t = time.perf_counter()
+        dist.recv(y, src=1)
+        t_comm += time.perf_counter() - t
+        tok = int(y)
+        emitted += 1
+        results.put(("token", tok))
+        if tok in eos or emitted >= max_new:
+            results.put(("done", {"matches": matches, "guessed": emitted - 1 if guesses else 0,
+                                  "a_wait_s": t_comm}))
+            return
+        if guesses and tok in guesses:
+            j = guesses.index(tok)
+            keep_cache_entry(cache, pos, j, range(d))
+            out = hg[0, j:j + 1]
+            guesses = next_guesses[j].tolist()
+            matches += 1
+        else:
+            if guesses:
+                crop_cache(cache, pos)
+            h = run_layers(model, embed(model, torch.tensor([[tok]])), 0, d, cache, past=pos)
+            out = h[0]
+            guesses = head(h[:, -1]).topk(cfg.k, dim=-1).indices[0].tolist() if cfg.speculate else []
+        dist.send(out.contiguous(), dst=1)
+        pos += 1
+
+
+# --------------------------------------------------------------------------------------------------- worker B
+@torch.no_grad()
+def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
+    try:
+        dist = _init(1, port, cfg.threads_per_worker, parent)
+        L, H, dtype = num_layers(model), model.config.hidden_size, model.dtype
+        header = torch.zeros(3, dtype=torch.long)
+        eos = _eos(model)
+        while True:
+            dist.recv(header, src=0)
+            cmd, n, max_new = header.tolist()
+            if cmd == SHUTDOWN:
+                break
+            cache = new_cache(model)
+            h = torch.empty(n, H, dtype=dtype)
+            dist.recv(h, src=0)
+            emitted = 0
+            while True:
+                hb = run_layers(model, h[None], d, L, cache)
+                tok = int(final_logits(model, hb[:, -1]).argmax(-1))
+                dist.send(torch.tensor([tok], dtype=torch.long), dst=0)
+                emitted += 1
+                if tok in eos or emitted >= max_new:
+                    break
+                h = torch.empty(1, H, dtype=dtype)
+                dist.recv(h, src=0)
+    except Exception:
+        results.put(("error", "worker B (layers d+1..L):\n" + traceback.format_exc()))
+
+
+def _eos(model) -> set[int]:
+    e = model.generation_config.eos_token_id
+    e = model.config.eos_token_id if e is None else e
+    return set([e] if isinstance(e, int) else (e or []))
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+class PPDEngine:
+    """Start once, serve many prompts: ``engine.generate(ids, max_new_tokens, on_token=print)``."""
+
+    def __init__(self, model, head, config: PPDConfig | None = None):
+        self.model, self.head = model, head
+        self.cfg = config or PPDConfig()
+        L = num_layers(model)
+        if self.cfg.layer is None:
+            self.cfg.layer = head.layer
+        check_layer(model, self.cfg.layer)
+        if head.layer != self.cfg.layer:
+            raise HeadMismatchError(f"the head reads layer {head.layer}, not the split layer {self.cfg.layer}")
+        lm = head.lm_head
+        if lm.in_features != model.config.hidden_size or lm.out_features != model.get_output_embeddings().out_features:
+            raise HeadMismatchError(
+                f"the head maps {lm.in_features} -> {lm.out_features}, this model needs {model.config.hidden_size} -> "
+                f"{model.get_output_embeddings().out_features}: it was trained for another model")
+        if self.cfg.k < 1:
+            raise PPDError(f"k must be >= 1 guesses per token, got {self.cfg.k}")
+        if self.cfg.k > lm.out_features:
+            raise PPDError(f"k={self.cfg.k} exceeds the vocabulary ({lm.out_features})")
+        if model.device.type != "cpu":
+            raise PPDError("the PPD engine runs its workers on CPU processes for now; use device='cpu'")
+        self.L = L
+        self.eos = _eos(model)
+        self.procs: list = []
+
+    # -- lifecycle
+    def start(self) -> None:
+        if self.alive():
+            return
+        self.close()
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.requests, self.results = ctx.Queue(), ctx.Queue()
+        port, parent = _free_port(), os.getpid()
+        self.model.share_memory()
+        self.head.share_memory()
+        a = ctx.Process(target=_worker_a, args=(self.model, self.head, self.cfg.layer, self.cfg, port, parent,
+                                                self.requests, self.results), daemon=True, name="ppd-stage-A")
+        b = ctx.Process(target=_worker_b, args=(self.model, self.cfg.layer, self.cfg, port, parent, self.results),
+                        daemon=True, name="ppd-stage-B")
+        a.start()
+        b.start()
+        self.procs = [a, b]
+        kind, msg = self._next(timeout=self.cfg.timeout_s + 60)
+        if kind != "ready":
+            self.close()
+            raise WorkerError(f"pipeline workers failed to start: {msg}")
+
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.is_alive() for p in self.procs)
+
+    def close(self) -> None:
+        if not self.procs:
+            return
+        try:
+            if self.alive():
+                self.requests.put(None)
+                for p in self.procs:
+                    p.join(timeout=5)
+        finally:
+            for p in self.procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(timeout=5)
+            self.procs = []
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- requests
+    def _next(self, timeout: float):
+        """The next message from the workers; ('dead', why) when one died or stayed silent past ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead:
+                    return "dead", f"{', '.join(dead)} exited (code {[p.exitcode for p in self.procs]})"
+                if time.monotonic() > deadline:
+                    return "dead", f"no answer from the workers for {timeout:.0f}s (hung)"
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], max_new_tokens: int, on_token=None) -> DecodeResult:
+        ids = [int(t) for t in ids]
+        out: list[int] = []
+        res = DecodeResult(out)
+        times = []
+        t0 = time.perf_counter()
+        failure = None
+        try:
+            self.start()
+            self.requests.put((ids, max_new_tokens, self.eos))
+            while True:
+                kind, msg = self._next(self.cfg.timeout_s)
+                if kind == "token":
+                    out.append(msg)
+                    times.append(time.perf_counter() - t0)
+                    if on_token:
+                        on_token(msg)
+                elif kind == "done":
+                    res.accepted, res.drafted = msg["matches"], msg["guessed"]
+                    res.extra.update(a_wait_s=msg["a_wait_s"])
+                    break
+                else:
+                    failure = msg
+                    break
+        except WorkerError as e:
+            failure = str(e)
+        res.steps = len(out)
+        res.extra["token_times"] = times
+        if failure is not None:
+            self.close()  # never reuse a pipeline in an unknown state
+            if not self.cfg.fallback:
+                raise WorkerError(f"PPD pipeline failed after {len(out)} tokens: {failure}")
+            res.extra["fallback"] = failure
+            self._finish_sequentially(ids, out, max_new_tokens, on_token)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _finish_sequentially(self, ids, out, max_new_tokens, on_token) -> None:
+        """Plain greedy from the tokens already decided (all of them exact), in this process."""
+        if out and (out[-1] in self.eos or len(out) >= max_new_tokens):
+            return
+        x = torch.tensor([ids + out])
+        rest = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens - len(out),
+                                   do_sample=False, pad_token_id=self.model.generation_config.pad_token_id)
+        for t in rest[0, x.shape[1]:].tolist():
+            out.append(t)
+            if on_token:
+                on_token(t)
+
+
+@register
+class PPD(DecodingStrategy):
+    """Predictive pipelined decoding on two worker processes (see PPDEngine)."""
+
+    name = "ppd"
+    Config = PPDConfig
+    needs_heads = True
+    spawns_workers = True
+
+    def __init__(self, model, config=None, heads=None, tokenizer=None):
+        super().__init__(model, config, heads, tokenizer)
+        from .strategies.self_speculative import pick_head
+
+        layer, head = pick_head(self, self.config.layer)
+        self.config.layer = layer
+        self.engine = PPDEngine(model, head, self.config)  # validates before any worker starts
+
+    def _generate(self, ids, max_new_tokens):
+        return self.engine.generate(ids.tolist(), max_new_tokens)
+
+    def close(self):
+        self.engine.close()

@@ -1,0 +1,147 @@
+"""The PPD engine: real worker processes, token-identical to greedy, and safe when a worker dies or hangs."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ppd_decode import HeadMismatchError, PPDError, PromptTooLongError, load_model
+from ppd_decode.heads import EarlyExitHead
+from ppd_decode.pipeline import PPDConfig, PPDEngine, WorkerError
+from ppd_decode.strategies import get_strategy
+
+from test_strategies import model, reference  # the same float64 tiny models and greedy reference
+
+
+def _head(m, d, noise, seed=0):
+    h = EarlyExitHead.from_model(m, d)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        h.lm_head.weight.add_(torch.randn(h.lm_head.weight.shape, generator=g, dtype=torch.float64) * noise)
+    return h
+
+
+# (model seed, damping, layer, k, head noise): well-matched, mismatched and random heads, both split points
+ENGINES = [(0, 0.05, 2, 3, 0.0), (1, 1.0, 1, 2, 1.0), (2, 0.3, 3, 5, 0.05)]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    made = []
+    for seed, damp, d, k, noise in ENGINES:
+        m = model(seed, damp)
+        made.append((m, PPDEngine(m, _head(m, d, noise), PPDConfig(k=k))))
+    for _, e in made:
+        e.start()
+    yield made
+    for _, e in made:
+        e.close()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, len(ENGINES) - 1), prompt=st.lists(st.integers(4, 259), min_size=1, max_size=40),
+       n=st.integers(1, 48))
+def test_token_identical_to_greedy(engines, which, prompt, n):
+    m, eng = engines[which]
+    r = eng.generate(prompt, n)
+    assert r.tokens == reference(m, prompt, n)
+    assert "fallback" not in r.extra  # the workers did the work
+
+
+def test_matches_are_used_when_the_head_is_good(engines):
+    m, eng = engines[0]
+    r = eng.generate(list(range(10, 30)), 40)
+    assert r.tokens == reference(m, list(range(10, 30)), 40)
+    assert r.accepted > 0.5 * r.drafted > 0
+
+
+def test_split_without_speculation_is_exact_too():
+    m = model(0, 0.3)
+    with PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2, speculate=False)) as eng:
+        r = eng.generate([7, 8, 9], 30)
+    assert r.tokens == reference(m, [7, 8, 9], 30) and r.accepted == 0
+
+
+def test_eos_stops_generation_like_generate():
+    m0 = model(1, 0.3)
+    ref = reference(m0, [5, 6, 7], 100)
+    m, _ = load_model("tiny-random:layers=4,seed=1", dtype="float64")
+    m.load_state_dict(m0.state_dict())
+    m.generation_config.eos_token_id = ref[20]
+    want = reference(m, [5, 6, 7], 100)
+    with PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2)) as eng:
+        assert eng.generate([5, 6, 7], 100).tokens == want and len(want) < 100
+
+
+def _pids(eng):
+    return [p.pid for p in eng.procs]
+
+
+def _gone(pid):
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_worker_killed_mid_generation_never_costs_a_wrong_token(stage):
+    m = model(0, 0.3)
+    eng = PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2))
+    eng.start()
+    pids = _pids(eng)
+    killed = []
+
+    def kill_after_five(tok, seen=[]):
+        seen.append(tok)
+        if len(seen) == 5:
+            os.kill(pids[stage], signal.SIGKILL)
+            killed.append(True)
+
+    prompt = list(range(20, 45))
+    r = eng.generate(prompt, 60, on_token=kill_after_five)
+    assert killed and r.tokens == reference(m, prompt, 60)
+    # the reason is reported: the dead worker's exit, or its peer's error about the broken connection
+    assert any(w in r.extra["fallback"] for w in ("exited", "hung", "worker A", "worker B"))
+    assert all(_gone(p) for p in pids)  # both workers stopped, none orphaned
+    # the next request starts fresh workers
+    r2 = eng.generate(prompt, 10)
+    assert r2.tokens == reference(m, prompt, 10) and "fallback" not in r2.extra
+    new = _pids(eng)
+    eng.close()
+    time.sleep(0.2)
+    assert all(_gone(p) for p in new)
+
+
+def test_a_hung_worker_times_out_and_without_fallback_raises():
+    m = model(0, 0.3)
+    eng = PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2, timeout_s=3, fallback=False))
+    eng.start()
+    pids = _pids(eng)
+    os.kill(pids[1], signal.SIGSTOP)  # B hangs
+    with pytest.raises(WorkerError, match="hung"):
+        eng.generate([5, 6, 7], 20)
+    time.sleep(0.2)
+    assert all(_gone(p) for p in pids)
+
+
+def test_bad_requests_are_refused_before_workers_start():
+    m = model(0, 1.0)
+    with pytest.raises(PPDError, match="k must be >= 1"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=0))
+    with pytest.raises(HeadMismatchError, match=r"choose d in 1\.\.3"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(layer=4))
+    other, _ = load_model("tiny-random:layers=4,hidden=32,heads=2,kv_heads=1", dtype="float64")
+    with pytest.raises(HeadMismatchError, match="another model"):
+        PPDEngine(m, EarlyExitHead.from_model(other, 2), PPDConfig())
+    s = get_strategy("ppd")(m, heads={2: _head(m, 2, 0.0)})
+    for bad, err in (([], "empty prompt"), ([5] * 600, "context of 512")):
+        with pytest.raises((PPDError, PromptTooLongError), match=err):
+            s.generate(bad, 10)
+    assert s.engine.procs == []  # nothing was started
