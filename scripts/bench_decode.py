@@ -47,6 +47,13 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
     if head_layers:
         rows.append({"name": "self_speculative", "config": {"layer": head_layers[len(head_layers) // 2]},
                      "threads": 2})
+    for spec in filter(None, (args.ppd or "").split(",")):
+        d, k = (int(x) for x in spec.split(":"))
+        if d in head_layers:
+            rows.append({"name": "ppd", "config": {"layer": d, "k": k}, "threads": 1})
+    if args.ppd and head_layers:
+        d0 = int(args.ppd.split(",")[0].split(":")[0])
+        rows.append({"name": "ppd", "config": {"layer": d0, "k": 1, "speculate": False}, "threads": 1})
     if args.methods:
         keep = set(args.methods.split(","))
         rows = [r for r in rows if r["name"] in keep or (r["name"] == "greedy" and r["threads"] in (1, 2))]
@@ -73,6 +80,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--early-exit-layer", type=int, default=15)
+    p.add_argument("--ppd", default=None, help="PPD settings d:k,d:k (d must have a head); adds the split without "
+                                               "speculation at the first d")
     p.add_argument("--methods", default=None, help="comma list of registry names to run (greedy always runs)")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
     p.add_argument("--name", default="decode")
@@ -144,6 +153,10 @@ def main() -> None:
             r["runs"].append({"overall": overall, "per_set": per_set})
             print(f"run {run + 1}/{a.runs}  {label:60s} {overall:7.2f} tok/s  mismatches so far {r['mismatches']}",
                   flush=True)
+
+    for r in rows:
+        if hasattr(r["strategy"], "close"):
+            r["strategy"].close()
 
     def mean_of(r, key=None):
         vals = [x["overall"] if key is None else x["per_set"][key] for x in r["runs"]]
