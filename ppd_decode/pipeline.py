@@ -29,7 +29,7 @@ from .heads import check_layer
 from .stack import crop_cache, embed, final_logits, keep_cache_entry, new_cache, num_layers, run_layers
 from .strategies.base import DecodeResult, DecodingStrategy, register
 
-SHUTDOWN, GENERATE = 0, 1
+SHUTDOWN, GENERATE, PING = 0, 1, 2
 
 
 class WorkerError(PPDError):
@@ -83,10 +83,25 @@ def _worker_a(model, head, d, cfg: PPDConfig, port, parent, requests, results):
             if req is None:
                 dist.send(torch.tensor([SHUTDOWN, 0, 0], dtype=torch.long), dst=1)
                 break
+            if req[0] == "ping":
+                results.put(("pong", _ping_a(dist, req[1], H, dtype)))
+                continue
             ids, max_new, eos = req
             _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos, dtype, H)
     except Exception:
         results.put(("error", "worker A (layers 1..d):\n" + traceback.format_exc()))
+
+
+def _ping_a(dist, n: int, H: int, dtype) -> list[float]:
+    """Round trips of exactly what crosses per token (a hidden state out, a token id back)."""
+    dist.send(torch.tensor([PING, n, 0], dtype=torch.long), dst=1)
+    h, y, times = torch.zeros(1, H, dtype=dtype), torch.zeros(1, dtype=torch.long), []
+    for _ in range(n):
+        t = time.perf_counter()
+        dist.send(h, dst=1)
+        dist.recv(y, src=1)
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos, dtype, H):
@@ -142,6 +157,12 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
             cmd, n, max_new = header.tolist()
             if cmd == SHUTDOWN:
                 break
+            if cmd == PING:
+                h, y = torch.empty(1, H, dtype=dtype), torch.zeros(1, dtype=torch.long)
+                for _ in range(n):
+                    dist.recv(h, src=0)
+                    dist.send(y, dst=0)
+                continue
             cache = new_cache(model)
             h = torch.empty(n, H, dtype=dtype)
             dist.recv(h, src=0)
@@ -245,6 +266,18 @@ class PPDEngine:
             self.close()
         except Exception:
             pass
+
+    def round_trip_seconds(self, n: int = 200) -> float:
+        """Median time of one hidden-state-out, token-back exchange between the workers (per-token communication)."""
+        import statistics
+
+        self.start()
+        self.requests.put(("ping", n))
+        kind, msg = self._next(self.cfg.timeout_s)
+        if kind != "pong":
+            self.close()
+            raise WorkerError(f"communication probe failed: {msg}")
+        return statistics.median(msg[n // 10:])  # the first exchanges warm the connection up
 
     # -- requests
     def _next(self, timeout: float):

@@ -154,6 +154,24 @@ def main() -> None:
             print(f"run {run + 1}/{a.runs}  {label:60s} {overall:7.2f} tok/s  mismatches so far {r['mismatches']}",
                   flush=True)
 
+    # PPD rows: the latency model's prediction from the observed match rate and stage timings measured here with
+    # one thread (what each worker has), the efficiency, and the per-token communication cost.
+    from ppd_decode.theory import measure_stage_times, stage_pipelined
+
+    for r in rows:
+        if r["name"] != "ppd":
+            continue
+        torch.set_num_threads(1)
+        d, k = r["config"]["layer"], r["config"].get("k", 3)
+        spec = r["config"].get("speculate", True)
+        st = measure_stage_times(model, heads[d], d, ks=(1, k), repeats=10)
+        p = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
+        pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1[1], st.t2, st.greedy)
+        rt = r["strategy"].engine.round_trip_seconds()
+        r["model"] = {"predicted_speedup_vs_greedy_1t": pred["speedup"], "extra_compute": pred["extra_compute"],
+                      "t1_1_ms": 1e3 * st.t1[1], "t1_k_ms": 1e3 * st.t1[k], "t2_ms": 1e3 * st.t2,
+                      "greedy_step_ms": 1e3 * st.greedy, "early_head_ms": 1e3 * st.head,
+                      "round_trip_ms": 1e3 * rt}
     for r in rows:
         if hasattr(r["strategy"], "close"):
             r["strategy"].close()
@@ -175,7 +193,10 @@ def main() -> None:
             "speedup_vs_greedy_1t": m / g1, "speedup_vs_greedy_2t": m / g2,
             "mean_accepted_tokens": (r["tokens"] / r["steps"]) if r["steps"] else None,
             "match_rate": (r["accepted"] / r["drafted"]) if drafting else None,
-            "predicted_speedup": None, "mismatches": r["mismatches"], "near_ties": r["near_ties"],
+            "predicted_speedup": r.get("model", {}).get("predicted_speedup_vs_greedy_1t"),
+            "efficiency": (m / g1) / r["model"]["predicted_speedup_vs_greedy_1t"] if "model" in r else None,
+            "communication_fraction": (r["model"]["round_trip_ms"] / 1e3) * m if "model" in r else None,
+            "latency_model": r.get("model"), "mismatches": r["mismatches"], "near_ties": r["near_ties"],
             "mismatch_detail": r["mismatch_detail"],
             "per_set": {s: {"tokens_per_s": mean_of(r, s)[0], "speedup_vs_greedy_1t": mean_of(r, s)[0] /
                             mean_of(rows[0], s)[0]} for s in prompts}})
@@ -191,15 +212,24 @@ def main() -> None:
     lines = [f"{a.model} ({out['dtype']}), {sum(out['prompt_sets'].values())} prompts "
              f"({', '.join(f'{k} {v}' for k, v in out['prompt_sets'].items())}), {a.max_new_tokens} new tokens, "
              f"{a.runs} run(s), heads: {out['heads']}; {out['machine']['cpu']}", "",
-             "| method | config | tokens/s | vs greedy 1t | vs greedy 2t | accepted/step | draft acceptance | mismatches (near-ties) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | config | tokens/s | vs greedy 1t | vs greedy 2t | accepted/step | match rate | predicted | efficiency | mismatches (near-ties) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         cfg = ", ".join(f"{k}={v}" for k, v in m["config"].items())
         acc = f"{m['mean_accepted_tokens']:.2f}" if m["mean_accepted_tokens"] else "-"
         mr = f"{m['match_rate']:.2f}" if m["match_rate"] is not None else "-"
+        pr = f"{m['predicted_speedup']:.2f}x" if m["predicted_speedup"] else "-"
+        ef = f"{100 * m['efficiency']:.0f}%" if m["efficiency"] else "-"
         lines.append(f"| {m['name']} | {cfg} | {m['tokens_per_s']:.1f} ± {m['tokens_per_s_std']:.1f} | "
                      f"{m['speedup_vs_greedy_1t']:.2f}x | {m['speedup_vs_greedy_2t']:.2f}x | {acc} | {mr} | "
-                     f"{m['mismatches']} ({m['near_ties']}) |")
+                     f"{pr} | {ef} | {m['mismatches']} ({m['near_ties']}) |")
+    for m in methods:
+        lm = m.get("latency_model")
+        if lm:
+            lines.append(f"\nppd {m['config']}: T1(1) {lm['t1_1_ms']:.1f} ms, T1(k) {lm['t1_k_ms']:.1f} ms, T2 "
+                         f"{lm['t2_ms']:.1f} ms, greedy step {lm['greedy_step_ms']:.1f} ms, early head "
+                         f"{lm['early_head_ms']:.1f} ms; worker round trip {lm['round_trip_ms']:.2f} ms = "
+                         f"{100 * m['communication_fraction']:.1f}% of a token's time.")
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -53,6 +53,13 @@ def test_token_identical_to_greedy(engines, which, prompt, n):
     assert "fallback" not in r.extra  # the workers did the work
 
 
+def test_round_trip_probe(engines):
+    t = engines[1][1].round_trip_seconds(50)
+    assert 0 < t < 1.0
+    m, eng = engines[1]
+    assert eng.generate([5, 6], 5).tokens == reference(m, [5, 6], 5)  # the engine serves on after a probe
+
+
 def test_matches_are_used_when_the_head_is_good(engines):
     m, eng = engines[0]
     r = eng.generate(list(range(10, 30)), 40)
