@@ -143,7 +143,9 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
 
     from ppd_decode.prompts import render as render_prompt
 
-    prompts = [c[0]["content"] for c in convs if c[0]["role"] == "user"]
+    # Prompts over the budget are left out (cutting them would drop the chat template's header).
+    prompts = [c[0]["content"] for c in convs if c[0]["role"] == "user"
+               and len(render_prompt(tokenizer, c[0]["content"])[1]) <= cfg.sd_max_prompt_tokens]
     if cfg.sd_num_prompts is not None:
         prompts = prompts[: cfg.sd_num_prompts]
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +162,7 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
     bs = cfg.sd_batch_size
     with cache.open("a") as f:
         for i in tqdm(range(0, len(todo), bs), desc="self-distill: generating", disable=not progress or not todo):
-            batch = [render_prompt(tokenizer, p)[1][-cfg.sd_max_prompt_tokens:] for p in todo[i:i + bs]]
+            batch = [render_prompt(tokenizer, p)[1] for p in todo[i:i + bs]]
             width = max(map(len, batch))
             ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=model.device)
             mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=model.device)

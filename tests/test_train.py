@@ -183,14 +183,16 @@ def test_empty_and_too_small_data(tmp_path):
         train(_cfg(f"data.files=[{tiny_corpus}]", "head.layers=[1]", "trainer.seq_len=256"), run_dir=tmp_path / "b")
 
 
+def _fresh_env() -> dict:
+    """A fresh launch's environment: without the rendezvous variables the in-process tests above left behind."""
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "PYTHONPATH": str(REPO)}
+
+
 def _run_cli(run_dir: Path, corpus: Path, *extra):
     cmd = [sys.executable, "-m", "ppd_train", *TINY, "head.layers=[1,3]", f"data.files=[{corpus}]",
            "trainer.max_steps=8", f"output_dir={run_dir}", *extra]
-    # A fresh launch: drop the rendezvous variables the in-process tests above left in this environment.
-    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=_fresh_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_sigkilled_run_resumes_and_ends_like_an_uninterrupted_one(corpus, tmp_path):
@@ -224,9 +226,7 @@ def test_paper_experiment_config_composes_to_the_papers_recipe():
 def test_multirun_sweep_gives_each_job_its_own_run(corpus, tmp_path):
     cmd = [sys.executable, "-m", "ppd_train", "-m", *TINY, "head.layers=[1]", f"data.files=[{corpus}]",
            "trainer.max_steps=1", "head.objective=ce,distill", f"hydra.sweep.dir={tmp_path}"]
-    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=REPO, env=_fresh_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     # The sweep's jobs run in the sweep directory (output_dir follows hydra's job dir only for single runs).
     names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
