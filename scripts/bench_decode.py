@@ -45,8 +45,9 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
     for d in head_layers:
         rows.append({"name": "self_speculative", "config": {"layer": d}, "threads": 1})
     if head_layers:
-        rows.append({"name": "self_speculative", "config": {"layer": head_layers[len(head_layers) // 2]},
-                     "threads": 2})
+        mid = head_layers[len(head_layers) // 2]
+        rows.append({"name": "self_speculative", "config": {"layer": mid}, "threads": 2})
+        rows.append({"name": "early_exit_assisted", "config": {"layer": mid}, "threads": 1})
     for spec in filter(None, (args.ppd or "").split(",")):
         d, k = (int(x) for x in spec.split(":"))
         if d in head_layers:

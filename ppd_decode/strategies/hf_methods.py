@@ -49,3 +49,51 @@ class AssistantEarlyExit(_HFGenerate):
 
     def generate_kwargs(self):
         return {"assistant_early_exit": self.config.layer or self.model.config.num_hidden_layers // 2}
+
+
+def early_exit_model(model, head):
+    """A causal LM made of the model's own embedding and layers 1..d plus our head, sharing their weights: the
+    draft model for transformers' assisted generation (it keeps its own KV cache)."""
+    import copy
+
+    from torch import nn
+
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = head.layer
+    with torch.device("meta"):
+        draft = type(model)(cfg)
+    draft.model.embed_tokens = model.model.embed_tokens
+    draft.model.layers = nn.ModuleList(model.model.layers[: head.layer])
+    draft.model.rotary_emb = model.model.rotary_emb
+    draft.model.norm = head.norm
+    draft.lm_head = head.lm_head
+    draft.generation_config = copy.deepcopy(model.generation_config)
+    return draft.eval()
+
+
+@dataclass
+class EarlyExitAssistedConfig:
+    layer: int | None = None
+    num_assistant_tokens: int = 5
+
+
+@register
+class EarlyExitAssisted(_HFGenerate):
+    """transformers' assisted generation with our early exit (layers 1..d + our trained head) as the assistant."""
+
+    name = "early_exit_assisted"
+    Config = EarlyExitAssistedConfig
+    needs_heads = True
+
+    def __init__(self, model, config=None, heads=None, tokenizer=None):
+        super().__init__(model, config, heads, tokenizer)
+        from .self_speculative import pick_head
+
+        self.config.layer, head = pick_head(self, self.config.layer)
+        if head.adapter is not None:
+            raise NotImplementedError("heads with an adapter are not supported as transformers assistants yet")
+        self.assistant = early_exit_model(model, head)
+        self.assistant.generation_config.num_assistant_tokens = self.config.num_assistant_tokens
+
+    def generate_kwargs(self):
+        return {"assistant_model": self.assistant}
