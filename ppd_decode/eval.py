@@ -128,7 +128,7 @@ def latency_model(cfg, model, heads, report, ks) -> dict:
         st = measure_stage_times(model, heads[("lens", d)], d, ks=ks, context=cfg.timing.context,
                                  repeats=cfg.timing.repeats)
         timings[d] = st
-    out = {"timings": {d: {"t1": st.t1, "t2": st.t2, "greedy": st.greedy, "head": st.head, "layer": st.layer}
+    out = {"timings": {d: {"t1": st.t1, "t1_miss": st.t1_miss, "t2": st.t2, "greedy": st.greedy, "head": st.head, "layer": st.layer}
                        for d, st in timings.items()}, "predictions": [], "best": {}}
     for name, t in report["tasks"].items():
         if "_scores" not in t:
@@ -139,9 +139,9 @@ def latency_model(cfg, model, heads, report, ks) -> dict:
             outcomes = torch.cat(sc.outcomes)
             for j, k in enumerate(ks):
                 p = sc.rate(k)
-                sp = stage_pipelined(p, st.t1[k], st.t1[1], st.t2, st.greedy)
+                sp = stage_pipelined(p, st.t1[k], st.t1_miss, st.t2, st.greedy)
                 seq = outcomes[:, j].tolist()
-                sim = simulate_stage_pipelined(seq, st.t1[k], st.t1[1], st.t2)
+                sim = simulate_stage_pipelined(seq, st.t1[k], st.t1_miss, st.t2)
                 rp = replicated(p, sc.layer, L, k)
                 rsim, _ = simulate_replicated(seq, sc.layer, L, k)
                 row = {"task": name, "head": sc.label, "layer": sc.layer, "k": k, "p": p,

@@ -114,10 +114,9 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos, dtype, H):
     pos, emitted, matches, t_comm = n, 0, 0, 0.0
     y = torch.zeros(1, dtype=torch.long)
     while True:
-        # B is finishing the token at `pos`; guess it meanwhile.
+        # B is finishing the token at `pos`; run the guesses for it through layers 1..d meanwhile.
         if guesses:
             hg = run_layers(model, embed(model, torch.tensor([guesses])), 0, d, cache, past=pos, siblings=True)
-            next_guesses = head(hg).topk(cfg.k, dim=-1).indices[0]
         t = time.perf_counter()
         dist.recv(y, src=1)
         t_comm += time.perf_counter() - t
@@ -131,16 +130,15 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos, dtype, H):
         if guesses and tok in guesses:
             j = guesses.index(tok)
             keep_cache_entry(cache, pos, j, range(d))
-            out = hg[0, j:j + 1]
-            guesses = next_guesses[j].tolist()
+            h = hg[:, j:j + 1]
             matches += 1
         else:
             if guesses:
                 crop_cache(cache, pos)
             h = run_layers(model, embed(model, torch.tensor([[tok]])), 0, d, cache, past=pos)
-            out = h[0]
-            guesses = head(h[:, -1]).topk(cfg.k, dim=-1).indices[0].tolist() if cfg.speculate else []
-        dist.send(out.contiguous(), dst=1)
+        dist.send(h[0].contiguous(), dst=1)
+        # The early head runs once per token, for the token B now works on, off B's critical path.
+        guesses = head(h[:, -1]).topk(cfg.k, dim=-1).indices[0].tolist() if cfg.speculate else []
         pos += 1
 
 

@@ -1,8 +1,9 @@
 """The compute-latency model of docs/method.md, fed with measured match rates and measured stage timings.
 
 Two deployments:
-* stage-pipelined (two workers split at layer d): E[T] = max(T2, T1(k)) + (1 - p_k) * T1(1) per token, against
-  T_greedy for plain greedy; compute per token = T1(k) + (1 - p_k) * T1(1) + T2 busy seconds.
+* stage-pipelined (two workers split at layer d): E[T] = max(T2, T1(k)) + (1 - p_k) * T1miss per token, against
+  T_greedy for plain greedy; compute per token = T1(k) + (1 - p_k) * T1miss + T2 busy seconds. T1(k) is worker A's
+  work per token (k guesses through layers 1..d, the early head once); T1miss the real token's layers 1..d.
 * replicated (k + 1 full-model workers, d >= L/2, one level): E[T] = p*d + (1-p)*L layer times per token;
   compute per token = L + (L - d)(k - p) layer passes.
 A discrete-event simulator replays per-position match outcomes through each deployment; it must agree with the
@@ -77,7 +78,8 @@ def simulate_replicated(outcomes: list[bool], d: int, L: int, k: int) -> tuple[f
 @dataclass
 class StageTimes:
     d: int
-    t1: dict[int, float]  # k -> seconds for layers 1..d + early head on k guesses
+    t1: dict[int, float]  # k -> seconds for layers 1..d on k guesses + the early head once (A's work per token)
+    t1_miss: float  # layers 1..d on the real token after a miss (the head runs after the hand-off)
     t2: float  # layers d+1..L + final norm + LM head on one token
     greedy: float  # a full one-token forward (plain greedy's step)
     head: float  # the early head alone on one token
@@ -112,12 +114,15 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
             return out
         return fn
 
+    # What worker A does per token: the k guesses through layers 1..d, and the early head once (for the token B
+    # works on). On a miss only the real token's layers sit on the critical path (the head runs after the hand-off).
     t1 = {}
     for k in ks:
         def fn(k=k):
             h = layers_only(0, d, k)()
-            head(h)
+            head(h[:, :1])
         t1[k] = _median_time(fn, repeats)
+    t1_miss = _median_time(layers_only(0, d, 1), repeats)
 
     def t2_fn():
         h = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
@@ -125,7 +130,7 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
         crop_cache(cache, context)
 
     h1 = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
-    return StageTimes(d=d, t1=t1, t2=_median_time(t2_fn, repeats),
+    return StageTimes(d=d, t1=t1, t1_miss=t1_miss, t2=_median_time(t2_fn, repeats),
                       greedy=_median_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
                       head=_median_time(lambda: head(h1), repeats),
                       layer=_median_time(layers_only(0, 1, 1), repeats))
