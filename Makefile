@@ -35,7 +35,7 @@ DEMO_LAYER ?= 15
 DEMO_HEADS := outputs/train/smollm2-135m-L$(DEMO_LAYER)-distill-kl/heads
 demo: install
 	$(BIN)/torchrun --standalone --nproc_per_node=1 -m ppd_train head.layers=[$(DEMO_LAYER)] $(TRAIN_ARGS)
-	$(BIN)/python -m ppd_decode.eval heads=[$(DEMO_HEADS)] n=5 max_new_tokens=64 $(EVAL_ARGS)
+	$(BIN)/python -m ppd_decode.eval heads=[$(DEMO_HEADS)] lens_layers=[] n=5 max_new_tokens=64 $(EVAL_ARGS)
 	$(BIN)/python -m ppd_decode.demo heads=$(DEMO_HEADS) $(ARGS)
 
 test: install
