@@ -1,8 +1,9 @@
-"""The decoding half of ``make demo``: greedy next to exact self-speculative decoding with a trained head.
+"""The decoding step of ``make demo``: greedy next to exact self-speculative decoding and PPD with a trained head.
 
 Loads the model (converting and caching it the first time), builds prompts for each evaluation task from the
 local data (or the hub), decodes a few with plain greedy and, when ``heads=`` names a trained head, with
-self-speculative decoding on that head; prints the answers, checks they are token-identical and shows the speed.
+self-speculative decoding and the PPD engine on that head; prints the answers, checks they are token-identical and
+shows the speed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def main(cfg: DictConfig) -> None:
         cls = get_strategy("self_speculative")
         layer = cfg.layer or max(heads)
         methods["self_speculative"] = cls(model, cls.Config(layer=layer), heads={layer: heads[layer]})
-        print(f"self-speculative decoding drafts with layers 1..{layer} + the trained head from {cfg.heads}")
+        ppd = get_strategy("ppd")
+        methods["ppd"] = ppd(model, ppd.Config(layer=layer, k=cfg.k), heads={layer: heads[layer]})
+        methods["ppd"].engine.start()  # two worker processes, started once for all prompts
+        print(f"self-speculative decoding drafts with layers 1..{layer} + the trained head from {cfg.heads}; "
+              f"PPD splits the model at layer {layer} over two worker processes and guesses k={cfg.k} tokens")
     speeds = {name: [] for name in methods}
     identical = 0
     total = 0
@@ -59,14 +64,17 @@ def main(cfg: DictConfig) -> None:
                     same = r.tokens == ref.tokens
                     identical += same
                     total += 1
-                    extra = (f", {r.mean_accepted_tokens:.2f} tokens per step, identical to greedy: "
+                    extra = (f", {r.accepted}/{r.drafted} guesses matched, identical to greedy: "
                              f"{'yes' if same else 'NO'}")
                 print(f"  {m:17s} {len(r.tokens)} tokens in {r.seconds:.2f}s ({len(r.tokens) / r.seconds:.1f} tok/s{extra})")
+    for s in methods.values():
+        if hasattr(s, "close"):
+            s.close()
     print("\n=== summary")
     for m, v in speeds.items():
         print(f"  {m:17s} mean {statistics.mean(v):.1f} tok/s over {len(v)} prompts")
     if total:
-        print(f"  self-speculative output identical to greedy on {identical}/{total} prompts")
+        print(f"  self-speculative and PPD outputs identical to greedy on {identical}/{total} runs")
 
 
 if __name__ == "__main__":
