@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default: train a head (about 10 minutes on 2 cores; a second run resumes and
 # finishes at once), measure its match rates, then decode with it next to greedy.
 DEMO_LAYER ?= 15
-DEMO_HEADS := outputs/train/smollm2-135m-L$(DEMO_LAYER)-distill-kl/heads
+DEMO_HEADS := outputs/train/smollm2-135m-L$(DEMO_LAYER)-distill-argmax/heads
 demo: install
 	$(BIN)/torchrun --standalone --nproc_per_node=1 -m ppd_train head.layers=[$(DEMO_LAYER)] $(TRAIN_ARGS)
 	$(BIN)/python -m ppd_decode.eval heads=[$(DEMO_HEADS)] lens_layers=[] n=5 max_new_tokens=64 $(EVAL_ARGS)

@@ -1,6 +1,6 @@
 """``ppd-generate``: decode one prompt with any registered method, streaming text as it is decided.
 
-    ppd-generate --heads outputs/train/smollm2-135m-L15-distill-kl/heads --prompt "Who wrote Hamlet?"
+    ppd-generate --heads outputs/train/smollm2-135m-L15-distill-argmax/heads --prompt "Who wrote Hamlet?"
     ppd-generate --method self_speculative --heads ... --check      # also run greedy and compare token ids
 """
 

@@ -230,4 +230,4 @@ def test_multirun_sweep_gives_each_job_its_own_run(corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     # The sweep's jobs run in the sweep directory (output_dir follows hydra's job dir only for single runs).
     names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert names == ["tiny-random-L1-ce", "tiny-random-L1-distill-kl"], names
+    assert names == ["tiny-random-L1-ce", "tiny-random-L1-distill-argmax"], names
