@@ -1,6 +1,7 @@
 """``make eval HEADS=...`` / ``python -m ppd_decode.eval heads=[dir,...]``: match rates, latency model, report.
 
-For each task (SQuAD, WMT15, CNN/DM): greedy continuations (batched), one teacher-forced pass, match rates
+For each task (SQuAD, WMT15, CNN/DM): greedy continuations (batched) that keep every head layer's hidden state as
+they go (``measure=capture``; ``measure=teacher_forced`` uses a second, teacher-forced pass instead), match rates
 p_k(d) for every head and k, next to the untrained logit lens at the same layers; the greedy outputs' task scores
 as context; the compute-latency model fed with the measured rates and stage timings measured here; JSON, CSV,
 markdown and plots under the run directory (and docs/benchmarks/match_rate.* with ``publish=true``), logged to W&B.
@@ -18,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .heads import EarlyExitHead, head_dirs, load_heads, read_head_config
-from .match_rate import greedy_continuations, score_heads
+from .match_rate import greedy_continuations, score_captured, score_heads
 from .metrics import TASK_METRIC, load_metric
 from .modeling import load_model
 from .prompts import build_prompts, context_length
@@ -85,15 +86,36 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         prompts, trunc = build_prompts(rows, tok, max_new_tokens=cfg.max_new_tokens,
                                        context_length=context_length(model))
         ids = [p.input_ids for p in prompts]
-        bar = tqdm(total=2 * len(ids), desc=f"{name}: generate + score", dynamic_ncols=True)
+        layers = sorted({d for _, d in heads})
+        bar = tqdm(total=(3 if cfg.cost_baseline else 2) * len(ids), desc=f"{name}: generate + score",
+                   dynamic_ncols=True)
+        cost = {}
         t0 = time.perf_counter()
-        conts = greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar)
-        t_gen = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores, stats = score_heads(model, heads, ids, conts, ks=ks, batch_size=max(1, cfg.batch_size // 2),
-                                    progress=bar, keep_top=True)
+        if cfg.measure == "capture":
+            conts, states = greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                                 progress=bar, capture_layers=layers)
+            t_gen = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scores = score_captured(model, heads, conts, states, ks=ks, progress=bar, keep_top=True)
+            stats = {"positions": sum(map(len, conts))}
+        elif cfg.measure == "teacher_forced":
+            conts = greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar)
+            t_gen = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scores, stats = score_heads(model, heads, ids, conts, ks=ks, batch_size=max(1, cfg.batch_size // 2),
+                                        progress=bar, keep_top=True)
+        else:
+            raise ValueError(f"measure={cfg.measure!r}; use capture or teacher_forced")
         t_score = time.perf_counter() - t0
+        if cfg.cost_baseline:  # the plain greedy generation of the same prompts (second: warm-up is charged to us)
+            t0 = time.perf_counter()
+            greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar)
+            cost["seconds_plain_generation"] = time.perf_counter() - t0
         bar.close()
+        base = cost.get("seconds_plain_generation", t_gen)
+        cost.update({"seconds_generate": t_gen, "seconds_score_all_heads": t_score, "heads_scored": len(heads),
+                     "measure_cost_vs_generation": (t_gen + t_score) / base,
+                     "score_cost_per_head_vs_generation": t_score / len(heads) / base})
         rates = []
         for sc in scores:
             # Reported through the project's `evaluate` module; the tensor hit counts must say the same.
@@ -104,13 +126,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                           **{f"p@{k}": res[f"p@{k}"] for k in ks}})
         report["tasks"][name] = {
             "source": rows.source, "prompts": len(ids), "truncation": str(trunc), "positions": stats["positions"],
-            "teacher_forced_disagreements": stats["teacher_forced_disagreements"],
-            "seconds_generate": t_gen, "seconds_score_all_heads": t_score,
-            "measure_cost_vs_generation": (t_gen + t_score) / t_gen,
+            "measure": cfg.measure, **{k: v for k, v in stats.items() if k != "positions"}, **cost,
             "rates": rates, "task_scores": task_scores(name, tok, prompts, conts),
             "_scores": scores}
-        print(f"[eval] {name}: {len(ids)} prompts, {stats['positions']} positions; measuring cost "
-              f"{(t_gen + t_score) / t_gen:.2f}x generation; scores {report['tasks'][name]['task_scores']}")
+        print(f"[eval] {name}: {len(ids)} prompts, {stats['positions']} positions; measuring {len(heads)} heads "
+              f"cost {cost['measure_cost_vs_generation']:.2f}x the plain generation; scores {report['tasks'][name]['task_scores']}")
 
     theory = latency_model(cfg, model, heads, report, ks) if cfg.timing.enabled else {}
     report["theory"] = theory
@@ -174,7 +194,9 @@ def write_report(report: dict, out_dir: Path, cfg) -> None:
             continue
         lines += [f"## {name} ({t['prompts']} prompts, {t['positions']} positions; task scores of the greedy "
                   f"output: {', '.join(f'{k} {v:.1f}' for k, v in t['task_scores'].items() if isinstance(v, float))})",
-                  "", f"Measuring all heads cost {t['measure_cost_vs_generation']:.2f}x the greedy generation.", "",
+                  "", f"Measuring all {t['heads_scored']} heads cost {t['measure_cost_vs_generation']:.2f}x the plain "
+                  f"greedy generation of these prompts ({t['measure']}; scoring is "
+                  f"{t['score_cost_per_head_vs_generation']:.3f}x of it per head).", "",
                   "| head | layer | " + " | ".join(f"p@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
         for r in sorted(t["rates"], key=lambda r: (r["layer"], r["head"] != "lens", r["head"])):
             lines.append(f"| {r['head']} | {r['layer']} | " + " | ".join(f"{r[f'p@{k}']:.3f}" for k in ks) + " |")

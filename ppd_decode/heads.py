@@ -103,10 +103,18 @@ class EarlyExitHead(nn.Module):
         head = cls(layer, copy.deepcopy(model.model.norm), lm_head, adapter_rank)
         return head.to(device=base.weight.device, dtype=base.weight.dtype)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the vocabulary projection reads: adapter (if any) then norm."""
         if self.adapter is not None:
             hidden = self.adapter(hidden)
-        return self.lm_head(self.norm(hidden))
+        return self.norm(hidden)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.features(hidden))
+
+    def candidate_logits(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits of the ``candidates`` rows only (training's candidate softmax); gradients reach only those rows."""
+        return nn.functional.linear(self.features(hidden), self.lm_head.weight[candidates])
 
 
 def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | None = None) -> Path:

@@ -1,8 +1,13 @@
 """Match rates p_k(d): how often the final layer's greedy token is among an early head's top-k (docs/method.md).
 
-Two passes per batch of prompts: batched, left-padded greedy generation of the continuation, then one
-teacher-forced forward over prompt + continuation that yields every layer's hidden state; all heads and all k are
-scored from it. Per-position outcomes are kept so the latency simulator can replay them.
+One pass per batch of prompts: batched, left-padded greedy generation whose decoder-layer hooks keep, at every
+step, the hidden state of the position being decoded at each layer a head reads: exactly h_i^d of the definition,
+the input that produced the generated token y_i. All heads and all k are then scored from those states in large
+matrix products (``score_captured``). The prompt is read once, by the generation itself.
+
+``score_heads`` is the other way to get the same states (method.md): one teacher-forced forward over prompt +
+continuation, kept as the reference the capture is checked against.
+Per-position outcomes are kept so the latency simulator can replay them.
 """
 
 from __future__ import annotations
@@ -24,30 +29,62 @@ def _eos_ids(model) -> set[int]:
     return set([eos] if isinstance(eos, int) else (eos or []))
 
 
+class _StepCapture:
+    """Forward hooks on decoder layers that keep the last position's output at every forward of a generation."""
+
+    def __init__(self, model, layers: list[int]):
+        self.layers = sorted(set(layers))
+        self.model = model
+        self.steps: dict[int, list[torch.Tensor]] = {d: [] for d in self.layers}
+
+    def __enter__(self):
+        from .features import _layer_output
+
+        blocks = self.model.model.layers
+        self.handles = [blocks[d - 1].register_forward_hook(
+            lambda _m, _a, out, d=d: self.steps[d].append(_layer_output(out)[:, -1])) for d in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def stacked(self) -> dict[int, torch.Tensor]:
+        """{d: [B, steps, H]}; step i holds the state that produced generated token i."""
+        return {d: torch.stack(v, dim=1) for d, v in self.steps.items()}
+
+
 @torch.no_grad()
 def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-                         progress=None) -> list[list[int]]:
+                         progress=None, capture_layers: list[int] | None = None):
     """Greedy continuations, batched with left padding (longest first to waste little padding); each is cut after
-    its first EOS, as generate does for a single prompt."""
+    its first EOS, as generate does for a single prompt.
+
+    With ``capture_layers`` it returns ``(continuations, states)`` where ``states[i][d]`` is ``[len(cont_i), H]``:
+    the layer-d hidden state that produced each generated token of prompt i."""
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else next(iter(_eos_ids(model)), 0)
     eos = _eos_ids(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
+    states: list[dict[int, torch.Tensor] | None] = [None] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=model.device)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
                             device=model.device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)[:, width:].tolist()
-        for i, row in zip(idx, gen):
+        with _StepCapture(model, capture_layers or []) as cap:
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)[:, width:].tolist()
+        captured = cap.stacked() if capture_layers else {}
+        for r, (i, row) in enumerate(zip(idx, gen)):
             cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
             out[i] = row[:cut]
+            states[i] = {d: h[r, :cut] for d, h in captured.items()}
         if progress is not None:
             progress.update(len(idx))
-    return out  # type: ignore[return-value]
+    return (out, states) if capture_layers else out  # type: ignore[return-value]
 
 
 @dataclass
@@ -64,17 +101,55 @@ class HeadScore:
         return self.hits.get(k, 0) / self.positions if self.positions else float("nan")
 
 
+def _new_scores(model, heads, ks) -> dict:
+    vocab = model.config.vocab_size
+    if max(ks) > vocab:
+        raise PPDError(f"k={max(ks)} is larger than the vocabulary ({vocab}); use smaller k")
+    return {key: HeadScore(key[0], key[1], {k: 0 for k in ks}) for key in heads}
+
+
+def _score_positions(scores: dict, heads: dict, hidden: dict[int, torch.Tensor], y: torch.Tensor, ks,
+                     keep_top: bool) -> None:
+    """Score one prompt's positions: ``hidden[d]`` is [n, H], ``y`` the final layer's argmax there [n]."""
+    for key, head in heads.items():
+        logits = head(hidden[key[1]].to(head.lm_head.weight.dtype))
+        top = logits.topk(max(ks), dim=-1).indices
+        hit = top == y[:, None]
+        out = torch.stack([hit[:, :k].any(-1) for k in ks], dim=1).cpu()
+        sc = scores[key]
+        sc.positions += len(y)
+        for j, k in enumerate(ks):
+            sc.hits[k] += int(out[:, j].sum())
+        sc.outcomes.append(out)
+        if keep_top:
+            sc.top.append(top.cpu())
+            sc.targets.append(y.cpu())
+
+
+@torch.no_grad()
+def score_captured(model, heads: dict[tuple[str, int], torch.nn.Module], continuations: list[list[int]],
+                   states: list[dict[int, torch.Tensor]], ks=KS, progress=None,
+                   keep_top: bool = False) -> list[HeadScore]:
+    """Score every head on the states ``greedy_continuations(capture_layers=...)`` kept; the targets are the
+    generated tokens themselves (each is the final layer's argmax at its position)."""
+    scores = _new_scores(model, heads, ks)
+    for cont, st in zip(continuations, states):
+        if cont:
+            _score_positions(scores, heads, st, torch.tensor(cont, device=model.device), ks, keep_top)
+        if progress is not None:
+            progress.update(1)
+    return list(scores.values())
+
+
 @torch.no_grad()
 def score_heads(model, heads: dict[tuple[str, int], torch.nn.Module], prompts: list[list[int]],
                 continuations: list[list[int]], ks=KS, batch_size: int = 4, progress=None,
                 keep_top: bool = False) -> tuple[list[HeadScore], dict]:
-    """Score every head (keyed by (label, layer)) at every generated position of every prompt."""
-    vocab = model.config.vocab_size
-    if max(ks) > vocab:
-        raise PPDError(f"k={max(ks)} is larger than the vocabulary ({vocab}); use smaller k")
+    """Score every head (keyed by (label, layer)) at every generated position of every prompt, from a
+    teacher-forced pass over prompt + continuation."""
+    scores = _new_scores(model, heads, ks)
     layers = sorted({d for _, d in heads})
     extractor = FrozenBackbone(model, layers)
-    scores = {key: HeadScore(key[0], key[1], {k: 0 for k in ks}) for key in heads}
     stats = {"positions": 0, "teacher_forced_disagreements": 0}
     pad = model.generation_config.pad_token_id or 0
     items = [i for i in range(len(prompts)) if continuations[i]]
@@ -91,19 +166,7 @@ def score_heads(model, heads: dict[tuple[str, int], torch.nn.Module], prompts: l
             y = model.lm_head(final[row, pos]).argmax(-1)
             stats["positions"] += n
             stats["teacher_forced_disagreements"] += int((y != torch.tensor(continuations[i], device=y.device)).sum())
-            for key, head in heads.items():
-                logits = head(hidden[key[1]][row, pos].to(head.lm_head.weight.dtype))
-                top = logits.topk(max(ks), dim=-1).indices
-                hit = top == y[:, None]
-                out = torch.stack([hit[:, :k].any(-1) for k in ks], dim=1).cpu()
-                sc = scores[key]
-                sc.positions += n
-                for j, k in enumerate(ks):
-                    sc.hits[k] += int(out[:, j].sum())
-                sc.outcomes.append(out)
-                if keep_top:
-                    sc.top.append(top.cpu())
-                    sc.targets.append(y.cpu())
+            _score_positions(scores, heads, {d: hidden[d][row, pos] for d in layers}, y, ks, keep_top)
         if progress is not None:
             progress.update(len(idx))
     return list(scores.values()), stats

@@ -3,6 +3,12 @@
 * ``ce``: cross-entropy to the next ground-truth token (the paper's objective).
 * ``distill``: match the final layer: ``kind=kl`` (KL from the final layer's distribution, temperature T) or
   ``kind=argmax`` (cross-entropy to the final layer's top-1 token, which is what a match is scored against).
+
+Candidate softmax (``head.train_vocab=N``): on a small model the vocabulary projection, not the backbone, is what a
+head costs to train (49,152 x 576 for SmolLM2-135M: a fifth of the model, paid again for the weight gradient and the
+softmax). The loss can then be taken over a candidate set instead of the whole vocabulary: the N tokens most frequent
+in the training data plus every target of the batch, so each target is always in the set and its strongest usual
+competitors are too. The head itself keeps the full vocabulary; evaluation and decoding use all of it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,45 @@ def head_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, teacher_log
     T = temperature
     return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
                     reduction="batchmean") * T * T
+
+
+def targets(input_ids: torch.Tensor, teacher_logits: torch.Tensor | None, objective: str, kind: str) -> torch.Tensor | None:
+    """The token ids a loss pulls towards (None for KL, which uses the whole teacher distribution)."""
+    if objective == "ce":
+        return input_ids[:, 1:]
+    return teacher_logits.argmax(-1) if kind == "argmax" else None
+
+
+def candidate_set(frequent: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None,
+                  objective: str, kind: str) -> torch.Tensor:
+    """Sorted token ids the candidate softmax scores: the frequent tokens plus the batch's targets."""
+    t = targets(input_ids, teacher_logits, objective, kind)
+    extra = t.reshape(-1) if t is not None else teacher_logits.argmax(-1).reshape(-1)
+    return torch.unique(torch.cat([frequent.to(extra.device), extra]))
+
+
+def candidate_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None,
+                   candidates: torch.Tensor, objective: str, kind: str = "kl",
+                   temperature: float = 1.0) -> torch.Tensor:
+    """``head_loss`` over the candidate set: ``student_logits`` are [B, T, len(candidates)] (the head's projection
+    restricted to those rows); targets are mapped into the set, the teacher restricted to it."""
+    C = len(candidates)
+    s = student_logits.reshape(-1, C).float()
+    if objective == "ce":
+        s = student_logits[:, :-1].reshape(-1, C).float()
+        return F.cross_entropy(s, torch.searchsorted(candidates, input_ids[:, 1:].reshape(-1)))
+    if kind == "argmax":
+        return F.cross_entropy(s, torch.searchsorted(candidates, teacher_logits.argmax(-1).reshape(-1)))
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, candidates].float()
+    T = temperature
+    return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                    reduction="batchmean") * T * T
+
+
+def frequent_tokens(blocks: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` most frequent token ids of the training blocks (ties broken by id: deterministic)."""
+    counts = torch.bincount(blocks.reshape(-1), minlength=vocab_size)[:vocab_size]
+    return torch.argsort(-counts, stable=True)[:n].sort().values
 
 
 @torch.no_grad()

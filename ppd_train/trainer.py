@@ -27,7 +27,8 @@ from ppd_decode.modeling import load_model
 
 from ppd_decode.features import FrozenBackbone
 from .data import DataConfig, build_training_data
-from .objectives import agreement, check_objective, head_loss, needs_final_layer
+from .objectives import (agreement, candidate_loss, candidate_set, check_objective, frequent_tokens, head_loss,
+                         needs_final_layer)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -41,15 +42,25 @@ OmegaConf.register_new_resolver("ppd_objective", lambda obj, kind: obj if obj !=
 class HeadBank(nn.Module):
     """All heads of a run, as the one module DeepSpeed trains."""
 
-    def __init__(self, heads: dict[int, EarlyExitHead], objective: str, kind: str, temperature: float):
+    def __init__(self, heads: dict[int, EarlyExitHead], objective: str, kind: str, temperature: float,
+                 frequent: torch.Tensor | None = None):
         super().__init__()
         self.heads = nn.ModuleDict({str(d): h for d, h in heads.items()})
         self.objective, self.kind, self.temperature = objective, kind, temperature
+        # Candidate softmax when set (see objectives); a buffer, so it moves with the module and is checkpointed.
+        self.register_buffer("frequent", frequent, persistent=False)
 
     def forward(self, hidden: dict[int, torch.Tensor], input_ids, teacher_logits):
-        # Heads may keep fp32 weights over a bf16 backbone: cast the features to the head's dtype.
-        losses = {int(d): head_loss(h(hidden[int(d)].to(h.lm_head.weight.dtype)), input_ids, teacher_logits, self.objective, self.kind,
-                                    self.temperature) for d, h in self.heads.items()}
+        args = (self.objective, self.kind, self.temperature)
+        losses = {}
+        if self.frequent is not None:
+            cands = candidate_set(self.frequent, input_ids, teacher_logits, self.objective, self.kind)
+        for d, h in self.heads.items():
+            x = hidden[int(d)].to(h.lm_head.weight.dtype)  # fp32 heads may read a bf16 backbone
+            if self.frequent is None:
+                losses[int(d)] = head_loss(h(x), input_ids, teacher_logits, *args)
+            else:
+                losses[int(d)] = candidate_loss(h.candidate_logits(x, cands), input_ids, teacher_logits, cands, *args)
         return sum(losses.values()), losses
 
 
@@ -180,7 +191,9 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     warmup = max(1, int(round(float(cfg.trainer.warmup_ratio) * total_steps)))  # DeepSpeed needs >= 1
 
     heads = {d: EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank)).float() for d in layers}
-    bank = HeadBank(heads, objective, kind, float(cfg.head.get("temperature", 1.0))).to(device)
+    train_vocab = int(cfg.head.get("train_vocab") or 0)
+    frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
+    bank = HeadBank(heads, objective, kind, float(cfg.head.get("temperature", 1.0)), frequent).to(device)
     ds_cfg = deepspeed_config(cfg.trainer.deepspeed, micro_batch=micro, grad_accum=accum, world=world,
                               lr=float(cfg.trainer.lr), weight_decay=float(cfg.trainer.weight_decay),
                               betas=cfg.trainer.betas, warmup_steps=warmup, total_steps=total_steps)

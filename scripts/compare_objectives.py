@@ -18,7 +18,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = {"ce": ["head.objective=ce"], "distill-kl": ["head.objective=distill", "head.distill_kind=kl"],
-              "distill-argmax": ["head.objective=distill", "head.distill_kind=argmax"]}
+              "distill-argmax": ["head.objective=distill", "head.distill_kind=argmax"],
+              # the same objective with the candidate softmax (4,096 frequent tokens + the batch's targets)
+              "distill-argmax-cand4096": ["head.objective=distill", "head.distill_kind=argmax", "head.train_vocab=4096"]}
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     assert labels == {("lens", 1), ("lens", 2), ("distill-kl", 2)}
     for r in squad["rates"]:
         assert 0 <= r["p@1"] <= r["p@2"] <= r["p@5"] <= 1
-    assert squad["teacher_forced_disagreements"] == 0
+    assert squad["measure"] == "capture" and squad["heads_scored"] == 3
+    assert squad["measure_cost_vs_generation"] > 0 and squad["seconds_plain_generation"] > 0
     assert {"exact_match", "f1"} <= set(squad["task_scores"])
     assert "bleu" in report["tasks"]["wmt15"]["task_scores"]
     assert "rouge1" in report["tasks"]["cnn_dailymail"]["task_scores"]
@@ -47,6 +48,15 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     assert set(report["theory"]["best"]) == {"squad", "wmt15", "cnn_dailymail"}
     saved = json.loads((tmp_path / "out" / "match_rate.json").read_text())
     assert saved["tasks"]["squad"]["rates"] == squad["rates"]
+
+
+def test_teacher_forced_measurement_gives_the_same_rates(tmp_path, shared_data):
+    a = run(_cfg("timing.enabled=false", "model.dtype=float64"), tmp_path / "a")
+    b = run(_cfg("timing.enabled=false", "model.dtype=float64", "measure=teacher_forced", "cost_baseline=false"),
+            tmp_path / "b")
+    for name in a["tasks"]:
+        assert a["tasks"][name]["rates"] == b["tasks"][name]["rates"]
+    assert b["tasks"]["squad"]["teacher_forced_disagreements"] == 0
 
 
 def test_missing_data_is_a_reported_skip(tmp_path, monkeypatch):

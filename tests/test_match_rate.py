@@ -5,7 +5,7 @@ import torch
 
 from ppd_decode import PPDError, load_model
 from ppd_decode.heads import EarlyExitHead
-from ppd_decode.match_rate import KS, greedy_continuations, score_heads
+from ppd_decode.match_rate import KS, greedy_continuations, score_captured, score_heads
 from ppd_decode.theory import (measure_stage_times, replicated, simulate_replicated, simulate_stage_pipelined,
                                stage_pipelined)
 
@@ -41,6 +41,21 @@ def test_scores_match_a_direct_computation(m64):
         assert sc.hits == hits
         assert all(sc.rate(a) <= sc.rate(b) for a, b in zip(KS, KS[1:]))  # top-k grows with k
     assert scores[1].rate(1) > scores[0].rate(1)  # layer 3 is closer to the final layer than layer 1
+    # the states kept during generation give the same scores, with no second pass
+    conts2, states = greedy_continuations(m64, PROMPTS, 16, batch_size=3, capture_layers=[1, 3])
+    assert conts2 == conts and [len(s[1]) for s in states] == list(map(len, conts))
+    captured = score_captured(m64, heads, conts2, states)
+    for a, b in zip(scores, captured):
+        assert (a.label, a.layer, a.hits, a.positions) == (b.label, b.layer, b.hits, b.positions)
+        assert all(torch.equal(x, y) for x, y in zip(a.outcomes, b.outcomes))
+
+
+def test_captured_states_are_the_teacher_forced_states(m64):
+    conts, states = greedy_continuations(m64, PROMPTS, 12, batch_size=4, capture_layers=[2])
+    for p, c, st in zip(PROMPTS, conts, states):
+        with torch.no_grad():
+            hs = m64(torch.tensor([p + c]), output_hidden_states=True).hidden_states[2][0]
+        torch.testing.assert_close(st[2], hs[len(p) - 1:len(p) - 1 + len(c)])
 
 
 def test_k_beyond_the_vocabulary_is_refused(m64):

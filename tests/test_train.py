@@ -14,7 +14,7 @@ from ppd_decode import HeadMismatchError, PPDError, TaskDataError, load_model
 from ppd_decode.heads import load_heads
 from ppd_decode.features import FrozenBackbone
 from ppd_train.data import DataConfig, load_conversations, pack, render, split_train_val
-from ppd_train.objectives import agreement, head_loss
+from ppd_train.objectives import agreement, candidate_loss, candidate_set, frequent_tokens, head_loss
 from ppd_train.trainer import CONFIGS, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,33 @@ def test_agreement_and_losses():
     assert head_loss(teacher, ids, teacher, "distill", "kl").abs() < 1e-6
     assert torch.isclose(head_loss(student, ids, teacher, "distill", "argmax"),
                          torch.nn.functional.cross_entropy(student[0], teacher[0].argmax(-1)))
+
+
+@pytest.mark.parametrize("objective,kind", [("ce", "kl"), ("distill", "kl"), ("distill", "argmax")])
+def test_candidate_softmax_over_the_whole_vocabulary_is_the_full_loss(objective, kind):
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    everything = torch.arange(11)
+    full = head_loss(student, ids, teacher, objective, kind)
+    assert torch.allclose(candidate_loss(student, ids, teacher, everything, objective, kind), full)
+
+
+def test_candidate_set_holds_every_target_and_the_frequent_tokens():
+    blocks = torch.tensor([[5, 5, 5, 7, 7, 1], [5, 7, 2, 2, 2, 2]])
+    assert frequent_tokens(blocks, 2, 10).tolist() == [2, 5]  # counts: 2->4, 5->4, 7->3
+    teacher = torch.zeros(1, 3, 10)
+    teacher[0, :, 9] = 1.0
+    ids = torch.tensor([[3, 4, 8]])
+    assert candidate_set(torch.tensor([2, 5]), ids, teacher, "distill", "argmax").tolist() == [2, 5, 9]
+    assert candidate_set(torch.tensor([2, 5]), ids, teacher, "ce", "kl").tolist() == [2, 4, 5, 8]
+    # the restricted loss equals the full loss with the other rows' logits at -inf
+    student = torch.randn(1, 3, 10)
+    c = torch.tensor([2, 5, 9])
+    masked = torch.full_like(student, float("-inf"))
+    masked[..., c] = student[..., c]
+    assert torch.isclose(candidate_loss(student[..., c], ids, teacher, c, "distill", "argmax"),
+                         head_loss(masked, ids, teacher, "distill", "argmax"))
 
 
 def test_corpus_loading_split_and_packing(corpus, tiny):
@@ -141,6 +168,18 @@ def test_one_forward_for_several_heads_equals_training_each_alone(corpus, tmp_pa
             torch.testing.assert_close(both[d][k], alone[d][k], rtol=1e-5, atol=1e-6)
         assert not torch.equal(both[d]["lm_head.weight"], start["weight"])  # it did train
     assert together["final"][f"val/top1_agree/layer1"] >= 0
+
+
+def test_candidate_softmax_training_touches_only_candidate_rows(corpus, tmp_path, tiny):
+    model, tok = tiny
+    train(_cfg("head.layers=[2]", f"data.files=[{corpus}]", "trainer.max_steps=3", "head.objective=ce",
+               "head.train_vocab=8"), run_dir=tmp_path)
+    trained = _head_params(tmp_path, model)[2]["lm_head.weight"]
+    changed = (trained != model.lm_head.weight).any(-1)
+    seen = {t for c in load_conversations(DataConfig(files=(str(corpus),))) for t in render(tok, c)}
+    assert changed.any()
+    # with ce every candidate is a frequent or a target token of the corpus: no other row can move
+    assert set(changed.nonzero().flatten().tolist()) <= seen
 
 
 def test_export_round_trip_and_metadata(corpus, tmp_path):
