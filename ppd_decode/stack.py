@@ -69,22 +69,56 @@ def keep_cache_entry(cache, past: int, j: int, layers: range) -> None:
         layer.values = torch.cat([layer.values[..., :past, :], layer.values[..., past + j:past + j + 1, :]], dim=-2)
 
 
+def block_mask_4d(see: torch.Tensor, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive mask [1, 1, q, past + q] from a bool [q, q] visibility within the block; the prefix is visible."""
+    q = see.shape[0]
+    mask = torch.zeros(q, past + q, dtype=dtype, device=device)
+    mask[:, past:].masked_fill_(~see.to(device), torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def select_cache(cache, positions: list[int]) -> None:
+    """Keep only these cache positions (in this order) in every layer: accepted tokens moved into place.
+    Positions that are already in place (a leading 0, 1, 2, ...) are not copied: only the tail moves."""
+    start = 0
+    while start < len(positions) and positions[start] == start:
+        start += 1
+    tail = positions[start:]
+    idx = None
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None:
+            continue
+        if tail:
+            if idx is None:
+                idx = torch.tensor(tail, device=layer.keys.device)
+            layer.keys[..., start:start + len(tail), :] = layer.keys.index_select(-2, idx)
+            layer.values[..., start:start + len(tail), :] = layer.values.index_select(-2, idx)
+        layer.keys = layer.keys[..., :len(positions), :]
+        layer.values = layer.values[..., :len(positions), :]
+
+
 def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: int | None = None,
-               siblings: bool = False) -> torch.Tensor:
+               siblings: bool = False, position_ids: torch.Tensor | None = None,
+               block_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decoder layers ``start..end-1`` on ``hidden`` [B, q, H], appending to ``cache``. The q tokens sit at
-    positions ``past..past+q-1`` (causal among themselves), or all at position ``past`` with ``siblings=True``.
-    ``past`` defaults to the cache length of layer ``start``."""
+    positions ``past..past+q-1`` (causal among themselves), or all at position ``past`` with ``siblings=True``,
+    or anywhere with explicit ``position_ids`` [1, q] and ``block_mask`` (bool [q, q]: which block rows each row
+    sees; the cached prefix is always visible). ``past`` defaults to the cache length of layer ``start``."""
     if start >= end:
         return hidden
     m = decoder(model)
     q = hidden.shape[1]
     past = cache_len(cache, start) if past is None else past
-    if siblings:
+    if block_mask is not None:
+        mask = block_mask_4d(block_mask, past, hidden.dtype, hidden.device)
+    elif siblings:
         position_ids = torch.full((1, q), past, device=hidden.device)
         mask = sibling_mask(q, past, hidden.dtype, hidden.device)
     else:
         position_ids = torch.arange(past, past + q, device=hidden.device)[None]
         mask = causal_mask(q, past, hidden.dtype, hidden.device)
+    if block_mask is not None and position_ids is None:
+        raise ValueError("block_mask needs explicit position_ids")
     position_embeddings = m.rotary_emb(hidden, position_ids=position_ids)
     for layer in m.layers[start:end]:
         out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,

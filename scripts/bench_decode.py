@@ -55,6 +55,12 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
     if args.ppd and head_layers:
         d0 = int(args.ppd.split(",")[0].split(":")[0])
         rows.append({"name": "ppd", "config": {"layer": d0, "k": 1, "speculate": False}, "threads": 1})
+    for spec in (args.lookahead or "default").split(","):
+        if spec == "default":
+            rows.append({"name": "lookahead", "config": {}, "threads": 1})
+        else:
+            w, n, g = (int(x) for x in spec.split(":"))
+            rows.append({"name": "lookahead", "config": {"window": w, "ngram": n, "max_candidates": g}, "threads": 1})
     if args.methods:
         keep = set(args.methods.split(","))
         rows = [r for r in rows if r["name"] in keep or (r["name"] == "greedy" and r["threads"] in (1, 2))]
@@ -83,6 +89,8 @@ def main() -> None:
     p.add_argument("--early-exit-layer", type=int, default=15)
     p.add_argument("--ppd", default=None, help="PPD settings d:k,d:k (d must have a head); adds the split without "
                                                "speculation at the first d")
+    p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G,W:N:G (default: its config's "
+                                                     "defaults); the W/N/G sweep is one run with many of them")
     p.add_argument("--methods", default=None, help="comma list of registry names to run (greedy always runs)")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
     p.add_argument("--name", default="decode")
@@ -224,6 +232,12 @@ def main() -> None:
         lines.append(f"| {m['name']} | {cfg} | {m['tokens_per_s']:.1f} ± {m['tokens_per_s_std']:.1f} | "
                      f"{m['speedup_vs_greedy_1t']:.2f}x | {m['speedup_vs_greedy_2t']:.2f}x | {acc} | {mr} | "
                      f"{pr} | {ef} | {m['mismatches']} ({m['near_ties']}) |")
+    lines += ["", "Speedup over greedy (1 thread) per prompt set:", "",
+              "| method | config | " + " | ".join(prompts) + " |", "|---|---|" + "---|" * len(prompts)]
+    for m in methods:
+        cfg = ", ".join(f"{k}={v}" for k, v in m["config"].items())
+        lines.append(f"| {m['name']} | {cfg} | " + " | ".join(
+            f"{m['per_set'][s]['speedup_vs_greedy_1t']:.2f}x" for s in prompts) + " |")
     for m in methods:
         lm = m.get("latency_model")
         if lm:

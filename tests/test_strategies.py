@@ -129,3 +129,56 @@ def test_head_errors():
         get_strategy("self_speculative")(m, heads=heads_for(m, 0, 0.0))
     with pytest.raises(PPDError, match="unknown decoding strategy"):
         get_strategy("beam")
+
+
+# ------------------------------------------------------------------------------------------------- lookahead
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=prompts, mdl=models, window=st.integers(0, 5), ngram=st.integers(2, 5), g=st.integers(0, 4),
+       seeded=st.booleans(), add=st.booleans(), n=st.integers(1, 48))
+def test_lookahead_settings(prompt, mdl, window, ngram, g, seeded, add, n):
+    m = model(*mdl)
+    g = g or int(window == 0)  # W = 0 (pool only) needs G >= 1
+    s = build("lookahead", m, None, window=window, ngram=ngram, max_candidates=g, seed_from_prompt=seeded,
+              add_generated=add)
+    r = s.generate(prompt, n)
+    assert r.tokens == reference(m, prompt, n)
+    assert len(r.tokens) <= r.steps + r.accepted  # each step emits its accepted tokens plus one
+
+
+def test_lookahead_accepts_ngrams():
+    """Guards the tests above against passing vacuously: a model that loops makes the pool hit, several tokens a
+    step are accepted, and the output is still greedy's."""
+    m = model(0, 0.05)
+    prompt = list(range(10, 30)) * 2
+    want = reference(m, prompt, 60)
+    for window, seeded in ((3, True), (3, False), (0, True)):
+        r = build("lookahead", m, None, window=window, ngram=4, max_candidates=3, seed_from_prompt=seeded).generate(
+            prompt, 60)
+        assert r.tokens == want
+        assert r.extra["ngram_hits"] > 0 and r.accepted > 0 and r.mean_accepted_tokens > 1
+
+
+def test_lookahead_mask_gives_each_row_a_contiguous_run():
+    from ppd_decode.strategies.lookahead import lookahead_layout
+
+    W, N, G = 4, 4, 2
+    pos, see, rows = lookahead_layout(100, W - 1, N - 2, W, G, N - 1)
+    assert len(rows) == 1 + (W - 1) + W * (N - 2) + G * (N - 1)
+    for i, (kind, a, b) in enumerate(rows):
+        seen = sorted(pos[see[i]].tolist())
+        assert seen == list(range(100, int(pos[i]) + 1)), (kind, a, b)  # a run from t0 up to the row itself
+        if kind != "cand":  # lookahead rows never see candidates
+            assert not any(rows[j][0] == "cand" for j in see[i].nonzero().flatten().tolist())
+        else:  # candidates see t0 and their own earlier tokens only
+            assert all(rows[j][0] == "t0" or rows[j][1] == a for j in see[i].nonzero().flatten().tolist())
+
+
+def test_ngram_pool_keeps_the_most_recent_g():
+    from ppd_decode.strategies.lookahead import NgramPool
+
+    pool = NgramPool(3, 2)
+    pool.add_sequence([1, 2, 3, 1, 4, 5, 1, 6, 7])
+    assert pool.candidates(1) == [(6, 7), (4, 5)]  # (2, 3) was least recently used
+    pool.add([1, 4, 5])
+    assert pool.candidates(1) == [(4, 5), (6, 7)]
+    assert pool.candidates(99) == []
