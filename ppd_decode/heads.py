@@ -10,6 +10,10 @@ On disk each head is its own directory, laid out like a hub model repo::
                                 "hidden_size", "vocab_size", "num_hidden_layers", "objective", "data", "metrics"}
     layer15/model.safetensors  norm.weight, lm_head.weight (+ adapter.*)
 
+A head with ``"projection": "shared"`` reuses the model's own (frozen) LM head instead of a trained copy: only the
+norm and the adapter are trained and stored (kilobytes instead of a vocabulary matrix), and training five of them
+adds little optimizer and gradient work to the backbone's forward.
+
 A training run exports ``heads/layer{d}/`` for each layer it trained. The model signature (architecture sizes plus a small probe of the embedding matrix) lets ``load_heads`` refuse a
 head trained for another model with an error that says so.
 """
@@ -82,26 +86,57 @@ class ResidualAdapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
+PROJECTIONS = ("own", "shared")
+
+
 class EarlyExitHead(nn.Module):
-    def __init__(self, layer: int, norm: nn.Module, lm_head: nn.Linear, adapter_rank: int = 0):
+    def __init__(self, layer: int, norm: nn.Module, lm_head: nn.Linear, adapter_rank: int = 0,
+                 projection: str = "own"):
         super().__init__()
         self.layer = layer
         self.adapter_rank = adapter_rank
+        self.projection = projection
         self.adapter = ResidualAdapter(lm_head.in_features, adapter_rank) if adapter_rank else None
         self.norm = norm
         self.lm_head = lm_head
 
     @classmethod
-    def from_model(cls, model, layer: int, adapter_rank: int = 0) -> "EarlyExitHead":
-        """A head initialised from the model's own final norm and LM head (copied: tied embeddings stay intact)."""
+    def from_model(cls, model, layer: int, adapter_rank: int = 0, projection: str = "own") -> "EarlyExitHead":
+        """A head initialised from the model's own final norm and LM head: ``projection="own"`` copies the LM head
+        (tied embeddings stay intact), ``"shared"`` reuses the model's own, frozen."""
         check_layer(model, layer)
+        if projection not in PROJECTIONS:
+            raise HeadMismatchError(f"unknown head projection {projection!r}; use one of {list(PROJECTIONS)}")
         base = model.get_output_embeddings()
-        lm_head = nn.Linear(base.in_features, base.out_features, bias=False,
-                            device=base.weight.device, dtype=base.weight.dtype)
-        with torch.no_grad():
-            lm_head.weight.copy_(base.weight)
-        head = cls(layer, copy.deepcopy(model.model.norm), lm_head, adapter_rank)
-        return head.to(device=base.weight.device, dtype=base.weight.dtype)
+        if projection == "shared":
+            lm_head = base.requires_grad_(False)
+        else:
+            lm_head = nn.Linear(base.in_features, base.out_features, bias=False,
+                                device=base.weight.device, dtype=base.weight.dtype)
+            with torch.no_grad():
+                lm_head.weight.copy_(base.weight)
+        norm = copy.deepcopy(model.model.norm).to(device=base.weight.device, dtype=base.weight.dtype)
+        head = cls(layer, norm, lm_head, adapter_rank, projection)
+        if head.adapter is not None:
+            head.adapter.to(device=base.weight.device, dtype=base.weight.dtype)
+        return head
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if self.projection == "own" or not name.startswith("lm_head.")]
+
+    def own_state_dict(self) -> dict:
+        """What a saved head holds: everything but a shared projection (that is the model's own LM head)."""
+        return {k: v for k, v in self.state_dict().items()
+                if self.projection == "own" or not k.startswith("lm_head.")}
+
+    def float_trainable(self) -> "EarlyExitHead":
+        """fp32 trainable weights (a shared projection keeps the model's dtype: it is the model's)."""
+        if self.projection == "own":
+            return self.float()
+        self.norm.float()
+        if self.adapter is not None:
+            self.adapter.float()
+        return self
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the vocabulary projection reads: adapter (if any) then norm."""
@@ -110,11 +145,13 @@ class EarlyExitHead(nn.Module):
         return self.norm(hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.features(hidden))
+        w = self.lm_head.weight
+        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w)
 
     def candidate_logits(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Logits of the ``candidates`` rows only (training's candidate softmax); gradients reach only those rows."""
-        return nn.functional.linear(self.features(hidden), self.lm_head.weight[candidates])
+        w = self.lm_head.weight
+        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w[candidates])
 
 
 def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | None = None) -> Path:
@@ -126,11 +163,12 @@ def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | No
     tmp.mkdir(parents=True, exist_ok=True)
     sig = model_signature(model)
     config = {"format": FORMAT, "layer": head.layer, "adapter_rank": head.adapter_rank,
+              "projection": head.projection,
               "base_model": sig["name_or_path"], "base_fingerprint": sig,
               "num_hidden_layers": sig["num_hidden_layers"], "hidden_size": sig["hidden_size"],
               "vocab_size": sig["vocab_size"], "dtype": str(head.lm_head.weight.dtype).replace("torch.", ""),
               **(meta or {})}
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.own_state_dict().items()},
               str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if d.exists():
@@ -192,7 +230,11 @@ def load_heads(path: str | Path, model, layers: list[int] | None = None) -> dict
     for layer in want:
         info = read_head_config(found[layer])
         check_signature(info["base_fingerprint"], model, str(found[layer]))
-        head = EarlyExitHead.from_model(model, layer, info.get("adapter_rank", 0))
-        head.load_state_dict(load_file(str(found[layer] / "model.safetensors")))
+        head = EarlyExitHead.from_model(model, layer, info.get("adapter_rank", 0), info.get("projection", "own"))
+        state = load_file(str(found[layer] / "model.safetensors"))
+        missing, unexpected = head.load_state_dict(state, strict=False)
+        if unexpected or any(k in head.own_state_dict() for k in missing):  # only a shared projection may be absent
+            raise HeadMismatchError(f"{found[layer]} does not hold the weights its config.json describes "
+                                    f"(missing {missing}, unexpected {unexpected}); re-export the head.")
         out[layer] = head.eval()
     return out

@@ -56,7 +56,7 @@ class HeadBank(nn.Module):
         if self.frequent is not None:
             cands = candidate_set(self.frequent, input_ids, teacher_logits, self.objective, self.kind)
         for d, h in self.heads.items():
-            x = hidden[int(d)].to(h.lm_head.weight.dtype)  # fp32 heads may read a bf16 backbone
+            x = hidden[int(d)]
             if self.frequent is None:
                 losses[int(d)] = head_loss(h(x), input_ids, teacher_logits, *args)
             else:
@@ -117,6 +117,10 @@ def deepspeed_config(name_or_path: str, *, micro_batch: int, grad_accum: int, wo
 def validate(cfg, model=None) -> None:
     """Bad input fails here, before any compute is spent."""
     check_objective(cfg.head.objective, cfg.head.get("distill_kind", "kl"))
+    from ppd_decode.heads import PROJECTIONS
+
+    if cfg.head.get("projection", "own") not in PROJECTIONS:
+        raise PPDError(f"unknown head.projection {cfg.head.projection!r}; use one of {list(PROJECTIONS)}")
     layers = list(cfg.head.layers)
     if not layers:
         raise PPDError("head.layers is empty; name at least one layer, e.g. head.layers=[15] (or make train LAYER=15)")
@@ -146,7 +150,7 @@ def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro:
         ids = val[i:i + micro].to(device)
         hidden, teacher = backbone(ids, final_logits=True)
         for d, head in bank.heads.items():
-            logits = head(hidden[int(d)].to(head.lm_head.weight.dtype))
+            logits = head(hidden[int(d)])
             for k, v in agreement(logits, teacher, ks=(1, 5)).items():
                 sums[f"val/top{k}_agree/layer{d}"] = sums.get(f"val/top{k}_agree/layer{d}", 0.0) + v * len(ids)
             loss = head_loss(logits, ids, teacher, bank.objective, bank.kind, bank.temperature).item()
@@ -190,15 +194,17 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     total_steps = int(cfg.trainer.max_steps or 0) or int(cfg.trainer.epochs) * steps_per_epoch
     warmup = max(1, int(round(float(cfg.trainer.warmup_ratio) * total_steps)))  # DeepSpeed needs >= 1
 
-    heads = {d: EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank)).float() for d in layers}
+    projection = cfg.head.get("projection", "own")
+    heads = {d: EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection).float_trainable()
+             for d in layers}
     train_vocab = int(cfg.head.get("train_vocab") or 0)
     frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
     bank = HeadBank(heads, objective, kind, float(cfg.head.get("temperature", 1.0)), frequent).to(device)
     ds_cfg = deepspeed_config(cfg.trainer.deepspeed, micro_batch=micro, grad_accum=accum, world=world,
                               lr=float(cfg.trainer.lr), weight_decay=float(cfg.trainer.weight_decay),
                               betas=cfg.trainer.betas, warmup_steps=warmup, total_steps=total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(model=bank, model_parameters=[p for p in bank.parameters()],
-                                                   config=ds_cfg)
+    trainable = [p for h in heads.values() for p in h.trainable()]
+    engine, _, _, scheduler = deepspeed.initialize(model=bank, model_parameters=trainable, config=ds_cfg)
     backbone = FrozenBackbone(model, layers)
     need_teacher = needs_final_layer(objective)
 

@@ -182,6 +182,23 @@ def test_candidate_softmax_training_touches_only_candidate_rows(corpus, tmp_path
     assert set(changed.nonzero().flatten().tolist()) <= seen
 
 
+def test_shared_projection_trains_only_norm_and_adapter_and_exports_small_heads(corpus, tmp_path):
+    train(_cfg("head.layers=[1,3]", f"data.files=[{corpus}]", "trainer.max_steps=3", "head.projection=shared",
+               "head.adapter_rank=4", "head.train_vocab=8"), run_dir=tmp_path)
+    model, _ = load_model("tiny-random")
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    heads = load_heads(tmp_path / "heads", model)
+    for d, head in heads.items():
+        assert head.projection == "shared" and head.lm_head is model.lm_head
+        assert head.adapter.up.weight.abs().sum() > 0  # the zero-initialised adapter did train
+        from safetensors.torch import load_file
+
+        saved = load_file(str(tmp_path / "heads" / f"layer{d}" / "model.safetensors"))
+        assert not any(k.startswith("lm_head") for k in saved) and "adapter.up.weight" in saved
+    for k, v in model.state_dict().items():  # the model's own weights are untouched
+        assert torch.equal(v, start[k]), k
+
+
 def test_export_round_trip_and_metadata(corpus, tmp_path):
     train(_cfg("head.layers=[2]", f"data.files=[{corpus}]", "trainer.max_steps=2", "head.objective=ce"),
           run_dir=tmp_path)
@@ -202,6 +219,7 @@ def test_export_round_trip_and_metadata(corpus, tmp_path):
     ("head.layers=[]", PPDError, "head.layers is empty"),
     ("head.objective=mse", PPDError, "unknown objective"),
     ("head.distill_kind=js", PPDError, "unknown distill kind"),
+    ("head.projection=lowrank", PPDError, "unknown head.projection"),
     ("trainer.seq_len=4096", PPDError, "exceeds the model's context of 512"),
     ("trainer.deepspeed=zero9", PPDError, "no DeepSpeed config"),
 ])
