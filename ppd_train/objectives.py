@@ -65,17 +65,20 @@ def candidate_set(frequent: torch.Tensor, input_ids: torch.Tensor, teacher_logit
 
 
 def candidate_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None,
-                   candidates: torch.Tensor, objective: str, kind: str = "kl",
-                   temperature: float = 1.0) -> torch.Tensor:
+                   candidates: torch.Tensor, objective: str, kind: str = "kl", temperature: float = 1.0,
+                   target_index: torch.Tensor | None = None) -> torch.Tensor:
     """``head_loss`` over the candidate set: ``student_logits`` are [B, T, len(candidates)] (the head's projection
-    restricted to those rows); targets are mapped into the set, the teacher restricted to it."""
+    restricted to those rows); targets are mapped into the set, the teacher restricted to it. ``target_index``
+    (the targets' positions in the set, flattened) may be passed in when several heads share it."""
     C = len(candidates)
-    s = student_logits.reshape(-1, C).float()
     if objective == "ce":
         s = student_logits[:, :-1].reshape(-1, C).float()
-        return F.cross_entropy(s, torch.searchsorted(candidates, input_ids[:, 1:].reshape(-1)))
-    if kind == "argmax":
-        return F.cross_entropy(s, torch.searchsorted(candidates, teacher_logits.argmax(-1).reshape(-1)))
+    else:
+        s = student_logits.reshape(-1, C).float()
+    if objective == "ce" or kind == "argmax":
+        if target_index is None:
+            target_index = torch.searchsorted(candidates, targets(input_ids, teacher_logits, objective, kind).reshape(-1))
+        return F.cross_entropy(s, target_index)
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, candidates].float()
     T = temperature
     return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,

@@ -28,7 +28,7 @@ from ppd_decode.modeling import load_model
 from ppd_decode.features import FrozenBackbone
 from .data import DataConfig, build_training_data
 from .objectives import (agreement, candidate_loss, candidate_set, check_objective, frequent_tokens, head_loss,
-                         needs_final_layer)
+                         needs_final_layer, targets)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -47,20 +47,34 @@ class HeadBank(nn.Module):
         super().__init__()
         self.heads = nn.ModuleDict({str(d): h for d, h in heads.items()})
         self.objective, self.kind, self.temperature = objective, kind, temperature
-        # Candidate softmax when set (see objectives); a buffer, so it moves with the module and is checkpointed.
+        # Candidate softmax when set (see objectives); a buffer so it follows the module's device (not saved: it is
+        # recomputed from the training data, deterministically).
         self.register_buffer("frequent", frequent, persistent=False)
+        self.shared = all(h.projection == "shared" for h in heads.values())
 
     def forward(self, hidden: dict[int, torch.Tensor], input_ids, teacher_logits):
         args = (self.objective, self.kind, self.temperature)
-        losses = {}
-        if self.frequent is not None:
-            cands = candidate_set(self.frequent, input_ids, teacher_logits, self.objective, self.kind)
-        for d, h in self.heads.items():
-            x = hidden[int(d)]
-            if self.frequent is None:
-                losses[int(d)] = head_loss(h(x), input_ids, teacher_logits, *args)
-            else:
-                losses[int(d)] = candidate_loss(h.candidate_logits(x, cands), input_ids, teacher_logits, cands, *args)
+        if self.frequent is None:
+            return self._total({int(d): head_loss(h(hidden[int(d)]), input_ids, teacher_logits, *args)
+                                for d, h in self.heads.items()})
+        # Everything the heads share is computed once: the candidate set, the targets' places in it and, when the
+        # heads share the model's LM head, its candidate rows, applied to all heads' features in one product.
+        cands = candidate_set(self.frequent, input_ids, teacher_logits, self.objective, self.kind)
+        t = targets(input_ids, teacher_logits, self.objective, self.kind)
+        index = torch.searchsorted(cands, t.reshape(-1)) if t is not None else None
+        if self.shared:
+            heads = list(self.heads.items())
+            w = heads[0][1].lm_head.weight[cands]
+            feats = torch.cat([h.features(hidden[int(d)].to(h.norm.weight.dtype)) for d, h in heads])
+            logits = nn.functional.linear(feats.to(w.dtype), w).split(input_ids.shape[0])
+            return self._total({int(d): candidate_loss(z, input_ids, teacher_logits, cands, *args, target_index=index)
+                                for (d, _), z in zip(heads, logits)})
+        return self._total({int(d): candidate_loss(h.candidate_logits(hidden[int(d)], cands), input_ids,
+                                                   teacher_logits, cands, *args, target_index=index)
+                            for d, h in self.heads.items()})
+
+    @staticmethod
+    def _total(losses: dict[int, torch.Tensor]):
         return sum(losses.values()), losses
 
 
@@ -195,8 +209,11 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     warmup = max(1, int(round(float(cfg.trainer.warmup_ratio) * total_steps)))  # DeepSpeed needs >= 1
 
     projection = cfg.head.get("projection", "own")
-    heads = {d: EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection).float_trainable()
-             for d in layers}
+    heads = {}
+    for d in layers:  # each head's random init (the adapter's) depends on its layer only, not on the other heads
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed * 1000 + d)
+            heads[d] = EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection).float_trainable()
     train_vocab = int(cfg.head.get("train_vocab") or 0)
     frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
     bank = HeadBank(heads, objective, kind, float(cfg.head.get("temperature", 1.0)), frequent).to(device)

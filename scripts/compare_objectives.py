@@ -17,17 +17,29 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OBJECTIVES = {"ce": ["head.objective=ce"], "distill-kl": ["head.objective=distill", "head.distill_kind=kl"],
-              "distill-argmax": ["head.objective=distill", "head.distill_kind=argmax"],
-              # the same objective with the candidate softmax (4,096 frequent tokens + the batch's targets)
-              "distill-argmax-cand4096": ["head.objective=distill", "head.distill_kind=argmax", "head.train_vocab=4096"]}
+# Each run pins its whole head recipe, so the table stays reproducible when the defaults change.
+OWN = ["head.projection=own", "head.adapter_rank=0"]
+SHARED = ["head.projection=shared", "head.adapter_rank=256"]
+ARGMAX = ["head.objective=distill", "head.distill_kind=argmax"]
+FULL, CAND = "head.train_vocab=0", "head.train_vocab=4096"
+OBJECTIVES = {
+    "ce": ["head.objective=ce", *OWN, FULL, "trainer.lr=5e-4"],
+    "distill-kl": ["head.objective=distill", "head.distill_kind=kl", *OWN, FULL, "trainer.lr=5e-4"],
+    "distill-argmax": [*ARGMAX, *OWN, FULL, "trainer.lr=5e-4"],
+    # the same objective with the candidate softmax (4,096 frequent tokens + the batch's targets)
+    "distill-argmax-cand4096": [*ARGMAX, *OWN, CAND, "trainer.lr=5e-4"],
+    "distill-argmax-cand4096-lr2e-3": [*ARGMAX, *OWN, CAND, "trainer.lr=2e-3"],
+    # the model's own LM head, frozen; a rank-256 residual adapter + norm train (tiny heads, cheap steps)
+    "distill-argmax-shared-a256": [*ARGMAX, *SHARED, CAND, "trainer.lr=5e-4"],
+    "distill-argmax-shared-a256-lr2e-3": [*ARGMAX, *SHARED, CAND, "trainer.lr=2e-3"],  # the default head
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", default="8,15,22")
-    p.add_argument("--tokens", type=int, default=100_000, help="training tokens per run (data.max_train_tokens)")
+    p.add_argument("--tokens", type=int, default=102_400, help="training tokens per run (data.max_train_tokens)")
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
     p.add_argument("--out", default=str(REPO / "outputs" / "compare_objectives"))
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))

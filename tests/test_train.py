@@ -162,18 +162,17 @@ def test_one_forward_for_several_heads_equals_training_each_alone(corpus, tmp_pa
     model, _ = load_model("tiny-random")
     both = _head_params(tmp_path / "both", model)
     alone = {**_head_params(tmp_path / "one", model), **_head_params(tmp_path / "three", model)}
-    start = {k: v for k, v in model.lm_head.state_dict().items()}
     for d in (1, 3):
         for k in both[d]:
             torch.testing.assert_close(both[d][k], alone[d][k], rtol=1e-5, atol=1e-6)
-        assert not torch.equal(both[d]["lm_head.weight"], start["weight"])  # it did train
+        assert both[d]["adapter.up.weight"].abs().sum() > 0  # it did train (the default head: shared + adapter)
     assert together["final"][f"val/top1_agree/layer1"] >= 0
 
 
 def test_candidate_softmax_training_touches_only_candidate_rows(corpus, tmp_path, tiny):
     model, tok = tiny
     train(_cfg("head.layers=[2]", f"data.files=[{corpus}]", "trainer.max_steps=3", "head.objective=ce",
-               "head.train_vocab=8"), run_dir=tmp_path)
+               "head.train_vocab=8", "head.projection=own", "head.adapter_rank=0"), run_dir=tmp_path)
     trained = _head_params(tmp_path, model)[2]["lm_head.weight"]
     changed = (trained != model.lm_head.weight).any(-1)
     seen = {t for c in load_conversations(DataConfig(files=(str(corpus),))) for t in render(tok, c)}
@@ -274,6 +273,7 @@ def test_paper_experiment_config_composes_to_the_papers_recipe():
         cfg = compose(config_name="train", overrides=["+experiment=paper_llama2_13b"])
     t = cfg.trainer
     assert cfg.model.spec == "meta-llama/Llama-2-13b-hf" and list(cfg.head.layers) == [15, 20, 30, 35, 37]
+    assert (cfg.head.objective, cfg.head.projection, cfg.head.adapter_rank, cfg.head.train_vocab) == ("ce", "own", 0, 0)
     assert (t.lr, t.epochs, t.seq_len, t.weight_decay, t.warmup_ratio) == (2e-5, 3, 2048, 0.0, 0.04)
     assert t.micro_batch * t.grad_accum * 8 == 128
     ds = json.loads((CONFIGS / "deepspeed" / f"{t.deepspeed}.json").read_text())
