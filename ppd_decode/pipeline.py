@@ -87,7 +87,7 @@ def _worker_a(model, head, d, cfg: PPDConfig, port, parent, requests, results):
                 results.put(("pong", _ping_a(dist, req[1], H, dtype)))
                 continue
             ids, max_new, eos = req
-            _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos, dtype, H)
+            _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos)
     except Exception:
         results.put(("error", "worker A (layers 1..d):\n" + traceback.format_exc()))
 
@@ -104,7 +104,7 @@ def _ping_a(dist, n: int, H: int, dtype) -> list[float]:
     return times
 
 
-def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos, dtype, H):
+def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     n = len(ids)
     cache = new_cache(model)
     h = run_layers(model, embed(model, torch.tensor([ids])), 0, d, cache, past=0)

@@ -31,7 +31,8 @@ OBJECTIVES = {
     "distill-argmax-cand4096-lr2e-3": [*ARGMAX, *OWN, CAND, "trainer.lr=2e-3"],
     # the model's own LM head, frozen; a rank-256 residual adapter + norm train (tiny heads, cheap steps)
     "distill-argmax-shared-a256": [*ARGMAX, *SHARED, CAND, "trainer.lr=5e-4"],
-    "distill-argmax-shared-a256-lr2e-3": [*ARGMAX, *SHARED, CAND, "trainer.lr=2e-3"],  # the default head
+    "distill-argmax-shared-a256-lr2e-3": [*ARGMAX, *SHARED, CAND, "trainer.lr=2e-3"],
+    "distill-argmax-shared-a256-lr1e-2": [*ARGMAX, *SHARED, CAND, "trainer.lr=1e-2"],
 }
 
 
@@ -64,18 +65,17 @@ def main() -> None:
     docs = Path(a.docs)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "objectives.json").write_text(json.dumps(
-        {"model": a.model, "layers": layers, "train_tokens": a.tokens, "overrides": a.overrides, "rows": rows},
+        {"model": a.model, "layers": layers, "train_tokens": a.tokens, "overrides": a.overrides, "rows": rows,
+         "recipes": {n: OBJECTIVES[n] for n in results}},
         indent=1))
-    lines = [f"Validation agreement with the final layer's top-1 ({a.model}, {a.tokens:,} training tokens per run, "
-             f"dolly, same data and steps for every objective)", "",
-             "| layer | " + " | ".join(f"{n} top-1 | {n} top-5" for n in results) + " |",
-             "|---|" + "---|---|" * len(results)]
-    for d in layers:
-        cells = []
-        for n in results:
-            r = next(r for r in rows if r["objective"] == n and r["layer"] == d)
-            cells.append(f"{r['top1']:.3f} | {r['top5']:.3f}")
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines = [f"Validation agreement with the final layer's top-1 ({a.model}, layers {a.layers}, dolly; training "
+             f"steps per run in the last column; every run's overrides in objectives.json)", "",
+             "| recipe | " + " | ".join(f"d={d} top-1 | d={d} top-5" for d in layers) + " | steps |",
+             "|---|" + "---|---|" * len(layers) + "---|"]
+    for n in results:
+        rs = [next(r for r in rows if r["objective"] == n and r["layer"] == d) for d in layers]
+        lines.append(f"| {n} | " + " | ".join(f"{r['top1']:.3f} | {r['top5']:.3f}" for r in rs) +
+                     f" | {rs[0]['steps']} |")
     (docs / "objectives.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
