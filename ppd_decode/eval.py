@@ -75,6 +75,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
               "n": cfg.n, "max_new_tokens": cfg.max_new_tokens}
     from tqdm import tqdm
 
+    layers = sorted({d for _, d in heads})
     for name, tcfg in cfg.tasks.items():
         task = TaskConfig.from_dict(tcfg)
         try:
@@ -86,7 +87,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         prompts, trunc = build_prompts(rows, tok, max_new_tokens=cfg.max_new_tokens,
                                        context_length=context_length(model))
         ids = [p.input_ids for p in prompts]
-        layers = sorted({d for _, d in heads})
         bar = tqdm(total=(3 if cfg.cost_baseline else 2) * len(ids), desc=f"{name}: generate + score",
                    dynamic_ncols=True)
         cost = {}

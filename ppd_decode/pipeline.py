@@ -26,7 +26,7 @@ import torch
 
 from .errors import HeadMismatchError, PPDError
 from .heads import check_layer
-from .stack import crop_cache, embed, final_logits, keep_cache_entry, new_cache, num_layers, run_layers
+from .stack import crop_cache, embed, final_logits, new_cache, num_layers, run_layers, select_cache
 from .strategies.base import DecodeResult, DecodingStrategy, register
 
 SHUTDOWN, GENERATE, PING = 0, 1, 2
@@ -129,7 +129,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
             return
         if guesses and tok in guesses:
             j = guesses.index(tok)
-            keep_cache_entry(cache, pos, j, range(d))
+            select_cache(cache, pos, [pos + j], range(d))  # keep the matching sibling only
             h = hg[:, j:j + 1]
             matches += 1
         else:

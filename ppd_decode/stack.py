@@ -27,12 +27,24 @@ def cache_len(cache, layer: int = 0) -> int:
 
 def crop_cache(cache, length: int, layers: range | None = None) -> None:
     """Keep the first ``length`` positions of the given layers (all by default)."""
+    select_cache(cache, length, [], layers)
+
+
+def select_cache(cache, keep: int, moved: list[int], layers: range | None = None) -> None:
+    """Keep the first ``keep`` positions of the given layers (all by default), followed by the positions ``moved``
+    (in this order): accepted tokens moved into place; everything after them is dropped. Only the moved entries
+    are copied."""
+    idx = None
     for i, layer in enumerate(cache.layers):
-        if layers is not None and i not in layers:
+        if (layers is not None and i not in layers) or getattr(layer, "keys", None) is None:
             continue
-        if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > length:
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
+        if moved:
+            if idx is None:
+                idx = torch.tensor(moved, device=layer.keys.device)
+            layer.keys[..., keep:keep + len(moved), :] = layer.keys.index_select(-2, idx)
+            layer.values[..., keep:keep + len(moved), :] = layer.values.index_select(-2, idx)
+        layer.keys = layer.keys[..., :keep + len(moved), :]
+        layer.values = layer.values[..., :keep + len(moved), :]
 
 
 def causal_mask(q: int, past: int, dtype: torch.dtype, device) -> torch.Tensor | None:
@@ -61,40 +73,12 @@ def sibling_mask(q: int, past: int, dtype: torch.dtype, device) -> torch.Tensor 
     return mask[None, None]
 
 
-def keep_cache_entry(cache, past: int, j: int, layers: range) -> None:
-    """After a block of siblings at positions past..past+q-1 of the cache, keep sibling j only."""
-    for i in layers:
-        layer = cache.layers[i]
-        layer.keys = torch.cat([layer.keys[..., :past, :], layer.keys[..., past + j:past + j + 1, :]], dim=-2)
-        layer.values = torch.cat([layer.values[..., :past, :], layer.values[..., past + j:past + j + 1, :]], dim=-2)
-
-
 def block_mask_4d(see: torch.Tensor, past: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Additive mask [1, 1, q, past + q] from a bool [q, q] visibility within the block; the prefix is visible."""
     q = see.shape[0]
     mask = torch.zeros(q, past + q, dtype=dtype, device=device)
     mask[:, past:].masked_fill_(~see.to(device), torch.finfo(dtype).min)
     return mask[None, None]
-
-
-def select_cache(cache, positions: list[int]) -> None:
-    """Keep only these cache positions (in this order) in every layer: accepted tokens moved into place.
-    Positions that are already in place (a leading 0, 1, 2, ...) are not copied: only the tail moves."""
-    start = 0
-    while start < len(positions) and positions[start] == start:
-        start += 1
-    tail = positions[start:]
-    idx = None
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None:
-            continue
-        if tail:
-            if idx is None:
-                idx = torch.tensor(tail, device=layer.keys.device)
-            layer.keys[..., start:start + len(tail), :] = layer.keys.index_select(-2, idx)
-            layer.values[..., start:start + len(tail), :] = layer.values.index_select(-2, idx)
-        layer.keys = layer.keys[..., :len(positions), :]
-        layer.values = layer.values[..., :len(positions), :]
 
 
 def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: int | None = None,

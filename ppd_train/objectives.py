@@ -56,12 +56,11 @@ def targets(input_ids: torch.Tensor, teacher_logits: torch.Tensor | None, object
     return teacher_logits.argmax(-1) if kind == "argmax" else None
 
 
-def candidate_set(frequent: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None,
-                  objective: str, kind: str) -> torch.Tensor:
-    """Sorted token ids the candidate softmax scores: the frequent tokens plus the batch's targets."""
-    t = targets(input_ids, teacher_logits, objective, kind)
-    extra = t.reshape(-1) if t is not None else teacher_logits.argmax(-1).reshape(-1)
-    return torch.unique(torch.cat([frequent.to(extra.device), extra]))
+def candidate_set(frequent: torch.Tensor, required: torch.Tensor) -> torch.Tensor:
+    """Sorted token ids the candidate softmax scores: the frequent tokens plus ``required`` (the batch's targets,
+    from ``targets``; for KL, the teacher's argmax)."""
+    required = required.reshape(-1)
+    return torch.unique(torch.cat([frequent.to(required.device), required]))
 
 
 def candidate_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None,

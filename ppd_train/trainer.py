@@ -59,8 +59,8 @@ class HeadBank(nn.Module):
                                 for d, h in self.heads.items()})
         # Everything the heads share is computed once: the candidate set, the targets' places in it and, when the
         # heads share the model's LM head, its candidate rows, applied to all heads' features in one product.
-        cands = candidate_set(self.frequent, input_ids, teacher_logits, self.objective, self.kind)
-        t = targets(input_ids, teacher_logits, self.objective, self.kind)
+        t = targets(input_ids, teacher_logits, self.objective, self.kind)  # one argmax over the vocabulary
+        cands = candidate_set(self.frequent, t if t is not None else teacher_logits.argmax(-1))
         index = torch.searchsorted(cands, t.reshape(-1)) if t is not None else None
         if self.shared:
             heads = list(self.heads.items())

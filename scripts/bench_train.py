@@ -72,14 +72,13 @@ def main() -> None:
         for i, setup in enumerate(a.setups.split(";")):
             loss, _, extra = setup.partition("=")
             cfg = base + extra.split()
-            tv = i
-            one = run(cfg + [f"head.layers=[{one_layer}]"], Path(tmp) / f"one{tv}")
+            one = run(cfg + [f"head.layers=[{one_layer}]"], Path(tmp) / f"one{i}")
             group = [{"config": f"1 head (layer {one_layer})", **one}]
-            together = run(cfg + [f"head.layers=[{a.layers}]"], Path(tmp) / f"together{tv}")
+            together = run(cfg + [f"head.layers=[{a.layers}]"], Path(tmp) / f"together{i}")
             group.append({"config": f"{len(layers)} heads, one pass", **together})
             if a.separate:
                 # Separate runs: the same tokens once per head, so the combined rate is 1 / sum(1 / rate).
-                sep = [run(cfg + [f"head.layers=[{d}]"], Path(tmp) / f"sep{tv}_{d}") for d in layers]
+                sep = [run(cfg + [f"head.layers=[{d}]"], Path(tmp) / f"sep{i}_{d}") for d in layers]
                 group.append({"config": f"{len(layers)} heads, separate runs",
                               "tokens_per_s": 1 / sum(1 / r["tokens_per_s"] for r in sep),
                               "windows": sep[0]["windows"], "wall_s": sum(r["wall_s"] for r in sep),

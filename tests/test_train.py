@@ -14,7 +14,7 @@ from ppd_decode import HeadMismatchError, PPDError, TaskDataError, load_model
 from ppd_decode.heads import load_heads
 from ppd_decode.features import FrozenBackbone
 from ppd_train.data import DataConfig, load_conversations, pack, render, split_train_val
-from ppd_train.objectives import agreement, candidate_loss, candidate_set, frequent_tokens, head_loss
+from ppd_train.objectives import agreement, candidate_loss, candidate_set, frequent_tokens, head_loss, targets
 from ppd_train.trainer import CONFIGS, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +91,8 @@ def test_candidate_set_holds_every_target_and_the_frequent_tokens():
     teacher = torch.zeros(1, 3, 10)
     teacher[0, :, 9] = 1.0
     ids = torch.tensor([[3, 4, 8]])
-    assert candidate_set(torch.tensor([2, 5]), ids, teacher, "distill", "argmax").tolist() == [2, 5, 9]
-    assert candidate_set(torch.tensor([2, 5]), ids, teacher, "ce", "kl").tolist() == [2, 4, 5, 8]
+    assert candidate_set(torch.tensor([2, 5]), targets(ids, teacher, "distill", "argmax")).tolist() == [2, 5, 9]
+    assert candidate_set(torch.tensor([2, 5]), targets(ids, teacher, "ce", "kl")).tolist() == [2, 4, 5, 8]
     # the restricted loss equals the full loss with the other rows' logits at -inf
     student = torch.randn(1, 3, 10)
     c = torch.tensor([2, 5, 9])

@@ -152,37 +152,32 @@ class Lookahead(DecodingStrategy):
                 if a > best_len:
                     best, best_len = i, a
             if best is None:
-                emitted = [pred[0]]
-                keep = [n]
+                emitted, moved = [pred[0]], []
             else:
                 base = cand_start + best * (N - 1)
                 emitted = list(cands[best][:best_len]) + [pred[base + best_len - 1]]
-                keep = [n] + [n + base + j for j in range(best_len)]
+                moved = [n + base + j for j in range(best_len)]  # the accepted candidate's cache entries
                 res.extra["ngram_hits"] += 1
             res.steps += 1
             res.drafted += len(cands) * (N - 1)
             res.accepted += best_len
             # Jacobi update: new guesses from the last level, n-grams from the columns, then slide.
             new = [pred[r] for r in last]
-            if not W:
-                pass
-            elif len(levels) == N - 2:
-                for j in range(W):
-                    first = cur if j == 0 else level0[j - 1] if j - 1 < len(level0) else None
-                    if first is not None:
-                        pool.add([first, *(lv[j] for lv in levels), new[j]])
+            if W and len(levels) < N - 2:  # warm-up: the window fills level by level
+                levels.append(new)
+            elif W:
+                for j in range(W):  # column j's n-gram starts at t0 (j = 0) or at level 0's token j - 1
+                    pool.add([cur if j == 0 else level0[j - 1], *(lv[j] for lv in levels), new[j]])
                 if N == 2:
                     level0 = new[1:]
                 else:
                     level0 = levels[0][1:]
                     levels = levels[1:] + [new]
-            else:
-                levels.append(new)
-            select_cache(cache, list(range(n)) + keep)
-            n += len(keep)
-            if c.add_generated:
-                tail = (prompt + out + emitted)[-(len(emitted) + N - 1):]
-                pool.add_sequence(tail)
+            select_cache(cache, n + 1, moved)  # the prefix and t0 stay where they are
+            n += 1 + len(moved)
+            if c.add_generated:  # the n-grams that end in the new tokens
+                before = (prompt[-(N - 1):] + out[-(N - 1):])[-(N - 1):]
+                pool.add_sequence(before + emitted)
             if self.finish(out, emitted, max_new_tokens):
                 return res
             cur = emitted[-1]
