@@ -236,5 +236,6 @@ def load_heads(path: str | Path, model, layers: list[int] | None = None) -> dict
         if unexpected or any(k in head.own_state_dict() for k in missing):  # only a shared projection may be absent
             raise HeadMismatchError(f"{found[layer]} does not hold the weights its config.json describes "
                                     f"(missing {missing}, unexpected {unexpected}); re-export the head.")
+        head.metrics = dict(info.get("metrics") or {})  # validation agreement: a prior for drafting policies
         out[layer] = head.eval()
     return out

@@ -83,17 +83,23 @@ def block_mask_4d(see: torch.Tensor, past: int, dtype: torch.dtype, device) -> t
 
 def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: int | None = None,
                siblings: bool = False, position_ids: torch.Tensor | None = None,
-               block_mask: torch.Tensor | None = None) -> torch.Tensor:
+               block_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decoder layers ``start..end-1`` on ``hidden`` [B, q, H], appending to ``cache``. The q tokens sit at
     positions ``past..past+q-1`` (causal among themselves), or all at position ``past`` with ``siblings=True``,
     or anywhere with explicit ``position_ids`` [1, q] and ``block_mask`` (bool [q, q]: which block rows each row
-    sees; the cached prefix is always visible). ``past`` defaults to the cache length of layer ``start``."""
+    sees; the cached prefix is always visible), or a whole additive ``attention_mask`` [B, 1, q, past + q] with
+    ``position_ids`` [B, q] (a batch whose rows sit at different lengths). ``past`` defaults to the cache length of
+    layer ``start``."""
     if start >= end:
         return hidden
     m = decoder(model)
     q = hidden.shape[1]
     past = cache_len(cache, start) if past is None else past
-    if block_mask is not None:
+    if attention_mask is not None:
+        if position_ids is None:
+            raise ValueError("attention_mask needs explicit position_ids")
+        mask = attention_mask
+    elif block_mask is not None:
         mask = block_mask_4d(block_mask, past, hidden.dtype, hidden.device)
     elif siblings:
         position_ids = torch.full((1, q), past, device=hidden.device)

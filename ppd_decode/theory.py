@@ -86,7 +86,7 @@ class StageTimes:
     layer: float  # one decoder layer on one token (tau)
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     ts = []
     for _ in range(repeats):
@@ -121,8 +121,8 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
         def fn(k=k):
             h = layers_only(0, d, k)()
             head(h[:, :1])
-        t1[k] = _median_time(fn, repeats)
-    t1_miss = _median_time(layers_only(0, d, 1), repeats)
+        t1[k] = median_time(fn, repeats)
+    t1_miss = median_time(layers_only(0, d, 1), repeats)
 
     def t2_fn():
         h = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
@@ -130,7 +130,7 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
         crop_cache(cache, context)
 
     h1 = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
-    return StageTimes(d=d, t1=t1, t1_miss=t1_miss, t2=_median_time(t2_fn, repeats),
-                      greedy=_median_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
-                      head=_median_time(lambda: head(h1), repeats),
-                      layer=_median_time(layers_only(0, 1, 1), repeats))
+    return StageTimes(d=d, t1=t1, t1_miss=t1_miss, t2=median_time(t2_fn, repeats),
+                      greedy=median_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
+                      head=median_time(lambda: head(h1), repeats),
+                      layer=median_time(layers_only(0, 1, 1), repeats))
