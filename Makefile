@@ -48,8 +48,11 @@ train: install
 eval: install
 	$(BIN)/python -m ppd_decode.eval $(if $(HEADS),heads=[$(HEADS)]) $(ARGS)
 
+# Every decoding method at batch size 1, then batched decoding at batch sizes 1..16 (BATCH_LAYER: the drafting head).
+BATCH_LAYER ?= 22
 bench: install
 	$(BIN)/python scripts/bench_decode.py $(if $(HEADS),--heads $(HEADS)) $(ARGS)
+	$(BIN)/python scripts/bench_batching.py $(if $(HEADS),--heads $(HEADS)) --layer $(BATCH_LAYER) $(BATCH_ARGS)
 
 bench-train: install
 	$(BIN)/python scripts/bench_train.py $(ARGS)

@@ -61,6 +61,13 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
         else:
             w, n, g = (int(x) for x in spec.split(":"))
             rows.append({"name": "lookahead", "config": {"window": w, "ngram": n, "max_candidates": g}, "threads": 1})
+    tree_presets = {"static": {}, "prune": {"prune_layer": args.prune_layer},
+                    "dynamic": {"prune_layer": args.prune_layer, "dynamic": True}}
+    for preset in filter(None, (args.tree or "").split(",")):
+        d = args.tree_layer or (head_layers[0] if head_layers else None)
+        if d in head_layers and (preset == "static" or args.prune_layer in head_layers):
+            cfg = {"layer": d, "branching": tuple(int(x) for x in args.branching.split(",")), **tree_presets[preset]}
+            rows.append({"name": "tree_speculative", "config": cfg, "threads": 1})
     if args.methods:
         keep = set(args.methods.split(","))
         rows = [r for r in rows if r["name"] in keep or (r["name"] == "greedy" and r["threads"] in (1, 2))]
@@ -91,6 +98,10 @@ def main() -> None:
                                                "speculation at the first d")
     p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G,W:N:G (default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")
+    p.add_argument("--tree", default=None, help="token-tree rows: static,prune,dynamic (ProPD's parts, one by one)")
+    p.add_argument("--tree-layer", type=int, default=None, help="the tree's drafting layer (default: the first head)")
+    p.add_argument("--prune-layer", type=int, default=None, help="the layer whose head prunes the tree")
+    p.add_argument("--branching", default="2,2,1,1", help="static tree: children per node at each depth")
     p.add_argument("--methods", default=None, help="comma list of registry names to run (greedy always runs)")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
     p.add_argument("--name", default="decode")
@@ -153,6 +164,7 @@ def main() -> None:
                         r["mismatch_detail"].append({"run": run, "set": s, "prompt": i, "position": pos,
                                                      "top2_gap": gap})
                     if run == 0:
+                        r["step_verify_s"] = r.get("step_verify_s", 0.0) + sum(res.extra.get("verify_seconds", []))
                         r["accepted"] += res.accepted
                         r["drafted"] += res.drafted
                         r["steps"] += res.steps
@@ -201,6 +213,7 @@ def main() -> None:
             "tokens_per_s": m, "tokens_per_s_std": sd,
             "speedup_vs_greedy_1t": m / g1, "speedup_vs_greedy_2t": m / g2,
             "mean_accepted_tokens": (r["tokens"] / r["steps"]) if r["steps"] else None,
+            "verify_ms_per_step": 1e3 * r["step_verify_s"] / r["steps"] if r.get("step_verify_s") else None,
             "match_rate": (r["accepted"] / r["drafted"]) if drafting else None,
             "predicted_speedup": r.get("model", {}).get("predicted_speedup_vs_greedy_1t"),
             "efficiency": (m / g1) / r["model"]["predicted_speedup_vs_greedy_1t"] if "model" in r else None,
@@ -221,16 +234,17 @@ def main() -> None:
     lines = [f"{a.model} ({out['dtype']}), {sum(out['prompt_sets'].values())} prompts "
              f"({', '.join(f'{k} {v}' for k, v in out['prompt_sets'].items())}), {a.max_new_tokens} new tokens, "
              f"{a.runs} run(s), heads: {out['heads']}; {out['machine']['cpu']}", "",
-             "| method | config | tokens/s | vs greedy 1t | vs greedy 2t | accepted/step | match rate | predicted | efficiency | mismatches (near-ties) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | config | tokens/s | vs greedy 1t | vs greedy 2t | accepted/step | match rate | verify ms/step | predicted | efficiency | mismatches (near-ties) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         cfg = ", ".join(f"{k}={v}" for k, v in m["config"].items())
         acc = f"{m['mean_accepted_tokens']:.2f}" if m["mean_accepted_tokens"] else "-"
         mr = f"{m['match_rate']:.2f}" if m["match_rate"] is not None else "-"
         pr = f"{m['predicted_speedup']:.2f}x" if m["predicted_speedup"] else "-"
         ef = f"{100 * m['efficiency']:.0f}%" if m["efficiency"] else "-"
+        vt = f"{m['verify_ms_per_step']:.1f}" if m.get("verify_ms_per_step") else "-"
         lines.append(f"| {m['name']} | {cfg} | {m['tokens_per_s']:.1f} ± {m['tokens_per_s_std']:.1f} | "
-                     f"{m['speedup_vs_greedy_1t']:.2f}x | {m['speedup_vs_greedy_2t']:.2f}x | {acc} | {mr} | "
+                     f"{m['speedup_vs_greedy_1t']:.2f}x | {m['speedup_vs_greedy_2t']:.2f}x | {acc} | {mr} | {vt} | "
                      f"{pr} | {ef} | {m['mismatches']} ({m['near_ties']}) |")
     lines += ["", "Speedup over greedy (1 thread) per prompt set:", "",
               "| method | config | " + " | ".join(prompts) + " |", "|---|---|" + "---|" * len(prompts)]

@@ -1,0 +1,274 @@
+"""Token-tree self-speculation with early pruning and a dynamic tree size (ProPD's ideas, Zhong et al. 2024, on our
+early-exit heads). Exact: acceptance only ever uses the final layer's argmax.
+
+One step:
+1. **Draft a tree** with layers 1..d and the head for layer d, one level at a time: every node of a level runs
+   through layers 1..d as one block (each row sees the cached prefix and its own ancestors: a tree attention mask,
+   positions = prefix length + depth), the head proposes each node's top children with their probabilities.
+   Static trees expand a fixed number of children per depth (``branching``); dynamic trees add children in order
+   of path probability while expected accepted tokens per predicted second still rise (``dynamic``), from a cost
+   profile of this machine (lower-stack and verification time by rows).
+2. **Verify** all nodes with one pass of layers d+1..L, starting from the layer-d states the draft left (layers
+   1..d are never recomputed: their cache already holds every node).
+3. **Prune early** (``prune_layer`` p): after layers d+1..p, our head for layer p scores the nodes; a node whose
+   token is not among its parent's top ``prune_top`` there is dropped with its subtree, and layers p+1..L run on
+   the survivors only (fewer rows, a smaller mask).
+4. **Accept** the longest root path whose tokens equal the final layer's argmax chain, plus the final layer's next
+   token; only that path's cache entries are kept (moved into place per layer range: pruned layers hold fewer
+   columns).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cost_model import _interp
+from ..errors import HeadMismatchError, PPDError
+from ..heads import check_layer
+from ..stack import embed, final_logits, new_cache, num_layers, run_layers, select_cache
+from ..theory import median_time
+from .base import DecodeResult, DecodingStrategy, register
+from .self_speculative import pick_head
+
+
+@dataclass
+class TreeSpeculativeConfig:
+    layer: int | None = None  # d: the drafting head's layer
+    branching: tuple[int, ...] = (2, 2, 1, 1)  # static tree: children per node at each depth (its length = depth)
+    max_nodes: int = 16  # drafted nodes per step at most (the root not counted)
+    prune_layer: int | None = None  # p (d < p < L, a head must exist for it): prune after layer p; None: no pruning
+    prune_top: int = 4  # a node survives if its token is among its parent's top-``prune_top`` at layer p
+    dynamic: bool = False  # size the tree each step from path probabilities and the cost profile
+    max_depth: int = 6  # dynamic trees: deepest level
+    max_children: int = 4  # dynamic trees: candidates per node considered
+
+
+@dataclass
+class TreeCosts:
+    """Seconds on this machine, by rows: a drafting level (layers 1..d + head) and verification (layers d+1..L)."""
+
+    rows: list[int]
+    level: list[float]
+    verify: list[float]
+
+    def level_time(self, q: int) -> float:
+        return _interp(self.rows, self.level, q)
+
+    def verify_time(self, q: int) -> float:
+        return _interp(self.rows, self.verify, q)
+
+
+_COSTS: dict[tuple[int, int], TreeCosts] = {}
+
+
+@torch.no_grad()
+def profile_tree_costs(model, head, d: int, rows=(1, 2, 4, 8, 16, 32), context: int = 256,
+                       repeats: int = 3) -> TreeCosts:
+    key = (id(model), d)
+    if key in _COSTS:
+        return _COSTS[key]
+    L, dev = num_layers(model), model.device
+    cache = new_cache(model)
+    model(input_ids=torch.randint(10, 100, (1, context), device=dev), past_key_values=cache, use_cache=True)
+
+    def level(q):
+        h = run_layers(model, embed(model, torch.randint(10, 100, (1, q), device=dev)), 0, d, cache, past=context)
+        head(h).argmax(-1)
+        select_cache(cache, context, [])
+
+    def verify(q):
+        h = torch.randn(1, q, model.config.hidden_size, device=dev, dtype=model.dtype)
+        final_logits(model, run_layers(model, h, d, L, cache, past=context)).argmax(-1)
+        select_cache(cache, context, [])
+
+    costs = TreeCosts(list(rows), [median_time(lambda q=q: level(q), repeats) for q in rows],
+                      [median_time(lambda q=q: verify(q), repeats) for q in rows])
+    _COSTS[key] = costs
+    return costs
+
+
+@dataclass
+class Tree:
+    """Nodes in drafting order (that is also their cache column order in layers 1..d); node 0 is the root."""
+
+    tokens: list[int] = field(default_factory=list)
+    parent: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    prob: list[float] = field(default_factory=list)  # path probability under the draft head
+
+    def add(self, token: int, parent: int, prob: float) -> int:
+        self.tokens.append(token)
+        self.parent.append(parent)
+        self.depth.append(0 if parent < 0 else self.depth[parent] + 1)
+        self.prob.append(prob)
+        return len(self.tokens) - 1
+
+    def ancestors(self, nodes: list[int]) -> torch.Tensor:
+        """bool [len(nodes), len(nodes)]: row i sees column j when nodes[j] is nodes[i] or one of its ancestors."""
+        index = {n: i for i, n in enumerate(nodes)}
+        see = torch.zeros(len(nodes), len(nodes), dtype=torch.bool)
+        for i, n in enumerate(nodes):
+            while n >= 0:
+                if n in index:
+                    see[i, index[n]] = True
+                n = self.parent[n]
+        return see
+
+
+def tree_mask(see: torch.Tensor, rows: list[int], prefix: int, dtype, device) -> torch.Tensor:
+    """Additive [1, 1, len(rows), prefix + see.shape[1]] mask: the rows (indices into ``see``) see the whole cached
+    prefix and, among the tree columns, what ``see`` says."""
+    vis = torch.ones(len(rows), prefix + see.shape[1], dtype=torch.bool)
+    vis[:, prefix:] = see[rows]
+    mask = torch.zeros(vis.shape, dtype=dtype)
+    return mask.masked_fill_(~vis, torch.finfo(dtype).min)[None, None].to(device)
+
+
+@register
+class TreeSpeculative(DecodingStrategy):
+    name = "tree_speculative"
+    Config = TreeSpeculativeConfig
+    needs_heads = True
+
+    def __init__(self, model, config=None, heads=None, tokenizer=None):
+        super().__init__(model, config, heads, tokenizer)
+        c = self.config
+        self.layer, self.head = pick_head(self, c.layer)
+        L = num_layers(model)
+        if not c.branching or any(b < 1 for b in c.branching):
+            raise PPDError(f"branching must list at least one depth of >= 1 children, got {c.branching}")
+        if c.max_nodes < 1 or c.prune_top < 1:
+            raise PPDError("max_nodes and prune_top must be >= 1")
+        self.prune_head = None
+        if c.prune_layer is not None:
+            check_layer(model, c.prune_layer)
+            if not self.layer < c.prune_layer < L:
+                raise HeadMismatchError(f"prune_layer must lie between the drafting layer {self.layer} and {L}, "
+                                        f"got {c.prune_layer}")
+            if c.prune_layer not in self.heads:
+                raise HeadMismatchError(f"no head for prune_layer {c.prune_layer}; heads given: {sorted(self.heads)}")
+            self.prune_head = self.heads[c.prune_layer]
+        self.costs = profile_tree_costs(model, self.head, self.layer) if c.dynamic else None
+        self.calibration = 1.0  # observed / predicted accepted length (dynamic trees), learned online
+
+    # ------------------------------------------------------------------------------------------------ drafting
+    def _children(self, logits: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]]]:
+        probs = logits.float().softmax(-1).topk(k, dim=-1)
+        return probs.indices.tolist(), probs.values.tolist()
+
+    def _draft(self, cur: int, n: int, budget_depth: int, cache, dev):
+        """Build the tree level by level; returns it and every node's layer-d state [1, N, H] in node order."""
+        m, d, c = self.model, self.layer, self.config
+        tree = Tree()
+        tree.add(cur, -1, 1.0)
+        level, states = [0], []
+        depth_limit = min(budget_depth, c.max_depth if c.dynamic else len(c.branching))
+        spent, expected = 0.0, 1.0  # dynamic trees: predicted seconds of drafting so far, expected tokens
+        while True:
+            nodes = list(range(len(tree.tokens)))
+            see = tree.ancestors(nodes)
+            pos = torch.tensor([[n + tree.depth[i] for i in level]], device=dev)
+            h = run_layers(m, embed(m, torch.tensor([[tree.tokens[i] for i in level]], device=dev)), 0, d, cache,
+                           position_ids=pos, attention_mask=tree_mask(see, level, n, m.dtype, dev))
+            states.append(h)
+            depth = tree.depth[level[0]]
+            if depth >= depth_limit or len(tree.tokens) - 1 >= c.max_nodes:
+                break
+            width = c.max_children if c.dynamic else c.branching[depth]
+            tok, pr = self._children(self.head(h)[0], width)
+            cands = sorted(((tree.prob[p] * pr[i][j], p, tok[i][j]) for i, p in enumerate(level)
+                            for j in range(width)), reverse=True)
+            room = c.max_nodes - (len(tree.tokens) - 1)
+            if c.dynamic:
+                # Keep the q most probable children that maximise expected tokens per predicted second of the
+                # step (drafting levels so far + their lower pass + verification of the grown tree); q = 0 stops.
+                spent += self.costs.level_time(len(level))
+                N = len(tree.tokens)
+                best_q, best, gain = 0, expected / (spent + self.costs.verify_time(N)), 0.0
+                for q, (prob, _, _) in enumerate(cands[:room], 1):
+                    gain += prob * self.calibration
+                    value = (expected + gain) / (spent + self.costs.level_time(q) + self.costs.verify_time(N + q))
+                    if value > best:
+                        best_q, best = q, value
+                chosen = cands[:best_q]
+                expected += sum(x[0] for x in chosen) * self.calibration
+            else:
+                chosen = cands[:room]
+            if not chosen:
+                break
+            level = [tree.add(t, p, prob) for prob, p, t in sorted(chosen, key=lambda x: x[1])]
+        return tree, torch.cat(states, dim=1)
+
+    # ------------------------------------------------------------------------------------------------ verifying
+    def _verify(self, tree: Tree, states: torch.Tensor, n: int, cache, dev):
+        """Final-layer argmax per surviving node; returns (survivors in node order, argmax by node)."""
+        m, d, L = self.model, self.layer, num_layers(self.model)
+        nodes = list(range(len(tree.tokens)))
+        see = tree.ancestors(nodes)
+        pos = torch.tensor([[n + x for x in tree.depth]], device=dev)
+        dtype = states.dtype
+        p = self.config.prune_layer
+        if self.prune_head is None:
+            h = run_layers(m, states, d, L, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
+            return nodes, dict(zip(nodes, final_logits(m, h)[0].argmax(-1).tolist()))
+        h = run_layers(m, states, d, p, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
+        top = self.prune_head(h)[0].topk(self.config.prune_top, dim=-1).indices.tolist()
+        alive = [True] * len(nodes)
+        for i in nodes[1:]:  # parents come before children
+            par = tree.parent[i]
+            alive[i] = alive[par] and tree.tokens[i] in top[par]
+        keep = [i for i in nodes if alive[i]]
+        sub = tree.ancestors(keep)
+        idx = torch.tensor(keep, device=dev)
+        h = run_layers(m, h.index_select(1, idx), p, L, cache, position_ids=pos.index_select(1, idx),
+                       attention_mask=tree_mask(sub, list(range(len(keep))), n, dtype, dev))
+        return keep, dict(zip(keep, final_logits(m, h)[0].argmax(-1).tolist()))
+
+    def _generate(self, ids, max_new_tokens):
+        m, d, L = self.model, self.layer, num_layers(self.model)
+        dev = ids.device
+        cache = new_cache(m)
+        cur = int(m(input_ids=ids[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+        out: list[int] = []
+        res = DecodeResult(out, steps=1)
+        if self.finish(out, [cur], max_new_tokens):
+            return res
+        n = ids.numel()
+        p = self.config.prune_layer if self.prune_head is not None else L
+        while True:
+            tree, states = self._draft(cur, n, max_new_tokens - len(out) - 1, cache, dev)
+            t0 = time.perf_counter()
+            alive, target = self._verify(tree, states, n, cache, dev)
+            res.extra.setdefault("verify_seconds", []).append(time.perf_counter() - t0)  # pruning's saving
+            survivors = set(alive)
+            path = [0]
+            while True:  # walk down while a surviving child carries the final layer's token
+                nxt = next((c for c in alive if tree.parent[c] == path[-1] and tree.tokens[c] == target[path[-1]]),
+                           None)
+                if nxt is None:
+                    break
+                path.append(nxt)
+            nxt_token = target[path[-1]]
+            # Layers 1..p hold every node (drafting order); layers p+1..L only the survivors (their order).
+            select_cache(cache, n, [n + i for i in path], range(0, p))
+            if p < L:
+                rank = {c: r for r, c in enumerate(alive)}
+                select_cache(cache, n, [n + rank[i] for i in path], range(p, L))
+            res.steps += 1
+            res.drafted += len(tree.tokens) - 1
+            res.accepted += len(path) - 1
+            res.extra.setdefault("tree_nodes", []).append(len(tree.tokens) - 1)
+            res.extra.setdefault("survivors", []).append(len(survivors) - 1)
+            if self.config.dynamic:
+                predicted = sum(tree.prob[1:]) * self.calibration
+                if predicted > 0:  # keep the path-probability estimate honest on this head and data
+                    self.calibration = min(2.0, max(0.05, 0.9 * self.calibration
+                                                    + 0.1 * self.calibration * (len(path) - 1 + 0.5) / (predicted + 0.5)))
+            n += len(path)
+            if self.finish(out, [tree.tokens[i] for i in path[1:]] + [nxt_token], max_new_tokens):
+                return res
+            cur = nxt_token
+
