@@ -76,6 +76,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from tqdm import tqdm
 
     layers = sorted({d for _, d in heads})
+    warmed = False
     for name, tcfg in cfg.tasks.items():
         task = TaskConfig.from_dict(tcfg)
         try:
@@ -90,6 +91,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         bar = tqdm(total=(3 if cfg.cost_baseline else 2) * len(ids), desc=f"{name}: generate + score",
                    dynamic_ncols=True)
         cost = {}
+        if not warmed:  # the first task's timings would otherwise carry one-off start-up costs
+            c, st = greedy_continuations(model, ids[:2], 4, batch_size=2, capture_layers=layers)
+            score_captured(model, heads, c, st, ks=ks)
+            warmed = True
         t0 = time.perf_counter()
         if cfg.measure == "capture":
             conts, states = greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size,

@@ -109,35 +109,50 @@ def _new_scores(model, heads, ks) -> dict:
 
 
 def _score_positions(scores: dict, heads: dict, hidden: dict[int, torch.Tensor], y: torch.Tensor, ks,
-                     keep_top: bool) -> None:
-    """Score one prompt's positions: ``hidden[d]`` is [n, H], ``y`` the final layer's argmax there [n]."""
+                     keep_top: bool, sizes: list[int] | None = None) -> None:
+    """Score positions: ``hidden[d]`` is [n, H], ``y`` the final layer's argmax there [n]; ``sizes`` splits the n
+    positions into prompts (one prompt when omitted) for the per-prompt outcomes the simulator replays."""
+    sizes = sizes or [len(y)]
     for key, head in heads.items():
         logits = head(hidden[key[1]].to(head.lm_head.weight.dtype))
         top = logits.topk(max(ks), dim=-1).indices
+        del logits
         hit = top == y[:, None]
         out = torch.stack([hit[:, :k].any(-1) for k in ks], dim=1).cpu()
         sc = scores[key]
         sc.positions += len(y)
         for j, k in enumerate(ks):
             sc.hits[k] += int(out[:, j].sum())
-        sc.outcomes.append(out)
+        sc.outcomes.extend(out.split(sizes))
         if keep_top:
-            sc.top.append(top.cpu())
-            sc.targets.append(y.cpu())
+            sc.top.extend(top.cpu().split(sizes))
+            sc.targets.extend(y.cpu().split(sizes))
 
 
 @torch.no_grad()
 def score_captured(model, heads: dict[tuple[str, int], torch.nn.Module], continuations: list[list[int]],
                    states: list[dict[int, torch.Tensor]], ks=KS, progress=None,
-                   keep_top: bool = False) -> list[HeadScore]:
+                   keep_top: bool = False, chunk: int = 512) -> list[HeadScore]:
     """Score every head on the states ``greedy_continuations(capture_layers=...)`` kept; the targets are the
-    generated tokens themselves (each is the final layer's argmax at its position)."""
+    generated tokens themselves (each is the final layer's argmax at its position). All prompts' positions are
+    scored together, ``chunk`` rows per product: short continuations (SQuAD answers) would otherwise make many
+    small, slow products."""
     scores = _new_scores(model, heads, ks)
-    for cont, st in zip(continuations, states):
-        if cont:
-            _score_positions(scores, heads, st, torch.tensor(cont, device=model.device), ks, keep_top)
+    items = [i for i, c in enumerate(continuations) if c]
+    start = 0
+    while start < len(items):
+        group, rows = [], 0
+        while start < len(items) and (not group or rows + len(continuations[items[start]]) <= chunk):
+            group.append(items[start])
+            rows += len(continuations[items[start]])
+            start += 1
+        hidden = {d: torch.cat([states[i][d] for i in group]) for d in states[group[0]]}
+        y = torch.tensor([t for i in group for t in continuations[i]], device=model.device)
+        _score_positions(scores, heads, hidden, y, ks, keep_top, sizes=[len(continuations[i]) for i in group])
         if progress is not None:
-            progress.update(1)
+            progress.update(len(group))
+    if progress is not None:
+        progress.update(len(continuations) - len(items))
     return list(scores.values())
 
 

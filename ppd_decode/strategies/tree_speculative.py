@@ -159,6 +159,14 @@ class TreeSpeculative(DecodingStrategy):
         probs = logits.float().softmax(-1).topk(k, dim=-1)
         return probs.indices.tolist(), probs.values.tolist()
 
+    def _child_could_pay(self, tree: Tree, level: list[int], spent: float, expected: float) -> bool:
+        """Would one child, accepted as surely as its parent, raise expected tokens per predicted second?"""
+        spent = spent + self.costs.level_time(len(level))
+        N = len(tree.tokens)
+        gain = max(tree.prob[i] for i in level) * self.calibration
+        return ((expected + gain) / (spent + self.costs.level_time(1) + self.costs.verify_time(N + 1))
+                > expected / (spent + self.costs.verify_time(N)))
+
     def _draft(self, cur: int, n: int, budget_depth: int, cache, dev):
         """Build the tree level by level; returns it and every node's layer-d state [1, N, H] in node order."""
         m, d, c = self.model, self.layer, self.config
@@ -177,6 +185,8 @@ class TreeSpeculative(DecodingStrategy):
             depth = tree.depth[level[0]]
             if depth >= depth_limit or len(tree.tokens) - 1 >= c.max_nodes:
                 break
+            if c.dynamic and not self._child_could_pay(tree, level, spent, expected):
+                break  # not even a certain child would pay for its cost: skip the head too
             width = c.max_children if c.dynamic else c.branching[depth]
             tok, pr = self._children(self.head(h)[0], width)
             cands = sorted(((tree.prob[p] * pr[i][j], p, tok[i][j]) for i, p in enumerate(level)
@@ -264,7 +274,9 @@ class TreeSpeculative(DecodingStrategy):
             res.extra.setdefault("survivors", []).append(len(survivors) - 1)
             if self.config.dynamic:
                 predicted = sum(tree.prob[1:]) * self.calibration
-                if predicted > 0:  # keep the path-probability estimate honest on this head and data
+                if predicted == 0:  # no drafts this step: drift back slowly, so speculation is tried again later
+                    self.calibration = min(1.0, self.calibration * 1.01)
+                else:  # keep the path-probability estimate honest on this head and data
                     self.calibration = min(2.0, max(0.05, 0.9 * self.calibration
                                                     + 0.1 * self.calibration * (len(path) - 1 + 0.5) / (predicted + 0.5)))
             n += len(path)
