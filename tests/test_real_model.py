@@ -58,7 +58,8 @@ def _near_tie(model, prompt, ref, pos) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,config", [("self_speculative", {"layer": LAYER}), ("lookahead", {}),
-                                         ("ppd", {"layer": LAYER, "k": 3})])
+                                         ("ppd", {"layer": LAYER, "k": 3}),
+                                         ("tree_speculative", {"layer": LAYER, "branching": (2, 2, 1)})])
 def test_real_model_token_identical_to_greedy(smollm2, trained_head, prompts, name, config):
     model, _ = smollm2
     cls = get_strategy(name)
@@ -75,3 +76,19 @@ def test_real_model_token_identical_to_greedy(smollm2, trained_head, prompts, na
     finally:
         if hasattr(strategy, "close"):
             strategy.close()
+
+
+@pytest.mark.slow
+def test_real_model_batched_rows_equal_greedy_alone(smollm2, trained_head, prompts):
+    """All prompts in one ragged batch (different lengths, rows accepting different numbers of drafts)."""
+    model, _ = smollm2
+    cls = get_strategy("batched_self_speculative")
+    strategy = cls(model, config=cls.Config(layer=LAYER, draft_tokens=3), heads=trained_head)
+    got = strategy.generate_batch([ids for _, ids in prompts], NEW_TOKENS)
+    for (task, ids), res in zip(prompts, got):
+        x = torch.tensor([ids])
+        ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=model.generation_config.pad_token_id)[0, len(ids):].tolist()
+        if res.tokens != ref:
+            pos = next(j for j, (a, b) in enumerate(zip(ref + [None], res.tokens + [None])) if a != b)
+            assert _near_tie(model, ids, ref, pos), f"a batched row differs from greedy on a {task} prompt at {pos}"
