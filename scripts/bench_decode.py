@@ -62,6 +62,7 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
             w, n, g = (int(x) for x in spec.split(":"))
             rows.append({"name": "lookahead", "config": {"window": w, "ngram": n, "max_candidates": g}, "threads": 1})
     tree_presets = {"static": {}, "prune": {"prune_layer": args.prune_layer},
+                    "prune_full": {"prune_layer": args.prune_layer, "prune_shortlist": 0},
                     "dynamic": {"prune_layer": args.prune_layer, "dynamic": True}}
     for preset in filter(None, (args.tree or "").split(",")):
         d = args.tree_layer or (head_layers[0] if head_layers else None)
@@ -98,7 +99,8 @@ def main() -> None:
                                                "speculation at the first d")
     p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G,W:N:G (default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")
-    p.add_argument("--tree", default=None, help="token-tree rows: static,prune,dynamic (ProPD's parts, one by one)")
+    p.add_argument("--tree", default=None, help="token-tree rows: static,prune,prune_full,dynamic (ProPD's parts, one by one; "
+                                               "prune_full ranks over the whole vocabulary at the pruning layer)")
     p.add_argument("--tree-layer", type=int, default=None, help="the tree's drafting layer (default: the first head)")
     p.add_argument("--prune-layer", type=int, default=None, help="the layer whose head prunes the tree")
     p.add_argument("--branching", default="2,2,1,1", help="static tree: children per node at each depth")

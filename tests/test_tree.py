@@ -24,12 +24,13 @@ def tree_strategy(m, heads, **cfg):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompt=prompts, mdl=models, noise=st.sampled_from([0.0, 0.05, 1.0]),
        branching=st.lists(st.integers(1, 3), min_size=1, max_size=4), max_nodes=st.integers(1, 20),
-       prune=st.booleans(), prune_top=st.integers(1, 5), n=st.integers(1, 40))
+       prune=st.booleans(), prune_top=st.integers(1, 5), shortlist=st.sampled_from([0, 1, 16]),
+       n=st.integers(1, 40))
 def test_static_trees_with_and_without_pruning_equal_greedy(prompt, mdl, noise, branching, max_nodes, prune,
-                                                             prune_top, n):
+                                                             prune_top, shortlist, n):
     m = model(*mdl)
     s = tree_strategy(m, heads_for(m, mdl[0], noise), layer=1, branching=tuple(branching), max_nodes=max_nodes,
-                      prune_layer=2 if prune else None, prune_top=prune_top)
+                      prune_layer=2 if prune else None, prune_top=prune_top, prune_shortlist=shortlist)
     assert s.generate(prompt, n).tokens == reference(m, prompt, n)
 
 
@@ -94,3 +95,16 @@ def test_bad_configs_are_refused():
     with pytest.raises(PPDError, match="branching"):
         tree_strategy(m, heads, layer=1, branching=())
     assert LAYERS == 4
+
+
+def test_shortlist_pruning_keeps_every_node_full_pruning_keeps():
+    """Ranking among a shortlist can only keep more nodes than ranking among the whole vocabulary."""
+    m = model(1, 0.3)
+    heads = heads_for(m, 1, 0.05)
+    for prompt in ([5, 6, 7], [40, 41, 42, 43], [9] * 5):
+        full = tree_strategy(m, heads, layer=1, branching=(3, 2), prune_layer=2, prune_top=2, prune_shortlist=0)
+        short = tree_strategy(m, heads, layer=1, branching=(3, 2), prune_layer=2, prune_top=2, prune_shortlist=4)
+        a, b = full.generate(prompt, 12), short.generate(prompt, 12)
+        assert a.tokens == b.tokens == reference(m, prompt, 12)
+        if a.extra["tree_nodes"] == b.extra["tree_nodes"]:  # same trees drafted: compare the survivors step by step
+            assert all(x <= y for x, y in zip(a.extra["survivors"], b.extra["survivors"]))

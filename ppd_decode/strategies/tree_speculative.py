@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.functional import linear as nn_linear
 
 from ..cost_model import _interp
 from ..errors import HeadMismatchError, PPDError
@@ -41,6 +42,7 @@ class TreeSpeculativeConfig:
     max_nodes: int = 16  # drafted nodes per step at most (the root not counted)
     prune_layer: int | None = None  # p (d < p < L, a head must exist for it): prune after layer p; None: no pruning
     prune_top: int = 4  # a node survives if its token is among its parent's top-``prune_top`` at layer p
+    prune_shortlist: int = 16  # rank at layer p among the draft's top-this of every node (0: the full vocabulary)
     dynamic: bool = False  # size the tree each step from path probabilities and the cost profile
     max_depth: int = 6  # dynamic trees: deepest level
     max_children: int = 4  # dynamic trees: candidates per node considered
@@ -152,6 +154,7 @@ class TreeSpeculative(DecodingStrategy):
                 raise HeadMismatchError(f"no head for prune_layer {c.prune_layer}; heads given: {sorted(self.heads)}")
             self.prune_head = self.heads[c.prune_layer]
         self.costs = profile_tree_costs(model, self.head, self.layer) if c.dynamic else None
+        self._shortlist: list[torch.Tensor] = []  # this step's draft top tokens (the pruning shortlist)
         self.calibration = 1.0  # observed / predicted accepted length (dynamic trees), learned online
 
     # ------------------------------------------------------------------------------------------------ drafting
@@ -188,7 +191,10 @@ class TreeSpeculative(DecodingStrategy):
             if c.dynamic and not self._child_could_pay(tree, level, spent, expected):
                 break  # not even a certain child would pay for its cost: skip the head too
             width = c.max_children if c.dynamic else c.branching[depth]
-            tok, pr = self._children(self.head(h)[0], width)
+            logits = self.head(h)[0]
+            if self.prune_head is not None and c.prune_shortlist:
+                self._shortlist.append(logits.topk(min(c.prune_shortlist, logits.shape[-1]), dim=-1).indices.flatten())
+            tok, pr = self._children(logits, width)
             cands = sorted(((tree.prob[p] * pr[i][j], p, tok[i][j]) for i, p in enumerate(level)
                             for j in range(width)), reverse=True)
             room = c.max_nodes - (len(tree.tokens) - 1)
@@ -213,6 +219,22 @@ class TreeSpeculative(DecodingStrategy):
         return tree, torch.cat(states, dim=1)
 
     # ------------------------------------------------------------------------------------------------ verifying
+    def _prune_test(self, tree: Tree, h: torch.Tensor):
+        """Whether node i's token is among its parent's top-``prune_top`` under the layer-p head. With a shortlist
+        the ranking is among the tokens the draft head rated highly at any node (a few hundred rows of the
+        projection instead of the vocabulary): a rank there is never worse than in the vocabulary, so the shortlist
+        only ever keeps more nodes. Pruning never affects exactness, only how much is verified."""
+        c = self.config
+        if not c.prune_shortlist:
+            top = self.prune_head(h)[0].topk(c.prune_top, dim=-1).indices.tolist()
+            return lambda i: tree.tokens[i] in top[tree.parent[i]]
+        ids = torch.unique(torch.cat(self._shortlist + [torch.tensor(tree.tokens, device=h.device)]))
+        head = self.prune_head
+        logits = nn_linear(head.features(h[0]), head.lm_head.weight[ids])  # [N, |shortlist|]
+        kth = logits.topk(min(c.prune_top, len(ids)), dim=-1).values[:, -1]
+        col = {t: j for j, t in enumerate(ids.tolist())}
+        return lambda i: bool(logits[tree.parent[i], col[tree.tokens[i]]] >= kth[tree.parent[i]])
+
     def _verify(self, tree: Tree, states: torch.Tensor, n: int, cache, dev):
         """Final-layer argmax per surviving node; returns (survivors in node order, argmax by node)."""
         m, d, L = self.model, self.layer, num_layers(self.model)
@@ -225,11 +247,10 @@ class TreeSpeculative(DecodingStrategy):
             h = run_layers(m, states, d, L, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
             return nodes, dict(zip(nodes, final_logits(m, h)[0].argmax(-1).tolist()))
         h = run_layers(m, states, d, p, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
-        top = self.prune_head(h)[0].topk(self.config.prune_top, dim=-1).indices.tolist()
         alive = [True] * len(nodes)
+        survives = self._prune_test(tree, h)
         for i in nodes[1:]:  # parents come before children
-            par = tree.parent[i]
-            alive[i] = alive[par] and tree.tokens[i] in top[par]
+            alive[i] = alive[tree.parent[i]] and survives(i)
         keep = [i for i in nodes if alive[i]]
         sub = tree.ancestors(keep)
         idx = torch.tensor(keep, device=dev)
@@ -249,6 +270,7 @@ class TreeSpeculative(DecodingStrategy):
         n = ids.numel()
         p = self.config.prune_layer if self.prune_head is not None else L
         while True:
+            self._shortlist = []
             tree, states = self._draft(cur, n, max_new_tokens - len(out) - 1, cache, dev)
             t0 = time.perf_counter()
             alive, target = self._verify(tree, states, n, cache, dev)
