@@ -30,9 +30,12 @@ from .self_speculative import pick_head
 class BatchedDecoding(DecodingStrategy):
     """Common loop: subclasses say how many tokens to draft for the live batch (0: a plain greedy step)."""
 
-    max_batch_size: int = 16
     layer: int | None = None
     head = None
+
+    def __init__(self, model, config=None, heads=None, tokenizer=None):
+        super().__init__(model, config, heads, tokenizer)
+        self.max_batch_size = self.config.max_batch_size  # every batched config has one
 
     def _generate(self, ids, max_new_tokens):
         return self._decode([ids.tolist()], max_new_tokens)[0]
@@ -116,10 +119,6 @@ class BatchedGreedy(BatchedDecoding):
     name = "batched_greedy"
     Config = BatchedGreedyConfig
 
-    def __init__(self, model, config=None, heads=None, tokenizer=None):
-        super().__init__(model, config, heads, tokenizer)
-        self.max_batch_size = self.config.max_batch_size
-
     def gamma_for(self, batch_size: int) -> int:
         return 0
 
@@ -157,7 +156,6 @@ class BatchedSelfSpeculative(BatchedDecoding):
         super().__init__(model, config, heads, tokenizer)
         c = self.config
         self.layer, self.head = pick_head(self, c.layer)
-        self.max_batch_size = c.max_batch_size
         if c.draft_tokens != "adaptive" and not (isinstance(c.draft_tokens, int) and c.draft_tokens >= 0):
             raise PPDError(f"draft_tokens must be an int >= 0 or 'adaptive', got {c.draft_tokens!r}")
         prior = c.acceptance

@@ -163,8 +163,8 @@ class TreeSpeculative(DecodingStrategy):
         return probs.indices.tolist(), probs.values.tolist()
 
     def _child_could_pay(self, tree: Tree, level: list[int], spent: float, expected: float) -> bool:
-        """Would one child, accepted as surely as its parent, raise expected tokens per predicted second?"""
-        spent = spent + self.costs.level_time(len(level))
+        """Would one child, accepted as surely as its parent, raise expected tokens per predicted second?
+        ``spent``: predicted seconds of the drafting levels run so far, this one included."""
         N = len(tree.tokens)
         gain = max(tree.prob[i] for i in level) * self.calibration
         return ((expected + gain) / (spent + self.costs.level_time(1) + self.costs.verify_time(N + 1))
@@ -188,8 +188,10 @@ class TreeSpeculative(DecodingStrategy):
             depth = tree.depth[level[0]]
             if depth >= depth_limit or len(tree.tokens) - 1 >= c.max_nodes:
                 break
-            if c.dynamic and not self._child_could_pay(tree, level, spent, expected):
-                break  # not even a certain child would pay for its cost: skip the head too
+            if c.dynamic:
+                spent += self.costs.level_time(len(level))
+                if not self._child_could_pay(tree, level, spent, expected):
+                    break  # not even a certain child would pay for its cost: skip the head too
             width = c.max_children if c.dynamic else c.branching[depth]
             logits = self.head(h)[0]
             if self.prune_head is not None and c.prune_shortlist:
@@ -201,7 +203,6 @@ class TreeSpeculative(DecodingStrategy):
             if c.dynamic:
                 # Keep the q most probable children that maximise expected tokens per predicted second of the
                 # step (drafting levels so far + their lower pass + verification of the grown tree); q = 0 stops.
-                spent += self.costs.level_time(len(level))
                 N = len(tree.tokens)
                 best_q, best, gain = 0, expected / (spent + self.costs.verify_time(N)), 0.0
                 for q, (prob, _, _) in enumerate(cands[:room], 1):
@@ -275,7 +276,6 @@ class TreeSpeculative(DecodingStrategy):
             t0 = time.perf_counter()
             alive, target = self._verify(tree, states, n, cache, dev)
             res.extra.setdefault("verify_seconds", []).append(time.perf_counter() - t0)  # pruning's saving
-            survivors = set(alive)
             path = [0]
             while True:  # walk down while a surviving child carries the final layer's token
                 nxt = next((c for c in alive if tree.parent[c] == path[-1] and tree.tokens[c] == target[path[-1]]),
@@ -293,7 +293,7 @@ class TreeSpeculative(DecodingStrategy):
             res.drafted += len(tree.tokens) - 1
             res.accepted += len(path) - 1
             res.extra.setdefault("tree_nodes", []).append(len(tree.tokens) - 1)
-            res.extra.setdefault("survivors", []).append(len(survivors) - 1)
+            res.extra.setdefault("survivors", []).append(len(alive) - 1)
             if self.config.dynamic:
                 predicted = sum(tree.prob[1:]) * self.calibration
                 if predicted == 0:  # no drafts this step: drift back slowly, so speculation is tried again later
