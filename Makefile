@@ -48,11 +48,17 @@ train: install
 eval: install
 	$(BIN)/python -m ppd_decode.eval $(if $(HEADS),heads=[$(HEADS)]) $(ARGS)
 
-# Every decoding method at batch size 1, then batched decoding at batch sizes 1..16 (BATCH_LAYER: the drafting head).
+# Every decoding method at batch size 1, then batched decoding at batch sizes 1..16 (BATCH_LAYER: the drafting head),
+# then token trees beside chain self-speculation at batch sizes 1, 4, 16 (TREE_LAYER drafts, PRUNE_LAYER prunes).
 BATCH_LAYER ?= 22
+TREE_LAYER ?= 15
+PRUNE_LAYER ?= 22
 bench: install
 	$(BIN)/python scripts/bench_decode.py $(if $(HEADS),--heads $(HEADS)) $(ARGS)
 	$(BIN)/python scripts/bench_batching.py $(if $(HEADS),--heads $(HEADS)) --layer $(BATCH_LAYER) $(BATCH_ARGS)
+	$(BIN)/python scripts/bench_batching.py $(if $(HEADS),--heads $(HEADS)) --layer $(TREE_LAYER) \
+		--prune-layer $(PRUNE_LAYER) --trees static,prune,dynamic --methods self_speculative,adaptive \
+		--gammas 1,2 --batch-sizes 1,4,16 --name batching_tree $(TREE_ARGS)
 
 bench-train: install
 	$(BIN)/python scripts/bench_train.py $(ARGS)

@@ -41,25 +41,31 @@ class RaggedBatch:
     def size(self) -> int:
         return len(self.rows)
 
-    def mask(self, q: int, extra: int, dtype, block_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def mask(self, q: int, extra: int, dtype, block_valid: torch.Tensor | None = None,
+             see_step: torch.Tensor | None = None) -> torch.Tensor:
         """Additive mask [B, 1, q, K + extra + q]: query i sees the row's valid cache columns, the ``extra`` block
         columns this step already appended (all: they are the row's own drafts) and block columns 0..i (those of
-        them in ``block_valid`` [B, q], when given: padding in the prefill); every query sees itself."""
+        them in ``block_valid`` [B, q], when given: padding in the prefill); every query sees itself.
+        ``see_step`` (bool [B, q, extra + q]) replaces that rule for this step's columns (token trees: ancestors)."""
         B, K = self.valid.shape
         dev = self.valid.device
-        causal = torch.ones(q, q, dtype=torch.bool, device=dev).tril()
         see = torch.ones(B, q, K + extra + q, dtype=torch.bool, device=dev)
         see[:, :, :K] = self.valid[:, None, :]
-        block = causal[None] if block_valid is None else causal[None] & block_valid[:, None, :]
-        see[:, :, K + extra:] = block | torch.eye(q, dtype=torch.bool, device=dev)[None]
+        if see_step is not None:
+            see[:, :, K:] = see_step
+        else:
+            causal = torch.ones(q, q, dtype=torch.bool, device=dev).tril()
+            block = causal[None] if block_valid is None else causal[None] & block_valid[:, None, :]
+            see[:, :, K + extra:] = block
+        see[:, :, K + extra:] |= torch.eye(q, dtype=torch.bool, device=dev)[None]
         mask = torch.zeros(see.shape, dtype=dtype, device=dev)
         return mask.masked_fill_(~see, torch.finfo(dtype).min)[:, None]
 
     def run(self, hidden, start: int, end: int, positions: torch.Tensor, offset: int = 0,
-            block_valid: torch.Tensor | None = None) -> torch.Tensor:
+            block_valid: torch.Tensor | None = None, see_step: torch.Tensor | None = None) -> torch.Tensor:
         """Layers ``start..end-1`` on ``hidden`` [B, q, H] at ``positions`` [B, q], appending to the cache.
-        ``offset``: block columns this step already appended to these layers."""
-        mask = self.mask(hidden.shape[1], offset, hidden.dtype, block_valid)
+        ``offset``: block columns this step already appended to these layers; ``see_step``: see ``mask``."""
+        mask = self.mask(hidden.shape[1], offset, hidden.dtype, block_valid, see_step)
         return run_layers(self.model, hidden, start, end, self.cache, position_ids=positions, attention_mask=mask)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
@@ -67,10 +73,16 @@ class RaggedBatch:
         """The last ``block`` cache columns are this step's block; row b keeps its first ``accepted[b] + 1``
         (the token it decoded plus its accepted drafts), the rest become holes; trailing all-hole columns go."""
         cols = torch.arange(block, device=accepted.device)
-        self.valid = torch.cat([self.valid, cols[None, :] <= accepted[:, None]], dim=1)
-        self.pos = self.pos + accepted + 1
-        keep = self.valid.shape[1] - block + int(accepted.max()) + 1
-        self._slice_columns(0, keep)
+        self.commit_columns(cols[None, :] <= accepted[:, None])
+
+    def commit_columns(self, keep: torch.Tensor) -> None:
+        """The last ``keep.shape[1]`` cache columns are this step's block; row b keeps the columns ``keep[b]``
+        (bool; they must hold consecutive positions from the row's next one on: a chain, or a tree's accepted
+        path), the rest become holes; trailing all-hole columns go."""
+        self.valid = torch.cat([self.valid, keep], dim=1)
+        self.pos = self.pos + keep.sum(-1)
+        used = keep.any(0).nonzero()
+        self._slice_columns(0, self.valid.shape[1] - keep.shape[1] + (int(used.max()) + 1 if len(used) else 0))
         holes = int((~self.valid).sum())
         if holes > 16 * self.size and 4 * holes > self.valid.numel():
             self.compact()

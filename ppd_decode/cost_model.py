@@ -30,7 +30,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16)
 QUERY_LENGTHS = (1, 2, 3, 5, 9)  # gamma + 1 for gamma in 0, 1, 2, 4, 8
 
 
-def _interp(xs: list[float], ys: list[float], x: float) -> float:
+def interpolate(xs: list[float], ys: list[float], x: float) -> float:
     """Piecewise-linear through (xs, ys) (sorted xs), extended linearly beyond both ends."""
     if len(xs) == 1:
         return ys[0] * x / xs[0]
@@ -62,14 +62,14 @@ class CostModel:
 
     # ------------------------------------------------------------------------------------------ evaluation
     def lower_time(self, b: int) -> float:
-        return _interp(self.batch_sizes, self.lower, b)
+        return interpolate(self.batch_sizes, self.lower, b)
 
     def head_time(self, b: int) -> float:
-        return _interp(self.batch_sizes, self.head, b)
+        return interpolate(self.batch_sizes, self.head, b)
 
     def upper_time(self, b: int, q: int) -> float:
-        per_b = [_interp(self.query_lengths, row, q) for row in self.upper]
-        return _interp(self.batch_sizes, per_b, b)
+        per_b = [interpolate(self.query_lengths, row, q) for row in self.upper]
+        return interpolate(self.batch_sizes, per_b, b)
 
     def step_time(self, b: int, gamma: int) -> float:
         if gamma == 0:

@@ -14,6 +14,11 @@ A head with ``"projection": "shared"`` reuses the model's own (frozen) LM head i
 norm and the adapter are trained and stored (kilobytes instead of a vocabulary matrix), and training five of them
 adds little optimizer and gradient work to the backbone's forward.
 
+A head with ``"projection": "frequent"`` trains its own rows for the N most frequent training tokens only (the
+candidate softmax's set, ``rows``) and uses the model's own LM head for every other token: the rows a candidate
+softmax moves anyway, at a tenth of the optimizer state and gradient traffic of a full copy. It stores
+``rows`` + ``row_weight``; loading materialises it into an ordinary full projection, so decoding sees an "own" head.
+
 A training run exports ``heads/layer{d}/`` for each layer it trained. The model signature (architecture sizes plus a small probe of the embedding matrix) lets ``load_heads`` refuse a
 head trained for another model with an error that says so.
 """
@@ -86,12 +91,12 @@ class ResidualAdapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-PROJECTIONS = ("own", "shared")
+PROJECTIONS = ("own", "shared", "frequent")
 
 
 class EarlyExitHead(nn.Module):
     def __init__(self, layer: int, norm: nn.Module, lm_head: nn.Linear, adapter_rank: int = 0,
-                 projection: str = "own"):
+                 projection: str = "own", rows: torch.Tensor | None = None):
         super().__init__()
         self.layer = layer
         self.adapter_rank = adapter_rank
@@ -99,16 +104,28 @@ class EarlyExitHead(nn.Module):
         self.adapter = ResidualAdapter(lm_head.in_features, adapter_rank) if adapter_rank else None
         self.norm = norm
         self.lm_head = lm_head
+        if projection == "frequent":
+            rows = torch.as_tensor(rows, dtype=torch.long, device=lm_head.weight.device)
+            if rows.ndim != 1 or not len(rows) or not bool((rows[1:] > rows[:-1]).all()) \
+                    or int(rows[-1]) >= lm_head.out_features or int(rows[0]) < 0:
+                raise HeadMismatchError(f"a frequent-rows head needs sorted, distinct token ids within the vocabulary "
+                                        f"of {lm_head.out_features}; got {rows.tolist()[:8]}...")
+            self.register_buffer("rows", rows)
+            self.row_weight = nn.Parameter(lm_head.weight.detach()[rows].clone())
 
     @classmethod
-    def from_model(cls, model, layer: int, adapter_rank: int = 0, projection: str = "own") -> "EarlyExitHead":
+    def from_model(cls, model, layer: int, adapter_rank: int = 0, projection: str = "own",
+                   rows: torch.Tensor | None = None) -> "EarlyExitHead":
         """A head initialised from the model's own final norm and LM head: ``projection="own"`` copies the LM head
-        (tied embeddings stay intact), ``"shared"`` reuses the model's own, frozen."""
+        (tied embeddings stay intact), ``"shared"`` reuses the model's own, frozen, and ``"frequent"`` reuses it
+        except for trained copies of the ``rows`` (token ids)."""
         check_layer(model, layer)
         if projection not in PROJECTIONS:
             raise HeadMismatchError(f"unknown head projection {projection!r}; use one of {list(PROJECTIONS)}")
+        if (projection == "frequent") != (rows is not None):
+            raise HeadMismatchError("token rows go with projection='frequent' (and only with it)")
         base = model.get_output_embeddings()
-        if projection == "shared":
+        if projection in ("shared", "frequent"):
             lm_head = base.requires_grad_(False)
         else:
             lm_head = nn.Linear(base.in_features, base.out_features, bias=False,
@@ -116,7 +133,7 @@ class EarlyExitHead(nn.Module):
             with torch.no_grad():
                 lm_head.weight.copy_(base.weight)
         norm = copy.deepcopy(model.model.norm).to(device=base.weight.device, dtype=base.weight.dtype)
-        head = cls(layer, norm, lm_head, adapter_rank, projection)
+        head = cls(layer, norm, lm_head, adapter_rank, projection, rows)
         if head.adapter is not None:
             head.adapter.to(device=base.weight.device, dtype=base.weight.dtype)
         return head
@@ -136,6 +153,27 @@ class EarlyExitHead(nn.Module):
         self.norm.float()
         if self.adapter is not None:
             self.adapter.float()
+        if self.projection == "frequent":
+            self.row_weight.data = self.row_weight.data.float()
+        return self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full [vocab, hidden] projection (a frequent-rows head: the model's rows with its own in place)."""
+        w = self.lm_head.weight
+        if self.projection == "frequent":
+            w = w.index_copy(0, self.rows, self.row_weight.to(w.dtype))
+        return w
+
+    def materialize(self) -> "EarlyExitHead":
+        """A frequent-rows head as an ordinary own projection (what decoding reads: ``lm_head.weight``)."""
+        if self.projection != "frequent":
+            return self
+        w = self.weight.detach()
+        self.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.lm_head.weight.data.copy_(w)
+        del self.row_weight, self.rows
+        self.projection, self.stored_as = "own", "frequent"
         return self
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -145,13 +183,20 @@ class EarlyExitHead(nn.Module):
         return self.norm(hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.lm_head.weight
+        w = self.weight
         return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w)
 
     def candidate_logits(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Logits of the ``candidates`` rows only (training's candidate softmax); gradients reach only those rows."""
-        w = self.lm_head.weight
-        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w[candidates])
+        """Logits of the ``candidates`` rows only (training's candidate softmax); gradients reach only those rows.
+        A frequent-rows head needs its ``rows`` among the candidates (the candidate set always holds them)."""
+        w = self.lm_head.weight[candidates]
+        if self.projection == "frequent":
+            at = torch.searchsorted(candidates, self.rows).clamp(max=len(candidates) - 1)
+            if not bool((candidates[at] == self.rows).all()):
+                raise HeadMismatchError("the candidate set misses some of this head's own rows; train with "
+                                        "head.train_vocab equal to the number of rows it was built with")
+            w = w.index_copy(0, at, self.row_weight.to(w.dtype))
+        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w)
 
 
 def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | None = None) -> Path:
@@ -163,7 +208,7 @@ def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | No
     tmp.mkdir(parents=True, exist_ok=True)
     sig = model_signature(model)
     config = {"format": FORMAT, "layer": head.layer, "adapter_rank": head.adapter_rank,
-              "projection": head.projection,
+              "projection": head.projection, **({"own_rows": len(head.rows)} if head.projection == "frequent" else {}),
               "base_model": sig["name_or_path"], "base_fingerprint": sig,
               "num_hidden_layers": sig["num_hidden_layers"], "hidden_size": sig["hidden_size"],
               "vocab_size": sig["vocab_size"], "dtype": str(head.lm_head.weight.dtype).replace("torch.", ""),
@@ -230,12 +275,16 @@ def load_heads(path: str | Path, model, layers: list[int] | None = None) -> dict
     for layer in want:
         info = read_head_config(found[layer])
         check_signature(info["base_fingerprint"], model, str(found[layer]))
-        head = EarlyExitHead.from_model(model, layer, info.get("adapter_rank", 0), info.get("projection", "own"))
         state = load_file(str(found[layer] / "model.safetensors"))
+        projection = info.get("projection", "own")
+        if projection == "frequent" and "rows" not in state:
+            raise HeadMismatchError(f"{found[layer]} is a frequent-rows head without its 'rows'; re-export the head.")
+        head = EarlyExitHead.from_model(model, layer, info.get("adapter_rank", 0), projection,
+                                        rows=state["rows"] if projection == "frequent" else None)
         missing, unexpected = head.load_state_dict(state, strict=False)
         if unexpected or any(k in head.own_state_dict() for k in missing):  # only a shared projection may be absent
             raise HeadMismatchError(f"{found[layer]} does not hold the weights its config.json describes "
                                     f"(missing {missing}, unexpected {unexpected}); re-export the head.")
         head.metrics = dict(info.get("metrics") or {})  # validation agreement: a prior for drafting policies
-        out[layer] = head.eval()
+        out[layer] = head.materialize().eval()
     return out

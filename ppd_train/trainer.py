@@ -51,6 +51,9 @@ class HeadBank(nn.Module):
         # recomputed from the training data, deterministically).
         self.register_buffer("frequent", frequent, persistent=False)
         self.shared = all(h.projection == "shared" for h in heads.values())
+        # Frequent-rows heads built on this run's frequent tokens share every row but their own (see forward).
+        self.frequent_rows = frequent is not None and all(
+            h.projection == "frequent" and torch.equal(h.rows.cpu(), frequent.cpu()) for h in heads.values())
 
     def forward(self, hidden: dict[int, torch.Tensor], input_ids, teacher_logits):
         args = (self.objective, self.kind, self.temperature)
@@ -62,6 +65,8 @@ class HeadBank(nn.Module):
         t = targets(input_ids, teacher_logits, self.objective, self.kind)  # one argmax over the vocabulary
         cands = candidate_set(self.frequent, t if t is not None else teacher_logits.argmax(-1))
         index = torch.searchsorted(cands, t.reshape(-1)) if t is not None else None
+        if self.frequent_rows:
+            return self._frequent_rows_loss(hidden, input_ids, teacher_logits, cands, t, args)
         if self.shared:
             heads = list(self.heads.items())
             w = heads[0][1].lm_head.weight[cands]
@@ -72,6 +77,27 @@ class HeadBank(nn.Module):
         return self._total({int(d): candidate_loss(h.candidate_logits(hidden[int(d)], cands), input_ids,
                                                    teacher_logits, cands, *args, target_index=index)
                             for d, h in self.heads.items()})
+
+    def _frequent_rows_loss(self, hidden, input_ids, teacher_logits, cands, t, args):
+        """Frequent-rows heads: the candidate set reordered as [the heads' own rows | the rest]; each head's own
+        rows get their own product, the rest (the model's LM head rows, the same for every head) one product for all
+        heads' features together. The softmax does not care about the order, only the targets' places must follow."""
+        rest = cands[~torch.isin(cands, self.frequent)]
+        order = torch.cat([self.frequent, rest])
+        index = None
+        if t is not None:
+            place = torch.empty_like(cands)
+            place[torch.searchsorted(cands, order)] = torch.arange(len(order), device=cands.device)
+            index = place[torch.searchsorted(cands, t.reshape(-1))]
+        heads = list(self.heads.items())
+        base = heads[0][1].lm_head.weight
+        feats = [h.features(hidden[int(d)].to(h.norm.weight.dtype)) for d, h in heads]
+        rest_logits = nn.functional.linear(torch.cat(feats).to(base.dtype), base[rest]).split(input_ids.shape[0])
+        losses = {}
+        for (d, h), f, z_rest in zip(heads, feats, rest_logits):
+            z = torch.cat([nn.functional.linear(f.to(h.row_weight.dtype), h.row_weight), z_rest.to(h.row_weight.dtype)], -1)
+            losses[int(d)] = candidate_loss(z, input_ids, teacher_logits, order, *args, target_index=index)
+        return self._total(losses)
 
     @staticmethod
     def _total(losses: dict[int, torch.Tensor]):
@@ -135,6 +161,11 @@ def validate(cfg, model=None) -> None:
 
     if cfg.head.get("projection", "own") not in PROJECTIONS:
         raise PPDError(f"unknown head.projection {cfg.head.projection!r}; use one of {list(PROJECTIONS)}")
+    if cfg.head.get("projection", "own") == "frequent" and not int(cfg.head.get("train_vocab") or 0):
+        raise PPDError("head.projection=frequent trains own rows for the head.train_vocab most frequent tokens; "
+                       "set head.train_vocab to a positive number (e.g. 4096)")
+    if cfg.trainer.get("autocast") not in (None, "bf16"):
+        raise PPDError(f"unknown trainer.autocast {cfg.trainer.autocast!r}; use bf16 or null")
     layers = list(cfg.head.layers)
     if not layers:
         raise PPDError("head.layers is empty; name at least one layer, e.g. head.layers=[15] (or make train LAYER=15)")
@@ -209,13 +240,14 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     warmup = max(1, int(round(float(cfg.trainer.warmup_ratio) * total_steps)))  # DeepSpeed needs >= 1
 
     projection = cfg.head.get("projection", "own")
+    train_vocab = int(cfg.head.get("train_vocab") or 0)
+    frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
     heads = {}
     for d in layers:  # each head's random init (the adapter's) depends on its layer only, not on the other heads
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed * 1000 + d)
-            heads[d] = EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection).float_trainable()
-    train_vocab = int(cfg.head.get("train_vocab") or 0)
-    frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
+            heads[d] = EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection,
+                                                rows=frequent if projection == "frequent" else None).float_trainable()
     bank = HeadBank(heads, objective, kind, float(cfg.head.get("temperature", 1.0)), frequent).to(device)
     ds_cfg = deepspeed_config(cfg.trainer.deepspeed, micro_batch=micro, grad_accum=accum, world=world,
                               lr=float(cfg.trainer.lr), weight_decay=float(cfg.trainer.weight_decay),
@@ -224,6 +256,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     engine, _, _, scheduler = deepspeed.initialize(model=bank, model_parameters=trainable, config=ds_cfg)
     backbone = FrozenBackbone(model, layers)
     need_teacher = needs_final_layer(objective)
+    autocast = cfg.trainer.get("autocast") == "bf16"
 
     ckpt_dir = run_dir / "checkpoints"
     step = 0
@@ -249,7 +282,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
         for m in range(accum):
             ids = data.train[_batch_rows(perm, in_epoch * accum + m, micro, world, rank)].to(device)
             hidden, teacher = backbone(ids, final_logits=need_teacher)
-            loss, per_head = engine(hidden, ids, teacher)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):  # the heads' products only
+                loss, per_head = engine(hidden, ids, teacher)
             engine.backward(loss)
             engine.step()
             for d, v in per_head.items():

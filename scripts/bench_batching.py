@@ -11,7 +11,10 @@ batches, per-token latency = batch wall time / tokens of each row (mean over row
 self-speculation with gamma fixed, and gamma*(b) from the profiled cost model (profiled here, in this run, and
 saved beside the results). Every row is compared token for token with that prompt decoded alone by ``generate``;
 a mismatch is reported with the reference's top-two logit gap (a near-tie below 1e-4).
-Writes docs/benchmarks/batching.{json,md,png} and batching_cost_model.json.
+With ``--trees static,prune,dynamic`` (and ``--prune-layer``) it adds token-tree rows (``batched_tree_speculative``
+drafting at ``--layer``: a static tree, the static tree with early pruning, pruning + dynamic size), the chain rows
+beside them; ``--methods`` keeps only some rows. ``make bench`` runs it twice: chains at layer 22, trees at 15.
+Writes docs/benchmarks/<name>.{json,md,png} and <name>_cost_model.json (name: batching by default).
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ def main() -> None:
                    help="prompt budget (the prefill is timed too; long prompts would hide the decode steps)")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--trees", default="", help="token-tree rows (batched_tree_speculative at --layer): any of "
+                   "static, prune, dynamic (prune and dynamic prune at --prune-layer)")
+    p.add_argument("--prune-layer", type=int, default=None, help="the pruning head's layer p (trees)")
+    p.add_argument("--branching", default="2,2,1,1", help="static trees: children per node at each depth")
+    p.add_argument("--methods", default=None,
+                   help="only these chain rows, comma-separated (hf_generate, self_speculative, adaptive); "
+                        "batched_greedy (the reference) and the --trees rows always run")
     p.add_argument("--cost-model", default=None, help="a saved cost model; default: profile it now")
     p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
     p.add_argument("--name", default="batching")
@@ -67,12 +77,19 @@ def main() -> None:
 
     model, tok = load_model(a.model)
     d = a.layer
+    trees = [t for t in a.trees.split(",") if t]
+    if any(t not in ("static", "prune", "dynamic") for t in trees):
+        raise SystemExit(f"--trees takes static, prune, dynamic; got {a.trees}")
+    if any(t != "static" for t in trees) and a.prune_layer is None:
+        raise SystemExit("--trees prune/dynamic need --prune-layer")
+    layers = [d] + ([a.prune_layer] if a.prune_layer is not None and trees else [])
     if a.heads:
-        head = load_heads(a.heads, model, [d])[d]
+        all_heads = load_heads(a.heads, model, layers)
         head_kind = "trained"
     else:
-        head = EarlyExitHead.from_model(model, d)
+        all_heads = {x: EarlyExitHead.from_model(model, x) for x in layers}
         head_kind = "logit lens"
+    head = all_heads[d]
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     gammas = [int(x) for x in a.gammas.split(",")]
     sets = {}
@@ -98,18 +115,30 @@ def main() -> None:
     methods: list[dict] = [{"method": "hf_generate", "gamma": None}, {"method": "batched_greedy", "gamma": 0}]
     methods += [{"method": "self_speculative", "gamma": g} for g in gammas]
     methods += [{"method": "adaptive", "gamma": "adaptive"}]
+    methods += [{"method": f"tree_{t}", "gamma": None} for t in trees]
+    if a.methods:  # the chain rows to keep; tree rows are what --trees asks for
+        keep = set(a.methods.split(",")) | {"batched_greedy"} | {f"tree_{t}" for t in trees}
+        methods = [m for m in methods if m["method"] in keep]
     cls = get_strategy("batched_self_speculative")
+    tree_cls = get_strategy("batched_tree_speculative")
+    branching = tuple(int(x) for x in a.branching.split(","))
 
     def strategy(m: dict, b: int):
         if m["method"] == "batched_greedy":
             return get_strategy("batched_greedy")(model, get_strategy("batched_greedy").Config(max_batch_size=b))
+        if m["method"].startswith("tree_"):
+            kind = m["method"][5:]
+            cfg = tree_cls.Config(layer=d, branching=branching, max_batch_size=b, dynamic=kind == "dynamic",
+                                  prune_layer=None if kind == "static" else a.prune_layer)
+            return tree_cls(model, cfg, heads=all_heads)  # dynamic: the cost profile is made once, at warm-up
         cfg = cls.Config(layer=d, draft_tokens=m["gamma"], max_batch_size=b, acceptance=alpha,
                          cost_model=str(cost_path))  # profiled above, in this run
         return cls(model, cfg, heads={d: head})
 
     reference = greedy_continuations(model, prompts, a.max_new_tokens, batch_size=1)  # each prompt alone
-    for m in methods[1:]:  # warm-up: every code path once, on two prompts
-        strategy(m, 2).generate_batch(prompts[:2], 4)
+    for m in methods:  # warm-up: every code path once, on two prompts
+        if m["method"] != "hf_generate":
+            strategy(m, 2).generate_batch(prompts[:2], 4)
     results = []
     for b in sizes:
         plist = prompts[:max(b, a.min_prompts)]
@@ -166,7 +195,8 @@ def main() -> None:
     for b in sizes:
         fixed = [r for r in results if r["batch_size"] == b and r["method"] in ("batched_greedy", "self_speculative")]
         best_fixed[b] = max(fixed, key=lambda r: r["tokens_per_s"])["gamma"]
-    out = {"model": a.model, "head": head_kind, "layer": d, "acceptance_prior": alpha, "cpu": cpu_name(),
+    out = {"model": a.model, "head": head_kind, "layer": d, "prune_layer": a.prune_layer if trees else None,
+           "branching": list(branching) if trees else None, "acceptance_prior": alpha, "cpu": cpu_name(),
            "threads": a.threads, "torch": torch.__version__, "transformers": transformers.__version__,
            "max_new_tokens": a.max_new_tokens, "runs": a.runs, "sets": list(sets), "prompts": len(prompts),
            "gamma_star": cost.table(alpha), "best_fixed_gamma_measured": best_fixed,
@@ -179,9 +209,11 @@ def main() -> None:
 
 
 def write_markdown(out: dict, path: Path) -> None:
+    trees = (f" Token trees (batched_tree_speculative): drafted at layer {out['layer']}, static branching "
+             f"{out['branching']}, pruning at layer {out['prune_layer']}." if out.get("branching") else "")
     lines = [f"{out['model']}, {out['head']} head at layer {out['layer']} (validation acceptance prior "
              f"{out['acceptance_prior']:.3f}), {out['cpu']}, {out['threads']} threads, {out['max_new_tokens']} new "
-             f"tokens, median of {out['runs']} runs; prompts from {', '.join(out['sets'])}.", "",
+             f"tokens, median of {out['runs']} runs; prompts from {', '.join(out['sets'])}.{trees}", "",
              f"Cost model's gamma*(b): {out['gamma_star']}; best fixed gamma measured: {out['best_fixed_gamma_measured']}.",
              "", "| batch | method | gamma | tokens/s | vs batched greedy | predicted tokens/s | latency ms/token | "
              "accepted/drafted | mismatches (near-ties) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -208,7 +240,7 @@ def plot(out: dict, path: Path) -> None:
         labels.setdefault(label, []).append(r)
     for label, rows in labels.items():
         xs = [r["batch_size"] for r in rows]
-        style = "-o" if label in ("adaptive", "batched_greedy", "hf_generate") else "--."
+        style = "-o" if label in ("adaptive", "batched_greedy", "hf_generate") or label.startswith("tree") else "--."
         ax1.plot(xs, [r["tokens_per_s"] for r in rows], style, label=label)
         ax2.plot(xs, [1000 * r["latency_per_token_s"] for r in rows], style, label=label)
     for ax, title in ((ax1, "throughput (tokens/s)"), (ax2, "per-token latency (ms)")):

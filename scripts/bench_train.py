@@ -6,9 +6,9 @@ on the same model, data and batch shape, in one process (the real DeepSpeed trai
     python scripts/bench_train.py --model tiny-random --layers 1,2,3 --steps 6   # a quick check
 
 Per configuration: tokens/s = the median over logging windows after the first (the first holds warm-up).
-Each setup (``--setups``: name=overrides;...; by default the full softmax, the candidate softmax over 4,096 frequent
-tokens + the batch's targets, and heads that share the model's frozen LM head with a rank-256 adapter) gets its
-three rows; costs are relative to one head of the same setup, and to one head of the first setup.
+Each setup (``--setups``: name=overrides;...; by default own heads with the full softmax and with the candidate
+softmax over 4,096 frequent tokens + the batch's targets, heads that share the model's frozen LM head with a
+rank-256 adapter, and the default frequent-rows heads in fp32 and under bf16 autocast) gets its three rows; costs are relative to one head of the same setup, and to one head of the first setup.
 ``--append`` adds this run's setups to the existing JSON (then the second ratio compares across runs).
 Writes docs/benchmarks/train.{json,md}. Target (issue 3): five heads in one pass cost at most 1.3x one head.
 """
@@ -50,8 +50,13 @@ def main() -> None:
     p.add_argument("--objective", default="distill", choices=["ce", "distill"])
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--log-every", type=int, default=2)
-    p.add_argument("--setups", default="full softmax=head.train_vocab=0;candidate softmax 4096=head.train_vocab=4096;"
-                   "shared LM head + adapter 256=head.train_vocab=4096 head.projection=shared head.adapter_rank=256",
+    p.add_argument("--setups", default=";".join([
+        "full softmax=head.projection=own head.train_vocab=0 trainer.autocast=null",
+        "candidate softmax 4096=head.projection=own head.train_vocab=4096 trainer.autocast=null",
+        "shared LM head + adapter 256=head.projection=shared head.adapter_rank=256 head.train_vocab=4096 "
+        "trainer.autocast=null",
+        "frequent rows 4096 (default)=head.projection=frequent head.train_vocab=4096 trainer.autocast=null",
+        "frequent rows 4096 + bf16 autocast=head.projection=frequent head.train_vocab=4096 trainer.autocast=bf16"]),
                    help="name=space-separated overrides;... (the first is the reference)")
     p.add_argument("--append", action="store_true", help="add to docs/benchmarks/train.json instead of replacing it")
     p.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,

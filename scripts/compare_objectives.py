@@ -18,8 +18,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Each run pins its whole head recipe, so the table stays reproducible when the defaults change.
-OWN = ["head.projection=own", "head.adapter_rank=0"]
-SHARED = ["head.projection=shared", "head.adapter_rank=256"]
+OWN = ["head.projection=own", "head.adapter_rank=0", "trainer.autocast=null"]
+SHARED = ["head.projection=shared", "head.adapter_rank=256", "trainer.autocast=null"]
 ARGMAX = ["head.objective=distill", "head.distill_kind=argmax"]
 FULL, CAND = "head.train_vocab=0", "head.train_vocab=4096"
 OBJECTIVES = {

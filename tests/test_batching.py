@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ppd_decode import PPDError, PromptTooLongError, load_model
 from ppd_decode.batching import RaggedBatch
-from ppd_decode.cost_model import CostModel, _interp, expected_tokens
+from ppd_decode.cost_model import CostModel, interpolate, expected_tokens
 from ppd_decode.strategies import get_strategy
 from ppd_decode.strategies.batched import BatchedSelfSpeculative
 from test_strategies import LAYERS, heads_for, model, reference
@@ -117,9 +117,9 @@ def test_expected_tokens_is_the_geometric_sum():
 
 def test_interpolation_is_exact_on_the_grid_and_linear_between():
     xs, ys = [1, 2, 4], [1.0, 3.0, 4.0]
-    assert [_interp(xs, ys, x) for x in xs] == ys
-    assert _interp(xs, ys, 3) == pytest.approx(3.5)
-    assert _interp(xs, ys, 8) == pytest.approx(6.0)  # extended beyond the last point
+    assert [interpolate(xs, ys, x) for x in xs] == ys
+    assert interpolate(xs, ys, 3) == pytest.approx(3.5)
+    assert interpolate(xs, ys, 8) == pytest.approx(6.0)  # extended beyond the last point
 
 
 def test_speculation_turns_off_where_drafting_costs_more_than_it_saves():

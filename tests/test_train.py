@@ -198,6 +198,86 @@ def test_shared_projection_trains_only_norm_and_adapter_and_exports_small_heads(
         assert torch.equal(v, start[k]), k
 
 
+def test_frequent_rows_projection_trains_only_its_rows_and_loads_as_a_full_projection(corpus, tmp_path, tiny):
+    model, tok = tiny
+    common = [f"data.files=[{corpus}]", "trainer.max_steps=3", "head.projection=frequent", "head.train_vocab=8"]
+    train(_cfg("head.layers=[1,3]", *common), run_dir=tmp_path / "both")
+    train(_cfg("head.layers=[3]", *common), run_dir=tmp_path / "three")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "both" / "heads" / "layer3" / "model.safetensors"))
+    assert set(saved) == {"norm.weight", "rows", "row_weight"} and saved["row_weight"].shape == (8, model.config.hidden_size)
+    assert json.loads((tmp_path / "both" / "heads" / "layer3" / "config.json").read_text())["own_rows"] == 8
+    rows = saved["rows"]
+    heads = load_heads(tmp_path / "both" / "heads", model)
+    for d, head in heads.items():
+        # decoding sees an ordinary projection: the model's rows everywhere but the trained frequent ones
+        assert head.projection == "own" and head.stored_as == "frequent" and head.lm_head is not model.lm_head
+        changed = (head.lm_head.weight != model.lm_head.weight).any(-1)
+        assert changed[rows].any() and not changed[~torch.isin(torch.arange(len(changed)), rows)].any()
+    # several heads from one forward equal one head alone (as for the other projections)
+    alone = load_heads(tmp_path / "three" / "heads", model)[3]
+    torch.testing.assert_close(heads[3].lm_head.weight, alone.lm_head.weight, rtol=1e-5, atol=1e-6)
+    with pytest.raises(PPDError, match="head.train_vocab to a positive number"):
+        train(_cfg("head.layers=[1]", f"data.files=[{corpus}]", "head.projection=frequent", "head.train_vocab=0"),
+              run_dir=tmp_path / "bad")
+
+
+def test_frequent_rows_head_logits_equal_the_full_projection_it_stands_for(tiny):
+    from ppd_decode.heads import EarlyExitHead
+
+    model, _ = tiny
+    rows = torch.tensor([3, 7, 40, 100])
+    head = EarlyExitHead.from_model(model, 2, projection="frequent", rows=rows)
+    with torch.no_grad():
+        head.row_weight.add_(torch.randn_like(head.row_weight))
+    h = torch.randn(5, model.config.hidden_size)
+    cands = torch.tensor([1, 3, 7, 9, 40, 100, 200])
+    full = head(h)
+    torch.testing.assert_close(head.candidate_logits(h, cands), full[:, cands])
+    head.candidate_logits(h, cands).sum().backward()
+    assert head.row_weight.grad is not None and model.lm_head.weight.grad is None
+    with pytest.raises(HeadMismatchError, match="misses some of this head's own rows"):
+        head.candidate_logits(h, torch.tensor([1, 3, 7, 9]))
+    with torch.no_grad():
+        torch.testing.assert_close(head.materialize()(h), full)
+    with pytest.raises(HeadMismatchError, match="sorted, distinct"):
+        EarlyExitHead.from_model(model, 2, projection="frequent", rows=torch.tensor([7, 3]))
+
+
+@pytest.mark.parametrize("objective, kind", [("ce", "kl"), ("distill", "argmax"), ("distill", "kl")])
+def test_frequent_rows_bank_shares_products_without_changing_loss_or_gradients(tiny, objective, kind):
+    from ppd_decode.heads import EarlyExitHead
+    from ppd_train.trainer import HeadBank
+
+    model, _ = tiny
+    torch.manual_seed(0)
+    ids = torch.randint(4, 260, (2, 12))
+    frequent = frequent_tokens(ids, 6, model.config.vocab_size)
+    hidden, teacher = FrozenBackbone(model, [1, 3])(ids, final_logits=True)
+
+    def fresh():
+        heads = {d: EarlyExitHead.from_model(model, d, projection="frequent", rows=frequent) for d in (1, 3)}
+        for h in heads.values():
+            with torch.no_grad():
+                h.row_weight.add_(0.1 * torch.randn_like(h.row_weight, generator=torch.Generator().manual_seed(h.layer)))
+        return heads
+
+    bank = HeadBank(fresh(), objective, kind, 1.0, frequent)
+    assert bank.frequent_rows
+    total, per_head = bank(hidden, ids, teacher)
+    total.backward()
+    heads = fresh()  # the per-head path: each head's candidate rows in sorted order
+    t = targets(ids, teacher, objective, kind)
+    cands = candidate_set(frequent, t if t is not None else teacher.argmax(-1))
+    for d, h in heads.items():
+        ref = candidate_loss(h.candidate_logits(hidden[d], cands), ids, teacher, cands, objective, kind)
+        torch.testing.assert_close(per_head[d], ref)
+        ref.backward()
+        torch.testing.assert_close(bank.heads[str(d)].row_weight.grad, h.row_weight.grad)
+        torch.testing.assert_close(bank.heads[str(d)].norm.weight.grad, h.norm.weight.grad)
+
+
 def test_export_round_trip_and_metadata(corpus, tmp_path):
     train(_cfg("head.layers=[2]", f"data.files=[{corpus}]", "trainer.max_steps=2", "head.objective=ce"),
           run_dir=tmp_path)

@@ -108,3 +108,64 @@ def test_shortlist_pruning_keeps_every_node_full_pruning_keeps():
         assert a.tokens == b.tokens == reference(m, prompt, 12)
         if a.extra["tree_nodes"] == b.extra["tree_nodes"]:  # same trees drafted: compare the survivors step by step
             assert all(x <= y for x, y in zip(a.extra["survivors"], b.extra["survivors"]))
+
+
+# ------------------------------------------------------------------------------------------- batched trees
+from ppd_decode.strategies.batched_tree import BatchTreeCosts, BatchedTreeSpeculative  # noqa: E402
+
+batches = st.lists(st.lists(st.integers(4, 259), min_size=1, max_size=30), min_size=1, max_size=5)
+
+
+def batched_tree(m, heads, **cfg):
+    return BatchedTreeSpeculative(m, BatchedTreeSpeculative.Config(**cfg), heads=heads)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompts=batches, mdl=models, noise=st.sampled_from([0.0, 0.05, 1.0]),
+       branching=st.lists(st.integers(1, 3), min_size=1, max_size=4), max_nodes=st.integers(1, 20),
+       prune=st.booleans(), prune_top=st.integers(1, 5), shortlist=st.sampled_from([0, 16]), n=st.integers(1, 40))
+def test_batched_trees_rows_equal_greedy_alone(prompts, mdl, noise, branching, max_nodes, prune, prune_top,
+                                               shortlist, n):
+    m = model(*mdl)
+    s = batched_tree(m, heads_for(m, mdl[0], noise), layer=1, branching=tuple(branching), max_nodes=max_nodes,
+                     prune_layer=2 if prune else None, prune_top=prune_top, prune_shortlist=shortlist)
+    out = s.generate_batch(prompts, n)
+    assert [r.tokens for r in out] == [reference(m, p, n) for p in prompts]
+
+
+def _made_up_costs(verify_slope: float) -> BatchTreeCosts:
+    return BatchTreeCosts([1, 16], [1, 32], [[0.01, 0.02], [0.02, 0.04]],
+                          [[1.0, 1.0 + 31 * verify_slope], [2.0, 2.0 + 31 * verify_slope]])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompts=batches, mdl=models, noise=st.sampled_from([0.0, 0.05, 1.0]), n=st.integers(1, 40),
+       verify_slope=st.sampled_from([0.0, 0.01, 1.0]))
+def test_batched_dynamic_trees_with_pruning_equal_greedy_alone(prompts, mdl, noise, n, verify_slope):
+    m = model(*mdl)
+    s = batched_tree(m, heads_for(m, mdl[0], noise), layer=1, prune_layer=3, max_nodes=12)
+    s.config.dynamic, s.costs = True, _made_up_costs(verify_slope)  # no profiling in tests
+    out = s.generate_batch(prompts, n)
+    assert [r.tokens for r in out] == [reference(m, p, n) for p in prompts]
+
+
+def test_batched_trees_accept_deep_paths_prune_rows_and_go_ragged():
+    m = model(0, 0.05)
+    heads = heads_for(m, 0, 0.0)
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [200] * 7]
+    want = [reference(m, p, 40) for p in prompts]
+    full = batched_tree(m, heads, layer=2, branching=(3, 2, 1, 1)).generate_batch(prompts, 40)
+    pruned = batched_tree(m, heads, layer=2, branching=(3, 2, 1, 1), prune_layer=3, prune_top=1).generate_batch(
+        prompts, 40)
+    assert [r.tokens for r in full] == want and [r.tokens for r in pruned] == want
+    assert all(r.accepted / (r.steps - 1) > 1.5 for r in full)
+    assert len({r.accepted for r in full}) > 1  # rows accepted different lengths: the cache went ragged
+    assert sum(sum(r.extra["survivors"]) for r in pruned) < sum(sum(r.extra["tree_nodes"]) for r in pruned)
+    cheap = batched_tree(m, heads, layer=2, max_nodes=16)
+    cheap.config.dynamic, cheap.costs = True, _made_up_costs(0.0)
+    dear = batched_tree(m, heads, layer=2, max_nodes=16)
+    dear.config.dynamic, dear.costs = True, BatchTreeCosts([1, 16], [1, 32], [[0.5, 16.0]] * 2, [[1.0, 40.0]] * 2)
+    a, b = cheap.generate_batch(prompts, 30), dear.generate_batch(prompts, 30)
+    assert [r.tokens for r in a] == [r.tokens for r in b] == [w[:30] for w in want]
+    mean = lambda rs: sum(sum(r.extra["tree_nodes"]) for r in rs) / sum(len(r.extra["tree_nodes"]) for r in rs)  # noqa: E731
+    assert mean(a) > mean(b)

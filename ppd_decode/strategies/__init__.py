@@ -1,7 +1,7 @@
 """Decoding strategies, registered by name (see base.py). Importing this package registers all of them."""
 
 from .base import REGISTRY, DecodeResult, DecodingStrategy, get_strategy, register
-from . import batched, greedy, hf_methods, lookahead, self_speculative, tree_speculative  # noqa: F401  (registration)
+from . import batched, batched_tree, greedy, hf_methods, lookahead, self_speculative, tree_speculative  # noqa: F401
 
 __all__ = ["REGISTRY", "DecodeResult", "DecodingStrategy", "get_strategy", "register"]
 

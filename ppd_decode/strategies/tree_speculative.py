@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.functional import linear as nn_linear
 
-from ..cost_model import _interp
+from ..cost_model import interpolate
 from ..errors import HeadMismatchError, PPDError
 from ..heads import check_layer
 from ..stack import embed, final_logits, new_cache, num_layers, run_layers, select_cache
@@ -57,10 +57,10 @@ class TreeCosts:
     verify: list[float]
 
     def level_time(self, q: int) -> float:
-        return _interp(self.rows, self.level, q)
+        return interpolate(self.rows, self.level, q)
 
     def verify_time(self, q: int) -> float:
-        return _interp(self.rows, self.verify, q)
+        return interpolate(self.rows, self.verify, q)
 
 
 _COSTS: dict[tuple[int, int], TreeCosts] = {}
@@ -220,16 +220,17 @@ class TreeSpeculative(DecodingStrategy):
         return tree, torch.cat(states, dim=1)
 
     # ------------------------------------------------------------------------------------------------ verifying
-    def _prune_test(self, tree: Tree, h: torch.Tensor):
+    def _prune_test(self, tree: Tree, h: torch.Tensor, shortlist: list[torch.Tensor]):
         """Whether node i's token is among its parent's top-``prune_top`` under the layer-p head. With a shortlist
         the ranking is among the tokens the draft head rated highly at any node (a few hundred rows of the
         projection instead of the vocabulary): a rank there is never worse than in the vocabulary, so the shortlist
-        only ever keeps more nodes. Pruning never affects exactness, only how much is verified."""
+        only ever keeps more nodes. Pruning never affects exactness, only how much is verified. ``h``: the nodes'
+        layer-p states [1, N, H] in node order; ``shortlist``: the draft's top tokens collected this step."""
         c = self.config
         if not c.prune_shortlist:
             top = self.prune_head(h)[0].topk(c.prune_top, dim=-1).indices.tolist()
             return lambda i: tree.tokens[i] in top[tree.parent[i]]
-        ids = torch.unique(torch.cat(self._shortlist + [torch.tensor(tree.tokens, device=h.device)]))
+        ids = torch.unique(torch.cat(shortlist + [torch.tensor(tree.tokens, device=h.device)]))
         head = self.prune_head
         logits = nn_linear(head.features(h[0]), head.lm_head.weight[ids])  # [N, |shortlist|]
         kth = logits.topk(min(c.prune_top, len(ids)), dim=-1).values[:, -1]
@@ -249,7 +250,7 @@ class TreeSpeculative(DecodingStrategy):
             return nodes, dict(zip(nodes, final_logits(m, h)[0].argmax(-1).tolist()))
         h = run_layers(m, states, d, p, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
         alive = [True] * len(nodes)
-        survives = self._prune_test(tree, h)
+        survives = self._prune_test(tree, h, self._shortlist)
         for i in nodes[1:]:  # parents come before children
             alive[i] = alive[tree.parent[i]] and survives(i)
         keep = [i for i in nodes if alive[i]]
