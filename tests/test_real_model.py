@@ -79,11 +79,13 @@ def test_real_model_token_identical_to_greedy(smollm2, trained_head, prompts, na
 
 
 @pytest.mark.slow
-def test_real_model_batched_rows_equal_greedy_alone(smollm2, trained_head, prompts):
+@pytest.mark.parametrize("name,config", [("batched_self_speculative", {"layer": LAYER, "draft_tokens": 3}),
+                                         ("batched_tree_speculative", {"layer": LAYER, "branching": (2, 2, 1)})])
+def test_real_model_batched_rows_equal_greedy_alone(smollm2, trained_head, prompts, name, config):
     """All prompts in one ragged batch (different lengths, rows accepting different numbers of drafts)."""
     model, _ = smollm2
-    cls = get_strategy("batched_self_speculative")
-    strategy = cls(model, config=cls.Config(layer=LAYER, draft_tokens=3), heads=trained_head)
+    cls = get_strategy(name)
+    strategy = cls(model, config=cls.Config(**config), heads=trained_head)
     got = strategy.generate_batch([ids for _, ids in prompts], NEW_TOKENS)
     for (task, ids), res in zip(prompts, got):
         x = torch.tensor([ids])
