@@ -28,7 +28,7 @@ from ..stack import embed, final_logits, new_cache, num_layers, run_layers
 from ..theory import median_time
 from .base import DecodeResult, register
 from .batched import BatchedDecoding
-from .tree_speculative import Tree, TreeSpeculative, TreeSpeculativeConfig
+from .tree_speculative import Tree, TreeSpeculative, TreeSpeculativeConfig, accepted_path, updated_calibration
 
 
 @dataclass
@@ -94,6 +94,15 @@ def profile_batch_tree_costs(model, head, d: int, batches=(1, 2, 4, 8, 16), rows
     return costs
 
 
+def _visibility(trees: list[Tree], col: list[list[int]], nodes: list[list[int]], width: int) -> torch.Tensor:
+    """bool [B, max_b len(nodes[b]), width]: row j of b sees the block columns (``col[b][node]``) of node
+    ``nodes[b][j]`` and its ancestors; rows past a row's nodes (padding) see nothing."""
+    see = torch.zeros(len(trees), max(map(len, nodes)), width, dtype=torch.bool)
+    for b, (tree, ns) in enumerate(zip(trees, nodes)):
+        see[b, :len(ns), torch.tensor(col[b])] = tree.ancestors(list(range(len(col[b]))))[ns]
+    return see
+
+
 @register
 class BatchedTreeSpeculative(BatchedDecoding):
     name = "batched_tree_speculative"
@@ -129,15 +138,11 @@ class BatchedTreeSpeculative(BatchedDecoding):
             N = width_so_far + W
             tokens = torch.full((B, W), self.pad, dtype=torch.long, device=dev)
             positions = batch.pos[:, None].repeat(1, W)
-            see = torch.zeros(B, W, N, dtype=torch.bool)
             for b, lvl in enumerate(levels):
                 for j, node in enumerate(lvl):
                     tokens[b, j] = trees[b].tokens[node]
                     positions[b, j] += trees[b].depth[node]
-                    n = node
-                    while n >= 0:  # the node and its ancestors
-                        see[b, j, col[b][n]] = True
-                        n = trees[b].parent[n]
+            see = _visibility(trees, col, levels, N)
             h = batch.run(embed(m, tokens), 0, d, positions, offset=width_so_far, see_step=see.to(dev))
             states.append(h)
             width_so_far = N
@@ -181,12 +186,8 @@ class BatchedTreeSpeculative(BatchedDecoding):
                 col[b] += [N + j for j in range(len(levels[b]))]
             depth += 1
         see_all = torch.zeros(B, width_so_far, width_so_far, dtype=torch.bool)
-        for b, t in enumerate(trees):
-            for i in range(len(t.tokens)):
-                n = i
-                while n >= 0:
-                    see_all[b, col[b][i], col[b][n]] = True
-                    n = t.parent[n]
+        for b, cols in enumerate(col):  # rows in column order (padding columns see nothing here)
+            see_all[b, cols] = _visibility(trees[b:b + 1], col[b:b + 1], [list(range(len(cols)))], width_so_far)[0]
         return col, torch.cat(states, dim=1), see_all
 
     # ------------------------------------------------------------------------------------------------ verifying
@@ -216,22 +217,19 @@ class BatchedTreeSpeculative(BatchedDecoding):
         alive = [self._survivors(t, shortlists[b], col[b], h[b]) for b, t in enumerate(trees)]
         S = max(map(len, alive))
         idx = torch.zeros(B, S, dtype=torch.long)
+        dump = torch.full((B, S), N, dtype=torch.long)  # where each row's cache entry goes back; padding: column N
         see = torch.zeros(B, S, S, dtype=torch.bool)
         for b, keep in enumerate(alive):
             cols = [col[b][i] for i in keep]
-            idx[b, :len(cols)] = torch.tensor(cols)
+            idx[b, :len(cols)] = dump[b, :len(cols)] = torch.tensor(cols)
             idx[b, len(cols):] = cols[0]  # padding: a copy of the root that sees only itself
-            sub = see_all[b][cols][:, cols]
-            see[b, :len(cols), :len(cols)] = sub
+            see[b, :len(cols), :len(cols)] = see_all[b][cols][:, cols]
         idx_d = idx.to(dev)
         K = batch.valid.shape[1]
         h = batch.run(h.gather(1, idx_d[..., None].expand(-1, -1, h.shape[-1])), p, L, positions.gather(1, idx_d),
                       see_step=see.to(dev))
         # Layers p+1..L got S columns per row: scatter them back to the nodes' columns (N wide, like layers 1..p);
         # padding goes to a spare column that is cut off.
-        dump = torch.full((B, S), N, dtype=torch.long)
-        for b, keep in enumerate(alive):
-            dump[b, :len(keep)] = idx[b, :len(keep)]
         dump = dump.to(dev)
         for layer in batch.cache.layers[p:L]:
             for name in ("keys", "values"):
@@ -262,13 +260,7 @@ class BatchedTreeSpeculative(BatchedDecoding):
             keep = torch.zeros(batch.size, states.shape[1], dtype=torch.bool)
             new, predicted, got = [], 0.0, 0
             for b, (tree, row) in enumerate(zip(trees, batch.rows)):
-                path = [0]
-                while True:  # walk down while a surviving child carries the final layer's token
-                    nxt = next((c for c in alive[b] if tree.parent[c] == path[-1]
-                                and tree.tokens[c] == target[b][path[-1]]), None)
-                    if nxt is None:
-                        break
-                    path.append(nxt)
+                path = accepted_path(tree, alive[b], target[b])
                 for i in path:
                     keep[b, col[b][i]] = True
                 res = results[row]
@@ -281,12 +273,8 @@ class BatchedTreeSpeculative(BatchedDecoding):
                 predicted += sum(tree.prob[1:]) * self.calibration
                 got += len(path) - 1
                 new.append([tree.tokens[i] for i in path[1:]] + [target[b][path[-1]]])
-            if self.config.dynamic:
-                if predicted == 0:
-                    self.calibration = min(1.0, self.calibration * 1.01)
-                else:
-                    self.calibration = min(2.0, max(0.05, 0.9 * self.calibration
-                                                    + 0.1 * self.calibration * (got + 0.5) / (predicted + 0.5)))
+            if self.config.dynamic:  # one estimate for the batch: all rows' drafts against all rows' accepts
+                self.calibration = updated_calibration(self.calibration, predicted, got)
             batch.commit_columns(keep.to(batch.valid.device))
             batch.cur = torch.tensor([toks[-1] for toks in new], device=batch.cur.device)
             self._finish_rows(batch, results, new, max_new_tokens)

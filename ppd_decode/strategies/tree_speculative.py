@@ -120,6 +120,25 @@ class Tree:
         return see
 
 
+def accepted_path(tree: Tree, alive: list[int], target: dict[int, int]) -> list[int]:
+    """Root-first nodes of the longest path whose tokens equal the final layer's argmax chain: from the root, walk
+    down while a surviving child carries the token the final layer chose at its parent (``target[node]``)."""
+    path = [0]
+    while True:
+        nxt = next((c for c in alive if tree.parent[c] == path[-1] and tree.tokens[c] == target[path[-1]]), None)
+        if nxt is None:
+            return path
+        path.append(nxt)
+
+
+def updated_calibration(calibration: float, predicted: float, accepted: int) -> float:
+    """Dynamic trees' observed / predicted accepted length, learned online. ``predicted``: the drafts' summed path
+    probabilities (already calibrated); with no drafts it drifts back slowly, so speculation is tried again."""
+    if predicted == 0:
+        return min(1.0, calibration * 1.01)
+    return min(2.0, max(0.05, 0.9 * calibration + 0.1 * calibration * (accepted + 0.5) / (predicted + 0.5)))
+
+
 def tree_mask(see: torch.Tensor, rows: list[int], prefix: int, dtype, device) -> torch.Tensor:
     """Additive [1, 1, len(rows), prefix + see.shape[1]] mask: the rows (indices into ``see``) see the whole cached
     prefix and, among the tree columns, what ``see`` says."""
@@ -277,13 +296,7 @@ class TreeSpeculative(DecodingStrategy):
             t0 = time.perf_counter()
             alive, target = self._verify(tree, states, n, cache, dev)
             res.extra.setdefault("verify_seconds", []).append(time.perf_counter() - t0)  # pruning's saving
-            path = [0]
-            while True:  # walk down while a surviving child carries the final layer's token
-                nxt = next((c for c in alive if tree.parent[c] == path[-1] and tree.tokens[c] == target[path[-1]]),
-                           None)
-                if nxt is None:
-                    break
-                path.append(nxt)
+            path = accepted_path(tree, alive, target)
             nxt_token = target[path[-1]]
             # Layers 1..p hold every node (drafting order); layers p+1..L only the survivors (their order).
             select_cache(cache, n, [n + i for i in path], range(0, p))
@@ -295,13 +308,9 @@ class TreeSpeculative(DecodingStrategy):
             res.accepted += len(path) - 1
             res.extra.setdefault("tree_nodes", []).append(len(tree.tokens) - 1)
             res.extra.setdefault("survivors", []).append(len(alive) - 1)
-            if self.config.dynamic:
-                predicted = sum(tree.prob[1:]) * self.calibration
-                if predicted == 0:  # no drafts this step: drift back slowly, so speculation is tried again later
-                    self.calibration = min(1.0, self.calibration * 1.01)
-                else:  # keep the path-probability estimate honest on this head and data
-                    self.calibration = min(2.0, max(0.05, 0.9 * self.calibration
-                                                    + 0.1 * self.calibration * (len(path) - 1 + 0.5) / (predicted + 0.5)))
+            if self.config.dynamic:  # keep the path-probability estimate honest on this head and data
+                self.calibration = updated_calibration(self.calibration, sum(tree.prob[1:]) * self.calibration,
+                                                       len(path) - 1)
             n += len(path)
             if self.finish(out, [tree.tokens[i] for i in path[1:]] + [nxt_token], max_new_tokens):
                 return res
