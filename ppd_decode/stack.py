@@ -21,6 +21,12 @@ def new_cache(model):
     return DynamicCache(config=model.config)
 
 
+def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompt ``ids`` [n] into ``cache``; the logits [V] of its last position only. Like ``generate``
+    (``logits_to_keep=1``): projecting every prompt position through the LM head would add ~20% to the prefill."""
+    return model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+
 def cache_len(cache, layer: int = 0) -> int:
     return cache.get_seq_length(layer)
 

@@ -59,8 +59,9 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
         if spec == "default":
             rows.append({"name": "lookahead", "config": {}, "threads": 1})
         else:
-            w, n, g = (int(x) for x in spec.split(":"))
-            rows.append({"name": "lookahead", "config": {"window": w, "ngram": n, "max_candidates": g}, "threads": 1})
+            w, n, g, *k = (int(x) for x in spec.split(":"))
+            cfg = {"window": w, "ngram": n, "max_candidates": g, **({"key_tokens": k[0]} if k else {})}
+            rows.append({"name": "lookahead", "config": cfg, "threads": 1})
     tree_presets = {"static": {}, "prune": {"prune_layer": args.prune_layer},
                     "prune_full": {"prune_layer": args.prune_layer, "prune_shortlist": 0},
                     "dynamic": {"prune_layer": args.prune_layer, "dynamic": True}}
@@ -97,7 +98,7 @@ def main() -> None:
     p.add_argument("--early-exit-layer", type=int, default=15)
     p.add_argument("--ppd", default=None, help="PPD settings d:k,d:k (d must have a head); adds the split without "
                                                "speculation at the first d")
-    p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G,W:N:G (default: its config's "
+    p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G[:K],... (K: key tokens; default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")
     p.add_argument("--tree", default=None, help="token-tree rows: static,prune,prune_full,dynamic (ProPD's parts, one by one; "
                                                "prune_full ranks over the whole vocabulary at the pruning layer)")

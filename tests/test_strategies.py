@@ -134,12 +134,12 @@ def test_head_errors():
 # ------------------------------------------------------------------------------------------------- lookahead
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompt=prompts, mdl=models, window=st.integers(0, 5), ngram=st.integers(2, 5), g=st.integers(0, 4),
-       seeded=st.booleans(), add=st.booleans(), n=st.integers(1, 48))
-def test_lookahead_settings(prompt, mdl, window, ngram, g, seeded, add, n):
+       key=st.integers(1, 3), seeded=st.booleans(), add=st.booleans(), n=st.integers(1, 48))
+def test_lookahead_settings(prompt, mdl, window, ngram, g, key, seeded, add, n):
     m = model(*mdl)
     g = g or int(window == 0)  # W = 0 (pool only) needs G >= 1
-    s = build("lookahead", m, None, window=window, ngram=ngram, max_candidates=g, seed_from_prompt=seeded,
-              add_generated=add)
+    s = build("lookahead", m, None, window=window, ngram=ngram, max_candidates=g, key_tokens=key,
+              seed_from_prompt=seeded, add_generated=add)
     r = s.generate(prompt, n)
     assert r.tokens == reference(m, prompt, n)
     assert len(r.tokens) <= r.steps + r.accepted  # each step emits its accepted tokens plus one
@@ -151,9 +151,9 @@ def test_lookahead_accepts_ngrams():
     m = model(0, 0.05)
     prompt = list(range(10, 30)) * 2
     want = reference(m, prompt, 60)
-    for window, seeded in ((3, True), (3, False), (0, True)):
-        r = build("lookahead", m, None, window=window, ngram=4, max_candidates=3, seed_from_prompt=seeded).generate(
-            prompt, 60)
+    for window, seeded, key in ((3, True, 1), (3, False, 1), (0, True, 1), (0, True, 2), (3, False, 3)):
+        r = build("lookahead", m, None, window=window, ngram=4, max_candidates=3, key_tokens=key,
+                  seed_from_prompt=seeded).generate(prompt, 60)
         assert r.tokens == want
         assert r.extra["ngram_hits"] > 0 and r.accepted > 0 and r.mean_accepted_tokens > 1
 
@@ -178,7 +178,18 @@ def test_ngram_pool_keeps_the_most_recent_g():
 
     pool = NgramPool(3, 2)
     pool.add_sequence([1, 2, 3, 1, 4, 5, 1, 6, 7])
-    assert pool.candidates(1) == [(6, 7), (4, 5)]  # (2, 3) was least recently used
+    assert pool.candidates([1]) == [(6, 7), (4, 5)]  # (2, 3) was least recently used
     pool.add([1, 4, 5])
-    assert pool.candidates(1) == [(4, 5), (6, 7)]
-    assert pool.candidates(99) == []
+    assert pool.candidates([9, 1]) == [(4, 5), (6, 7)]  # the last token of the context is the key
+    assert pool.candidates([99]) == []
+
+
+def test_ngram_pool_with_a_two_token_key_needs_the_context_to_match():
+    from ppd_decode.strategies.lookahead import NgramPool
+
+    pool = NgramPool(3, 2, key_tokens=2)
+    pool.add_sequence([8, 1, 2, 3, 9, 1, 4, 5])
+    assert pool.candidates([0, 8, 1]) == [(2, 3)]
+    assert pool.candidates([0, 9, 1]) == [(4, 5)]
+    assert pool.candidates([7, 1]) == []  # the key token alone is not enough
+    assert pool.candidates([1]) == []  # nor a context shorter than the key

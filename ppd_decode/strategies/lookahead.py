@@ -26,31 +26,37 @@ from dataclasses import dataclass
 
 import torch
 
-from ..stack import embed, final_logits, new_cache, num_layers, run_layers, select_cache
+from ..stack import embed, final_logits, new_cache, num_layers, prefill, run_layers, select_cache
 from .base import DecodeResult, DecodingStrategy, register
 
 
 @dataclass
 class LookaheadConfig:
-    # Defaults from the W/N/G sweep on 2 CPU cores (README): every extra row costs here, so the best setting verifies
-    # one 4-token n-gram from the pool and runs no Jacobi branch. On GPUs try window=5, ngram=5, max_candidates=5.
+    # Defaults from the W/N/G/K sweep on 2 CPU cores (README): every extra row costs here (a forward over 2-8 tokens
+    # costs ~1.5x one), so the best setting runs no Jacobi branch and verifies a pool n-gram only when the last two
+    # tokens match its key; otherwise a step is a plain one-token forward. On GPUs try window=5, ngram=5,
+    # max_candidates=5, key_tokens=1 (the reference).
     window: int = 0  # W: Jacobi columns (0: no lookahead branch, only the pool: prompt and generated n-grams)
     ngram: int = 5  # N: n-gram size (N-1 window levels)
     max_candidates: int = 1  # G: n-grams kept per key, and verified per step
+    key_tokens: int = 2  # K: an n-gram is stored under the K tokens ending at its first one (1: the reference)
     seed_from_prompt: bool = True  # start the pool with the prompt's own n-grams
     add_generated: bool = True  # and keep adding the n-grams of the generated text
     seed: int = 0  # the window's initial tokens are drawn from the prompt with this seed
 
 
 class NgramPool:
-    """key token -> at most G tuples of N-1 following tokens, least recently used first out."""
+    """key -> at most G tuples of N-1 following tokens, least recently used first out. The key is the K tokens ending
+    at the n-gram's first token (K = 1: the first token alone, as in the reference); a longer key verifies only
+    n-grams whose context matches, which pays where every verified row costs."""
 
-    def __init__(self, n: int, g: int):
-        self.n, self.g = n, g
-        self.table: dict[int, OrderedDict] = {}
+    def __init__(self, n: int, g: int, key_tokens: int = 1):
+        self.n, self.g, self.k = n, g, key_tokens
+        self.table: dict[tuple[int, ...], OrderedDict] = {}
 
     def add(self, gram) -> None:
-        key, rest = int(gram[0]), tuple(int(t) for t in gram[1:])
+        """``gram``: K-1 tokens of context, then the n-gram's N tokens."""
+        key, rest = tuple(int(t) for t in gram[:self.k]), tuple(int(t) for t in gram[self.k:])
         bucket = self.table.setdefault(key, OrderedDict())
         bucket.pop(rest, None)
         bucket[rest] = None  # most recent last
@@ -58,11 +64,14 @@ class NgramPool:
             bucket.popitem(last=False)
 
     def add_sequence(self, tokens: list[int]) -> None:
-        for i in range(len(tokens) - self.n + 1):
-            self.add(tokens[i:i + self.n])
+        w = self.k + self.n - 1
+        for i in range(len(tokens) - w + 1):
+            self.add(tokens[i:i + w])
 
-    def candidates(self, key: int) -> list[tuple[int, ...]]:
-        return list(reversed(self.table.get(key, {})))  # most recent first
+    def candidates(self, context) -> list[tuple[int, ...]]:
+        """The n-grams stored under the last K tokens of ``context``, most recent first."""
+        key = tuple(int(t) for t in context[-self.k:]) if len(context) >= self.k else None
+        return list(reversed(self.table.get(key, {})))
 
 
 def lookahead_layout(p: int, level0: int, levels: int, width: int, cands: int, n1: int):
@@ -108,22 +117,23 @@ class Lookahead(DecodingStrategy):
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
         c = self.config
-        if c.window < 0 or c.ngram < 2 or c.max_candidates < 0 or (c.window == 0 and c.max_candidates == 0):
-            raise ValueError(f"lookahead needs window >= 0, ngram >= 2, max_candidates >= 0 and one of W, G > 0; "
-                             f"got W={c.window}, N={c.ngram}, G={c.max_candidates}")
+        if (c.window < 0 or c.ngram < 2 or c.max_candidates < 0 or c.key_tokens < 1
+                or (c.window == 0 and c.max_candidates == 0)):
+            raise ValueError(f"lookahead needs window >= 0, ngram >= 2, max_candidates >= 0, key_tokens >= 1 and one "
+                             f"of W, G > 0; got W={c.window}, N={c.ngram}, G={c.max_candidates}, K={c.key_tokens}")
 
     def _generate(self, ids, max_new_tokens):
         m, c, L = self.model, self.config, num_layers(self.model)
-        W, N, G = c.window, c.ngram, c.max_candidates
+        W, N, G, K = c.window, c.ngram, c.max_candidates, c.key_tokens
         prompt = ids.tolist()
         cache = new_cache(m)
-        logits = m(input_ids=ids[None], past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = prefill(m, ids, cache)
         cur = int(logits.argmax())
         out: list[int] = []
         res = DecodeResult(out, steps=1, extra={"ngram_hits": 0})
         if self.finish(out, [cur], max_new_tokens):
             return res
-        pool = NgramPool(N, G)
+        pool = NgramPool(N, G, K)
         if c.seed_from_prompt:
             pool.add_sequence(prompt)
         rng = random.Random(c.seed)
@@ -131,11 +141,15 @@ class Lookahead(DecodingStrategy):
         levels: list[list[int]] = []  # levels 1..N-2, filled one per step during warm-up
         n = ids.numel()  # cached positions; cur sits at position n
         while True:
-            cands = pool.candidates(cur)[:G] if G else []
+            tail = (prompt[-(K + N):] + out[-(K + N):])[-(K + N):]  # ends with cur
+            cands = pool.candidates(tail)[:G] if G else []
             pos, see, rows = lookahead_layout(n, len(level0), len(levels), W, len(cands), N - 1)
             tokens = [cur, *level0, *(t for lv in levels for t in lv), *(t for cd in cands for t in cd)]
             x = embed(m, torch.tensor([tokens], device=ids.device))
-            h = run_layers(m, x, 0, L, cache, past=n, position_ids=pos[None].to(ids.device), block_mask=see)
+            if len(tokens) == 1:  # a plain step: the ordinary causal path, no explicit mask
+                h = run_layers(m, x, 0, L, cache, past=n)
+            else:
+                h = run_layers(m, x, 0, L, cache, past=n, position_ids=pos[None].to(ids.device), block_mask=see)
             # Logits only where they are read: t0, the last level's W rows, the candidates.
             last = range(0, W) if not levels or not W else range(1 + len(level0) + W * (len(levels) - 1),
                                                          1 + len(level0) + W * len(levels))
@@ -166,8 +180,11 @@ class Lookahead(DecodingStrategy):
             if W and len(levels) < N - 2:  # warm-up: the window fills level by level
                 levels.append(new)
             elif W:
-                for j in range(W):  # column j's n-gram starts at t0 (j = 0) or at level 0's token j - 1
-                    pool.add([cur if j == 0 else level0[j - 1], *(lv[j] for lv in levels), new[j]])
+                for j in range(W):  # column j's n-gram starts at t0 (j = 0) or at level 0's token j - 1,
+                    start = len(tail) - 1 + j  # keyed by the K tokens ending there
+                    key = (tail + level0)[max(0, start - K + 1):start + 1]
+                    if len(key) == K:
+                        pool.add([*key, *(lv[j] for lv in levels), new[j]])
                 if N == 2:
                     level0 = new[1:]
                 else:
@@ -176,8 +193,7 @@ class Lookahead(DecodingStrategy):
             select_cache(cache, n + 1, moved)  # the prefix and t0 stay where they are
             n += 1 + len(moved)
             if c.add_generated:  # the n-grams that end in the new tokens
-                before = (prompt[-(N - 1):] + out[-(N - 1):])[-(N - 1):]
-                pool.add_sequence(before + emitted)
+                pool.add_sequence(tail[-(K + N - 2):] + emitted)
             if self.finish(out, emitted, max_new_tokens):
                 return res
             cur = emitted[-1]

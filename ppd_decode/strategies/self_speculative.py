@@ -15,7 +15,7 @@ import torch
 
 from ..errors import HeadMismatchError
 from ..heads import check_layer
-from ..stack import crop_cache, embed, final_logits, new_cache, num_layers, run_layers
+from ..stack import crop_cache, embed, final_logits, new_cache, num_layers, prefill, run_layers
 from .base import DecodeResult, DecodingStrategy, register
 
 
@@ -56,7 +56,7 @@ class SelfSpeculative(DecodingStrategy):
     def _generate(self, ids, max_new_tokens):
         m, d, L = self.model, self.layer, num_layers(self.model)
         cache = new_cache(m)
-        logits = m(input_ids=ids[None], past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = prefill(m, ids, cache)
         cur = int(logits.argmax())
         out: list[int] = []
         res = DecodeResult(out, steps=1)

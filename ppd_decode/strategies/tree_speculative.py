@@ -29,7 +29,7 @@ from torch.nn.functional import linear as nn_linear
 from ..cost_model import interpolate
 from ..errors import HeadMismatchError, PPDError
 from ..heads import check_layer
-from ..stack import embed, final_logits, new_cache, num_layers, run_layers, select_cache
+from ..stack import embed, final_logits, new_cache, num_layers, prefill, run_layers, select_cache
 from ..theory import median_time
 from .base import DecodeResult, DecodingStrategy, register
 from .self_speculative import pick_head
@@ -283,7 +283,7 @@ class TreeSpeculative(DecodingStrategy):
         m, d, L = self.model, self.layer, num_layers(self.model)
         dev = ids.device
         cache = new_cache(m)
-        cur = int(m(input_ids=ids[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+        cur = int(prefill(m, ids, cache).argmax())
         out: list[int] = []
         res = DecodeResult(out, steps=1)
         if self.finish(out, [cur], max_new_tokens):
