@@ -76,6 +76,28 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
     return rows
 
 
+def plot_speedups(methods: list[dict], g1: float, g2: float, path: Path) -> None:
+    """Horizontal bars: each row's speedup over greedy with 1 thread (error bar: std over runs)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = [f"{m['name']} ({', '.join(f'{k}={v}' for k, v in m['config'].items())})" for m in methods]
+    fig, ax = plt.subplots(figsize=(4 + 0.075 * max(map(len, labels)), 0.45 * len(methods) + 1))
+    ax.barh(labels, [m["speedup_vs_greedy_1t"] for m in methods], xerr=[m["tokens_per_s_std"] / g1 for m in methods])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.axvline(g2 / g1, color="tab:red", lw=0.8, ls="--", label="greedy, 2 threads")
+    ax.set_xlabel("speedup over greedy (1 thread)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def top2_gap(model, prompt: list[int], ref: list[int], pos: int) -> float:
     ids = torch.tensor([prompt + ref[:pos]], device=model.device)
     with torch.no_grad():
@@ -264,24 +286,7 @@ def main() -> None:
                          f"{100 * m['communication_fraction']:.1f}% of a token's time.")
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 0.45 * len(methods) + 1))
-        labels = [f"{m['name']} ({', '.join(f'{k}={v}' for k, v in m['config'].items())})" for m in methods]
-        ax.barh(labels, [m["speedup_vs_greedy_1t"] for m in methods], xerr=[m["tokens_per_s_std"] / g1 for m in methods])
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.axvline(g2 / g1, color="tab:red", lw=0.8, ls="--", label="greedy, 2 threads")
-        ax.set_xlabel("speedup over greedy (1 thread)")
-        ax.invert_yaxis()
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(docs / f"{a.name}.png", dpi=120)
-    except ImportError:
-        pass
+    plot_speedups(methods, g1, g2, docs / f"{a.name}.png")
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ from .base import DecodeResult, DecodingStrategy, register
 
 @dataclass
 class LookaheadConfig:
-    # Defaults from the W/N/G/K sweep on 2 CPU cores (README): every extra row costs here (a forward over 2-8 tokens
-    # costs ~1.5x one), so the best setting runs no Jacobi branch and verifies a pool n-gram only when the last two
-    # tokens match its key; otherwise a step is a plain one-token forward. On GPUs try window=5, ngram=5,
+    # Defaults from the W/N/G/K sweeps on 2 CPU cores (README): every extra row costs here (a forward over 2-8 tokens
+    # costs ~1.5x one), so the best setting runs no Jacobi branch and verifies one 7-token pool n-gram only when the
+    # last two tokens match its key; otherwise a step is a plain one-token forward. On GPUs try window=5, ngram=5,
     # max_candidates=5, key_tokens=1 (the reference).
     window: int = 0  # W: Jacobi columns (0: no lookahead branch, only the pool: prompt and generated n-grams)
-    ngram: int = 5  # N: n-gram size (N-1 window levels)
+    ngram: int = 8  # N: n-gram size (N-1 window levels)
     max_candidates: int = 1  # G: n-grams kept per key, and verified per step
     key_tokens: int = 2  # K: an n-gram is stored under the K tokens ending at its first one (1: the reference)
     seed_from_prompt: bool = True  # start the pool with the prompt's own n-grams
