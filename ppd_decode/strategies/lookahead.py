@@ -5,7 +5,8 @@ One forward per step, after the cached prefix, holds three parts (positions rela
 * t0 and **level 0** of the lookahead window (W-1 tokens at p+1..p+W-1), causal among themselves;
 * **levels 1..N-2** (W tokens each): level l, column j sits at p+j+l and sees t0, level 0 up to column j-1 and
   column j of levels 1..l: a contiguous run of positions, so each column is a Jacobi trajectory;
-* the **verification branch**: every n-gram the pool holds under t0 (at most G), each N-1 tokens at p+1..p+N-1,
+* the **verification branch**: every n-gram the pool holds under t0, or under the last K tokens with
+  ``key_tokens=K`` (at most G), each N-1 tokens at p+1..p+N-1,
   causal within itself and seeing t0 only. Lookahead rows never see candidates.
 
 t0's row gives the true next token; the last level's rows give new Jacobi guesses; each column gives one n-gram for
