@@ -27,6 +27,15 @@ def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
     return model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
 
 
+def random_context(model, context: int, batch: int = 1, high: int = 100):
+    """A new cache holding ``batch`` rows of ``context`` random tokens (ids 10..high-1): the cached prefix the
+    step-cost profilers time their forwards against. Only the last position goes through the LM head."""
+    ids = torch.randint(10, high, (batch, context), device=model.device)
+    cache = new_cache(model)
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
 def cache_len(cache, layer: int = 0) -> int:
     return cache.get_seq_length(layer)
 
@@ -105,8 +114,8 @@ def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: i
         if position_ids is None:
             raise ValueError("attention_mask needs explicit position_ids")
         mask = attention_mask
-    elif block_mask is not None:
-        mask = block_mask_4d(block_mask, past, hidden.dtype, hidden.device)
+    elif block_mask is not None:  # one row that sees itself needs no mask (the ordinary one-token step)
+        mask = None if q == 1 and bool(block_mask.all()) else block_mask_4d(block_mask, past, hidden.dtype, hidden.device)
     elif siblings:
         position_ids = torch.full((1, q), past, device=hidden.device)
         mask = sibling_mask(q, past, hidden.dtype, hidden.device)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stack import crop_cache, embed, final_logits, new_cache, num_layers, run_layers
+from .stack import crop_cache, embed, final_logits, num_layers, random_context, run_layers
 
 
 # ------------------------------------------------------------------------------------------- closed forms
@@ -102,9 +102,7 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
     tokens (shape-wise the same work as the pipelined worker does)."""
     L = num_layers(model)
     dev = model.device
-    cache = new_cache(model)
-    prefix = torch.randint(10, model.config.vocab_size, (1, context), device=dev)
-    model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    cache = random_context(model, context, high=model.config.vocab_size)
 
     def layers_only(start, end, q):
         def fn():

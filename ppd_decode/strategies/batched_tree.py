@@ -24,7 +24,7 @@ import torch
 
 from ..batching import RaggedBatch
 from ..cost_model import interpolate
-from ..stack import embed, final_logits, new_cache, num_layers, run_layers
+from ..stack import crop_cache, embed, final_logits, num_layers, random_context, run_layers
 from ..theory import median_time
 from .base import DecodeResult, register
 from .batched import BatchedDecoding
@@ -70,22 +70,16 @@ def profile_batch_tree_costs(model, head, d: int, batches=(1, 2, 4, 8, 16), rows
     L, dev = num_layers(model), model.device
     level, verify = [], []
     for b in batches:
-        cache = new_cache(model)
-        model(input_ids=torch.randint(10, 100, (b, context), device=dev), past_key_values=cache, use_cache=True)
-
-        def trim():
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[..., :context, :], layer.values[..., :context, :]
-
+        cache = random_context(model, context, batch=b)
         def lower(q):
             h = run_layers(model, embed(model, torch.randint(10, 100, (b, q), device=dev)), 0, d, cache, past=context)
             head(h).argmax(-1)
-            trim()
+            crop_cache(cache, context)
 
         def upper(q):
             h = torch.randn(b, q, model.config.hidden_size, device=dev, dtype=model.dtype)
             final_logits(model, run_layers(model, h, d, L, cache, past=context)).argmax(-1)
-            trim()
+            crop_cache(cache, context)
 
         level.append([median_time(lambda q=q: lower(q), repeats) for q in rows])
         verify.append([median_time(lambda q=q: upper(q), repeats) for q in rows])

@@ -147,10 +147,7 @@ class Lookahead(DecodingStrategy):
             pos, see, rows = lookahead_layout(n, len(level0), len(levels), W, len(cands), N - 1)
             tokens = [cur, *level0, *(t for lv in levels for t in lv), *(t for cd in cands for t in cd)]
             x = embed(m, torch.tensor([tokens], device=ids.device))
-            if len(tokens) == 1:  # a plain step: the ordinary causal path, no explicit mask
-                h = run_layers(m, x, 0, L, cache, past=n)
-            else:
-                h = run_layers(m, x, 0, L, cache, past=n, position_ids=pos[None].to(ids.device), block_mask=see)
+            h = run_layers(m, x, 0, L, cache, past=n, position_ids=pos[None].to(ids.device), block_mask=see)
             # Logits only where they are read: t0, the last level's W rows, the candidates.
             last = range(0, W) if not levels or not W else range(1 + len(level0) + W * (len(levels) - 1),
                                                          1 + len(level0) + W * len(levels))
@@ -181,9 +178,10 @@ class Lookahead(DecodingStrategy):
             if W and len(levels) < N - 2:  # warm-up: the window fills level by level
                 levels.append(new)
             elif W:
+                seq = tail + level0
                 for j in range(W):  # column j's n-gram starts at t0 (j = 0) or at level 0's token j - 1,
                     start = len(tail) - 1 + j  # keyed by the K tokens ending there
-                    key = (tail + level0)[max(0, start - K + 1):start + 1]
+                    key = seq[max(0, start - K + 1):start + 1]
                     if len(key) == K:
                         pool.add([*key, *(lv[j] for lv in levels), new[j]])
                 if N == 2:

@@ -29,7 +29,7 @@ from torch.nn.functional import linear as nn_linear
 from ..cost_model import interpolate
 from ..errors import HeadMismatchError, PPDError
 from ..heads import check_layer
-from ..stack import embed, final_logits, new_cache, num_layers, prefill, run_layers, select_cache
+from ..stack import embed, final_logits, new_cache, num_layers, prefill, random_context, run_layers, select_cache
 from ..theory import median_time
 from .base import DecodeResult, DecodingStrategy, register
 from .self_speculative import pick_head
@@ -73,8 +73,7 @@ def profile_tree_costs(model, head, d: int, rows=(1, 2, 4, 8, 16, 32), context: 
     if key in _COSTS:
         return _COSTS[key]
     L, dev = num_layers(model), model.device
-    cache = new_cache(model)
-    model(input_ids=torch.randint(10, 100, (1, context), device=dev), past_key_values=cache, use_cache=True)
+    cache = random_context(model, context)
 
     def level(q):
         h = run_layers(model, embed(model, torch.randint(10, 100, (1, q), device=dev)), 0, d, cache, past=context)
@@ -280,7 +279,7 @@ class TreeSpeculative(DecodingStrategy):
         return keep, dict(zip(keep, final_logits(m, h)[0].argmax(-1).tolist()))
 
     def _generate(self, ids, max_new_tokens):
-        m, d, L = self.model, self.layer, num_layers(self.model)
+        m, L = self.model, num_layers(self.model)
         dev = ids.device
         cache = new_cache(m)
         cur = int(prefill(m, ids, cache).argmax())
