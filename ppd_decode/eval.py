@@ -63,6 +63,42 @@ def task_scores(name: str, tok, prompts, conts) -> dict:
     return metric.compute(predictions=preds, references=refs)
 
 
+def timed_generation(model, ids: list[list[int]], max_new_tokens: int, batch_size: int,
+                     capture_layers: list[int] | None, baseline: bool = True, progress=None):
+    """Greedy continuations of ``ids`` (keeping the states of ``capture_layers`` when given) and, with
+    ``baseline``, the plain greedy generation of the same batches, timed beside it.
+
+    Returns ``(continuations, states, seconds, plain_seconds)``. The two generations take turns batch by batch
+    (which one goes first alternates), so a drift of the machine's speed falls on both alike instead of on
+    whichever happened to run during it. They must produce the same tokens: the capture hooks only read."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # greedy_continuations' own batches
+    conts: list = [None] * len(ids)
+    states: list = [None] * len(ids)
+    seconds = plain_seconds = 0.0
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        idx = order[s:s + batch_size]
+        batch = [ids[i] for i in idx]
+        turns = ["ours", "plain"] if baseline else ["ours"]
+        for turn in (turns if b % 2 == 0 else turns[::-1]):
+            t0 = time.perf_counter()
+            if turn == "ours":
+                got = greedy_continuations(model, batch, max_new_tokens, batch_size=len(batch),
+                                           capture_layers=capture_layers)
+                seconds += time.perf_counter() - t0
+                c, st = got if capture_layers else (got, [{} for _ in batch])
+            else:
+                plain = greedy_continuations(model, batch, max_new_tokens, batch_size=len(batch))
+                plain_seconds += time.perf_counter() - t0
+            if progress is not None:
+                progress.update(len(batch))
+        if baseline and plain != c:
+            raise RuntimeError("the generation that captured the heads' states decoded other tokens than the plain "
+                               "one; the capture hooks must only read (this is a bug in ppd_decode.match_rate)")
+        for r, i in enumerate(idx):
+            conts[i], states[i] = c[r], st[r]
+    return conts, states, seconds, plain_seconds
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -95,27 +131,21 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             c, st = greedy_continuations(model, ids[:2], 4, batch_size=2, capture_layers=layers)
             score_captured(model, heads, c, st, ks=ks)
             warmed = True
+        if cfg.measure not in ("capture", "teacher_forced"):
+            raise ValueError(f"measure={cfg.measure!r}; use capture or teacher_forced")
+        capture = layers if cfg.measure == "capture" else None
+        conts, states, t_gen, t_plain = timed_generation(model, ids, cfg.max_new_tokens, cfg.batch_size, capture,
+                                                         baseline=cfg.cost_baseline, progress=bar)
+        if cfg.cost_baseline:
+            cost["seconds_plain_generation"] = t_plain
         t0 = time.perf_counter()
-        if cfg.measure == "capture":
-            conts, states = greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                                 progress=bar, capture_layers=layers)
-            t_gen = time.perf_counter() - t0
-            t0 = time.perf_counter()
+        if capture:
             scores = score_captured(model, heads, conts, states, ks=ks, progress=bar, keep_top=True)
             stats = {"positions": sum(map(len, conts))}
-        elif cfg.measure == "teacher_forced":
-            conts = greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar)
-            t_gen = time.perf_counter() - t0
-            t0 = time.perf_counter()
+        else:
             scores, stats = score_heads(model, heads, ids, conts, ks=ks, batch_size=max(1, cfg.batch_size // 2),
                                         progress=bar, keep_top=True)
-        else:
-            raise ValueError(f"measure={cfg.measure!r}; use capture or teacher_forced")
         t_score = time.perf_counter() - t0
-        if cfg.cost_baseline:  # the plain greedy generation of the same prompts (second: warm-up is charged to us)
-            t0 = time.perf_counter()
-            greedy_continuations(model, ids, cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar)
-            cost["seconds_plain_generation"] = time.perf_counter() - t0
         bar.close()
         base = cost.get("seconds_plain_generation", t_gen)
         cost.update({"seconds_generate": t_gen, "seconds_score_all_heads": t_score, "heads_scored": len(heads),

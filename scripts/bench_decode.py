@@ -5,7 +5,8 @@
     python scripts/bench_decode.py --heads ... --per-set 5 --max-new-tokens 64 --runs 1   # a quick one
 
 Greedy, batch size 1. Warm-up first, then only the generation call is timed. Per-prompt speed = new tokens / wall
-time; a method's tokens/s = mean over prompts; the whole measurement is repeated (--runs) and reported as mean and
+time; a method's tokens/s = mean over prompts. Methods take turns prompt by prompt (interleaved), so a drift of the
+machine's speed is shared by all of them; the whole measurement is repeated (--runs) and reported as mean and
 standard deviation over runs; speedups are against greedy measured in the same run with 1 and with 2 threads.
 Every output is compared token for token with greedy; a mismatch is reported with the reference's top-two logit
 gap at the first differing position (a near-tie when below 1e-4). Writes docs/benchmarks/decode.{json,md,png}.
@@ -42,10 +43,13 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
     rows = [{"name": "greedy", "config": {}, "threads": 1}, {"name": "greedy", "config": {}, "threads": 2},
             {"name": "prompt_lookup", "config": {}, "threads": 1},
             {"name": "assistant_early_exit", "config": {"layer": args.early_exit_layer}, "threads": 1}]
-    for d in head_layers:
+    spec_layers = head_layers
+    if args.self_spec_layers:
+        spec_layers = [d for d in (int(x) for x in args.self_spec_layers.split(",")) if d in head_layers]
+    for d in spec_layers:
         rows.append({"name": "self_speculative", "config": {"layer": d}, "threads": 1})
-    if head_layers:
-        mid = head_layers[len(head_layers) // 2]
+    if spec_layers:
+        mid = spec_layers[len(spec_layers) // 2]
         rows.append({"name": "self_speculative", "config": {"layer": mid}, "threads": 2})
         rows.append({"name": "early_exit_assisted", "config": {"layer": mid}, "threads": 1})
     for spec in filter(None, (args.ppd or "").split(",")):
@@ -117,6 +121,8 @@ def main() -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="override every task's prompt budget")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--self-spec-layers", default=None, help="self-speculation rows at these head layers (default: all); "
+                                                            "the middle one also gets the 2-thread and assisted rows")
     p.add_argument("--early-exit-layer", type=int, default=15)
     p.add_argument("--ppd", default=None, help="PPD settings d:k,d:k (d must have a head); adds the split without "
                                                "speculation at the first d")
@@ -162,26 +168,32 @@ def main() -> None:
         r["strategy"] = cls(model, config=cls.Config(**r["config"]), heads=heads if cls.needs_heads else None)
         r.update(runs=[], mismatches=0, near_ties=0, mismatch_detail=[], accepted=0, drafted=0, steps=0, tokens=0)
 
+    # Interleaved: every prompt is decoded by every method in turn (the order rotated from prompt to prompt), so a
+    # slow drift of the machine's speed (other tenants, clocks) lands on all methods alike instead of on whichever
+    # method's block it happened to hit; timing noise between runs of the same code was 10-20% with blocks.
     first = next(iter(prompts.values()))[0]
+    labels = [f"{r['name']} {r['config']} t{r['threads']}" for r in rows]
     for run in range(a.runs):
-        reference: dict[tuple, list[int]] = {}
         for r in rows:
             torch.set_num_threads(r["threads"])
             for _ in range(a.warmup if run == 0 else 1):
                 r["strategy"].generate(first, a.max_new_tokens)
-            per_set = {}
-            label = f"{r['name']} {r['config']} t{r['threads']}"
-            for s, plist in prompts.items():
-                speeds = []
-                for i, prompt in enumerate(plist):
-                    res = r["strategy"].generate(prompt, a.max_new_tokens)
-                    speeds.append(len(res.tokens) / res.seconds)
-                    key = (s, i)
-                    if r["name"] == "greedy" and r["threads"] == 1:
-                        reference[key] = res.tokens
-                    elif res.tokens != reference[key]:
-                        ref = reference[key]
-                        pos = next((j for j, (x, y) in enumerate(zip(ref, res.tokens)) if x != y),
+        speeds = [{s: [] for s in prompts} for _ in rows]
+        turn = 0
+        for s, plist in prompts.items():
+            for i, prompt in enumerate(plist):
+                results = {}
+                for j in [(turn + n) % len(rows) for n in range(len(rows))]:
+                    r = rows[j]
+                    torch.set_num_threads(r["threads"])
+                    results[j] = r["strategy"].generate(prompt, a.max_new_tokens)
+                turn += 1
+                ref = results[0].tokens  # rows[0] is greedy with 1 thread: the reference
+                for j, r in enumerate(rows):
+                    res = results[j]
+                    speeds[j][s].append(len(res.tokens) / res.seconds)
+                    if res.tokens != ref:
+                        pos = next((q for q, (x, y) in enumerate(zip(ref, res.tokens)) if x != y),
                                    min(len(ref), len(res.tokens)))
                         gap = top2_gap(model, prompt, ref, pos) if pos < len(ref) else float("nan")
                         r["mismatches"] += 1
@@ -194,11 +206,12 @@ def main() -> None:
                         r["drafted"] += res.drafted
                         r["steps"] += res.steps
                         r["tokens"] += len(res.tokens)
-                per_set[s] = statistics.mean(speeds)
+        for j, r in enumerate(rows):
+            per_set = {s: statistics.mean(v) for s, v in speeds[j].items()}
             overall = statistics.mean([v for s in prompts for v in [per_set[s]] * len(prompts[s])])
-            r["runs"].append({"overall": overall, "per_set": per_set})
-            print(f"run {run + 1}/{a.runs}  {label:60s} {overall:7.2f} tok/s  mismatches so far {r['mismatches']}",
-                  flush=True)
+            r["runs"].append({"overall": overall, "per_set": per_set, "per_prompt": speeds[j]})
+            print(f"run {run + 1}/{a.runs}  {labels[j]:60s} {overall:7.2f} tok/s  mismatches so far "
+                  f"{r['mismatches']}", flush=True)
 
     # PPD rows: the latency model's prediction from the observed match rate and stage timings measured here with
     # one thread (what each worker has), the efficiency, and the per-token communication cost.
@@ -245,6 +258,7 @@ def main() -> None:
             "communication_fraction": (r["model"]["round_trip_ms"] / 1e3) * m if "model" in r else None,
             "latency_model": r.get("model"), "mismatches": r["mismatches"], "near_ties": r["near_ties"],
             "mismatch_detail": r["mismatch_detail"],
+            "runs": r["runs"],  # per run: overall and per-set tokens/s, and every prompt's
             "per_set": {s: {"tokens_per_s": mean_of(r, s)[0], "speedup_vs_greedy_1t": mean_of(r, s)[0] /
                             mean_of(rows[0], s)[0]} for s in prompts}})
     out = {"model": a.model, "dtype": str(model.dtype).replace("torch.", ""), "max_new_tokens": a.max_new_tokens,

@@ -80,3 +80,21 @@ def test_task_metric_modules():
     assert load_metric("sacrebleu_bleu").compute(predictions=["a b c d"], references=["a b c d"])["bleu"] \
         == pytest.approx(100)
     assert load_metric("rouge_scores").compute(predictions=["x y"], references=["p q"])["rouge1"] == 0
+
+
+def test_timed_generation_takes_turns_and_reassembles_every_prompt():
+    """The cost timing decodes batch by batch beside the plain generation; the continuations and captured states
+    must come back in prompt order, equal to one whole capture run over all prompts."""
+    from ppd_decode.eval import timed_generation
+    from ppd_decode.match_rate import greedy_continuations
+
+    model, _ = load_model("tiny-random", dtype="float64")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 2, 12, 21)]
+    want, want_states = greedy_continuations(model, prompts, 7, batch_size=3, capture_layers=[1, 2])
+    conts, states, sec, plain_sec = timed_generation(model, prompts, 7, 3, [1, 2])
+    assert conts == want and sec > 0 and plain_sec > 0
+    for s, w in zip(states, want_states):
+        assert s.keys() == w.keys() and all(torch.equal(s[d], w[d]) for d in s)
+    conts, states, _, plain_sec = timed_generation(model, prompts, 7, 3, None, baseline=False)
+    assert conts == want and plain_sec == 0.0 and states == [{}] * len(prompts)
