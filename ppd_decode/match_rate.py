@@ -12,6 +12,7 @@ Per-position outcomes are kept so the latency simulator can replay them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,7 @@ class HeadScore:
     layer: int
     hits: dict[int, int] = field(default_factory=dict)
     positions: int = 0
+    seconds: float = 0.0  # time spent scoring this head (its projection, top-k and counts)
     outcomes: list[torch.Tensor] = field(default_factory=list)  # per prompt: bool [n_pos, len(KS)]
     top: list[torch.Tensor] = field(default_factory=list)  # per prompt: the head's top-max(k) tokens [n_pos, kmax]
     targets: list[torch.Tensor] = field(default_factory=list)  # per prompt: the final layer's argmax [n_pos]
@@ -114,6 +116,7 @@ def _score_positions(scores: dict, heads: dict, hidden: dict[int, torch.Tensor],
     positions into prompts (one prompt when omitted) for the per-prompt outcomes the simulator replays."""
     sizes = sizes or [len(y)]
     for key, head in heads.items():
+        t0 = time.perf_counter()
         logits = head(hidden[key[1]].to(head.lm_head.weight.dtype))
         top = logits.topk(max(ks), dim=-1).indices
         del logits
@@ -127,6 +130,7 @@ def _score_positions(scores: dict, heads: dict, hidden: dict[int, torch.Tensor],
         if keep_top:
             sc.top.extend(top.cpu().split(sizes))
             sc.targets.extend(y.cpu().split(sizes))
+        sc.seconds += time.perf_counter() - t0
 
 
 @torch.no_grad()
