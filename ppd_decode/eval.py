@@ -104,7 +104,8 @@ def measuring_cost_line(t: dict) -> str:
             f"scoring is {t['score_cost_per_head_vs_generation']:.3f}x of it per head)")
     if not t.get("measure_cost_trained_vs_generation"):
         return f"Measuring all {t['heads_scored']} heads cost {both}."
-    return (f"Measuring the {t['trained_heads_scored']} trained heads cost {t['measure_cost_trained_vs_generation']:.2f}x "
+    n = t["trained_heads_scored"]
+    return (f"Measuring the {n} trained head{'s' if n != 1 else ''} cost {t['measure_cost_trained_vs_generation']:.2f}x "
             f"the plain greedy generation; with the logit-lens baselines beside them, all {t['heads_scored']} heads "
             f"cost {both}.")
 

@@ -41,7 +41,7 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     assert squad["measure_cost_vs_generation"] > 0 and squad["seconds_plain_generation"] > 0
     # the trained head alone is charged less than it plus the two lens baselines scored beside it
     assert 0 < squad["measure_cost_trained_vs_generation"] < squad["measure_cost_vs_generation"]
-    assert "Measuring the 1 trained heads cost" in (tmp_path / "out" / "match_rate.md").read_text()
+    assert "Measuring the 1 trained head cost" in (tmp_path / "out" / "match_rate.md").read_text()
     assert {"exact_match", "f1"} <= set(squad["task_scores"])
     assert "bleu" in report["tasks"]["wmt15"]["task_scores"]
     assert "rouge1" in report["tasks"]["cnn_dailymail"]["task_scores"]
