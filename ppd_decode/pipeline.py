@@ -106,6 +106,7 @@ def _ping_a(dist, n: int, H: int, dtype) -> list[float]:
 
 def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     n = len(ids)
+    t_start = time.perf_counter()
     cache = new_cache(model)
     h = run_layers(model, embed(model, torch.tensor([ids])), 0, d, cache, past=0)
     dist.send(torch.tensor([GENERATE, n, max_new], dtype=torch.long), dst=1)
@@ -124,8 +125,11 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
         emitted += 1
         results.put(("token", tok))
         if tok in eos or emitted >= max_new:
+            b = torch.zeros(2, dtype=torch.float64)
+            dist.recv(b, src=1)  # B's busy and waiting seconds for this request
             results.put(("done", {"matches": matches, "guessed": emitted - 1 if guesses else 0,
-                                  "a_wait_s": t_comm}))
+                                  "a_wait_s": t_comm, "a_busy_s": time.perf_counter() - t_start - t_comm,
+                                  "b_busy_s": float(b[0]), "b_wait_s": float(b[1])}))
             return
         if guesses and tok in guesses:
             j = guesses.index(tok)
@@ -164,16 +168,21 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
             cache = new_cache(model)
             h = torch.empty(n, H, dtype=dtype)
             dist.recv(h, src=0)
-            emitted = 0
+            emitted, busy, wait = 0, 0.0, 0.0
             while True:
+                t = time.perf_counter()
                 hb = run_layers(model, h[None], d, L, cache)
                 tok = int(final_logits(model, hb[:, -1]).argmax(-1))
+                busy += time.perf_counter() - t
                 dist.send(torch.tensor([tok], dtype=torch.long), dst=0)
                 emitted += 1
                 if tok in eos or emitted >= max_new:
+                    dist.send(torch.tensor([busy, wait], dtype=torch.float64), dst=0)
                     break
                 h = torch.empty(1, H, dtype=dtype)
+                t = time.perf_counter()
                 dist.recv(h, src=0)
+                wait += time.perf_counter() - t
     except Exception:
         results.put(("error", "worker B (layers d+1..L):\n" + traceback.format_exc()))
 
@@ -311,7 +320,8 @@ class PPDEngine:
                         on_token(msg)
                 elif kind == "done":
                     res.accepted, res.drafted = msg["matches"], msg["guessed"]
-                    res.extra.update(a_wait_s=msg["a_wait_s"])
+                    # Where each worker's time went: computing, or waiting on the other one.
+                    res.extra.update({k: msg[k] for k in ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s")})
                     break
                 else:
                     failure = msg

@@ -26,6 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NEAR_TIE = 1e-4
+WORKER_TIMES = ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s")
 
 
 def cpu_name() -> str:
@@ -206,6 +207,10 @@ def main() -> None:
                         r["drafted"] += res.drafted
                         r["steps"] += res.steps
                         r["tokens"] += len(res.tokens)
+                        r["wall_s"] = r.get("wall_s", 0.0) + res.seconds
+                        for k in WORKER_TIMES:  # PPD: where each worker's time went
+                            if k in res.extra:
+                                r.setdefault("worker_s", dict.fromkeys(WORKER_TIMES, 0.0))[k] += res.extra[k]
         for j, r in enumerate(rows):
             per_set = {s: statistics.mean(v) for s, v in speeds[j].items()}
             overall = statistics.mean([v for s in prompts for v in [per_set[s]] * len(prompts[s])])
@@ -230,7 +235,11 @@ def main() -> None:
         r["model"] = {"predicted_speedup_vs_greedy_1t": pred["speedup"], "extra_compute": pred["extra_compute"],
                       "t1_1_ms": 1e3 * st.t1_miss, "t1_k_ms": 1e3 * st.t1[k], "t2_ms": 1e3 * st.t2,
                       "greedy_step_ms": 1e3 * st.greedy, "early_head_ms": 1e3 * st.head,
-                      "round_trip_ms": 1e3 * rt}
+                      "round_trip_ms": 1e3 * rt,
+                      # per generated token, over the first run's prompts (prefills included)
+                      "wall_ms_per_token": 1e3 * r["wall_s"] / r["tokens"],
+                      **{k.replace("_s", "_ms_per_token"): 1e3 * v / r["tokens"]
+                         for k, v in r.get("worker_s", {}).items()}}
     for r in rows:
         if hasattr(r["strategy"], "close"):
             r["strategy"].close()
@@ -298,6 +307,11 @@ def main() -> None:
                          f"{lm['t2_ms']:.1f} ms, greedy step {lm['greedy_step_ms']:.1f} ms, early head "
                          f"{lm['early_head_ms']:.1f} ms; worker round trip {lm['round_trip_ms']:.2f} ms = "
                          f"{100 * m['communication_fraction']:.1f}% of a token's time.")
+            if "a_busy_ms_per_token" in lm:
+                lines.append(f"Where a token's {lm['wall_ms_per_token']:.1f} ms went (prefills included): worker A "
+                             f"computing {lm['a_busy_ms_per_token']:.1f} ms, waiting for B "
+                             f"{lm['a_wait_ms_per_token']:.1f} ms; worker B computing {lm['b_busy_ms_per_token']:.1f}"
+                             f" ms, waiting for A {lm['b_wait_ms_per_token']:.1f} ms.")
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_speedups(methods, g1, g2, docs / f"{a.name}.png")

@@ -65,6 +65,10 @@ def test_matches_are_used_when_the_head_is_good(engines):
     r = eng.generate(list(range(10, 30)), 40)
     assert r.tokens == reference(m, list(range(10, 30)), 40)
     assert r.accepted > 0.5 * r.drafted > 0
+    # where the time went: both workers computed, and A's computing plus waiting fits inside the wall time
+    assert r.extra["a_busy_s"] > 0 and r.extra["b_busy_s"] > 0
+    assert r.extra["a_wait_s"] >= 0 and r.extra["b_wait_s"] >= 0
+    assert r.extra["a_busy_s"] + r.extra["a_wait_s"] <= r.seconds
 
 
 def test_split_without_speculation_is_exact_too():
