@@ -78,20 +78,19 @@ def timed_generation(model, ids: list[list[int]], max_new_tokens: int, batch_siz
     for b, s in enumerate(range(0, len(order), batch_size)):
         idx = order[s:s + batch_size]
         batch = [ids[i] for i in idx]
-        turns = ["ours", "plain"] if baseline else ["ours"]
-        for turn in (turns if b % 2 == 0 else turns[::-1]):
+        kinds = ["ours", "plain"] if baseline else ["ours"]
+        got, took = {}, {}
+        for kind in (kinds if b % 2 == 0 else kinds[::-1]):
             t0 = time.perf_counter()
-            if turn == "ours":
-                got = greedy_continuations(model, batch, max_new_tokens, batch_size=len(batch),
-                                           capture_layers=capture_layers)
-                seconds += time.perf_counter() - t0
-                c, st = got if capture_layers else (got, [{} for _ in batch])
-            else:
-                plain = greedy_continuations(model, batch, max_new_tokens, batch_size=len(batch))
-                plain_seconds += time.perf_counter() - t0
+            got[kind] = greedy_continuations(model, batch, max_new_tokens, batch_size=len(batch),
+                                             capture_layers=capture_layers if kind == "ours" else None)
+            took[kind] = time.perf_counter() - t0
             if progress is not None:
                 progress.update(len(batch))
-        if baseline and plain != c:
+        seconds += took["ours"]
+        plain_seconds += took.get("plain", 0.0)
+        c, st = got["ours"] if capture_layers else (got["ours"], [{} for _ in batch])
+        if baseline and got["plain"] != c:
             raise RuntimeError("the generation that captured the heads' states decoded other tokens than the plain "
                                "one; the capture hooks must only read (this is a bug in ppd_decode.match_rate)")
         for r, i in enumerate(idx):
