@@ -172,9 +172,25 @@ class EarlyExitHead(nn.Module):
         w = self.weight.detach()
         self.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         self.lm_head.weight.data.copy_(w)
+        rows = self.rows
         del self.row_weight, self.rows
+        # The trained rows, where guesses come from (see ``guess``); not saved: a saved head keeps its ``rows``.
+        self.register_buffer("shortlist", rows, persistent=False)
+        self.register_buffer("shortlist_weight", w.index_select(0, rows).contiguous(), persistent=False)
         self.projection, self.stored_as = "own", "frequent"
         return self
+
+    def guess(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """The head's top-``k`` token ids [..., k] for drafting and guessing. A head with a ``shortlist`` (the
+        frequent rows it was trained on) ranks only those: 1/12 of the full projection's cost on SmolLM2 and, measured
+        on the evaluation sets, the same match rate (the rest of the vocabulary keeps the base model's untrained
+        rows). Guesses never decide what is emitted, so this costs no exactness."""
+        short = getattr(self, "shortlist", None)
+        if short is None or k > len(short):
+            return self(hidden).topk(k, dim=-1).indices
+        w = self.shortlist_weight
+        x = self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype)
+        return short[nn.functional.linear(x, w).topk(k, dim=-1).indices]
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the vocabulary projection reads: adapter (if any) then norm."""

@@ -118,7 +118,7 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
     for k in ks:
         def fn(k=k):
             h = layers_only(0, d, k)()
-            head(h[:, :1])
+            head.guess(h[:, -1], k)
         t1[k] = median_time(fn, repeats)
     t1_miss = median_time(layers_only(0, d, 1), repeats)
 
@@ -130,5 +130,5 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
     h1 = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
     return StageTimes(d=d, t1=t1, t1_miss=t1_miss, t2=median_time(t2_fn, repeats),
                       greedy=median_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
-                      head=median_time(lambda: head(h1), repeats),
+                      head=median_time(lambda: head.guess(h1[:, -1], 1), repeats),
                       layer=median_time(layers_only(0, 1, 1), repeats))

@@ -54,9 +54,10 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
         rows.append({"name": "self_speculative", "config": {"layer": mid}, "threads": 2})
         rows.append({"name": "early_exit_assisted", "config": {"layer": mid}, "threads": 1})
     for spec in filter(None, (args.ppd or "").split(",")):
-        d, k = (int(x) for x in spec.split(":"))
+        d, k, *lookup = (int(x) for x in spec.split(":"))
         if d in head_layers:
-            rows.append({"name": "ppd", "config": {"layer": d, "k": k}, "threads": 1})
+            rows.append({"name": "ppd", "config": {"layer": d, "k": k, **({"lookup": lookup[0]} if lookup else {})},
+                         "threads": 1})
     if args.ppd and head_layers:
         d0 = int(args.ppd.split(",")[0].split(":")[0])
         rows.append({"name": "ppd", "config": {"layer": d0, "k": 1, "speculate": False}, "threads": 1})
@@ -125,8 +126,9 @@ def main() -> None:
     p.add_argument("--self-spec-layers", default=None, help="self-speculation rows at these head layers (default: all); "
                                                             "the middle one also gets the 2-thread and assisted rows")
     p.add_argument("--early-exit-layer", type=int, default=15)
-    p.add_argument("--ppd", default=None, help="PPD settings d:k,d:k (d must have a head); adds the split without "
-                                               "speculation at the first d")
+    p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup],... (d must have a head; lookup: how many of "
+                                               "the k guesses come from prompt lookup, default 1, 0 = the head's "
+                                               "only); adds the split without speculation at the first d")
     p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G[:K],... (K: key tokens; default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")
     p.add_argument("--tree", default=None, help="token-tree rows: static,prune,prune_full,dynamic (ProPD's parts, one by one; "
@@ -226,7 +228,7 @@ def main() -> None:
         if r["name"] != "ppd":
             continue
         torch.set_num_threads(1)
-        d, k = r["config"]["layer"], r["config"].get("k", 3)
+        d, k = r["config"]["layer"], r["config"].get("k", 4)
         spec = r["config"].get("speculate", True)
         st = measure_stage_times(model, heads[d], d, ks=(1, k), repeats=10)
         p = r["accepted"] / r["drafted"] if r["drafted"] else 0.0

@@ -17,24 +17,35 @@ from ppd_decode.strategies import get_strategy
 from test_strategies import model, reference  # the same float64 tiny models and greedy reference
 
 
-def _head(m, d, noise, seed=0):
-    h = EarlyExitHead.from_model(m, d)
+def _head(m, d, noise, seed=0, shortlist=0):
+    """A head at layer d with noisy weights; with ``shortlist`` rows, a frequent-rows head that guesses from those."""
     g = torch.Generator().manual_seed(seed)
+    if shortlist:
+        rows = torch.randperm(m.config.vocab_size, generator=g)[:shortlist].sort().values
+        h = EarlyExitHead.from_model(m, d, projection="frequent", rows=rows)
+        w = h.row_weight
+    else:
+        h = EarlyExitHead.from_model(m, d)
+        w = h.lm_head.weight
     with torch.no_grad():
-        h.lm_head.weight.add_(torch.randn(h.lm_head.weight.shape, generator=g, dtype=torch.float64) * noise)
-    return h
+        w.add_(torch.randn(w.shape, generator=g, dtype=torch.float64) * noise)
+    return h.materialize()
 
 
-# (model seed, damping, layer, k, head noise): well-matched, mismatched and random heads, both split points
-ENGINES = [(0, 0.05, 2, 3, 0.0), (1, 1.0, 1, 2, 1.0), (2, 0.3, 3, 5, 0.05)]
+# (model seed, damping, layer, k, head noise, lookup guesses, shortlist rows, prefill chunk): well-matched, mismatched
+# and random heads, both split points, with and without prompt-lookup guesses and a shortlist, the prompt in chunks
+# or whole
+ENGINES = [(0, 0.05, 2, 3, 0.0, 0, 0, 0), (1, 1.0, 1, 2, 1.0, 1, 0, 7), (2, 0.3, 3, 5, 0.05, 2, 64, 1),
+           (3, 0.3, 2, 4, 0.0, 1, 32, 16)]
 
 
 @pytest.fixture(scope="module")
 def engines():
     made = []
-    for seed, damp, d, k, noise in ENGINES:
+    for seed, damp, d, k, noise, lookup, short, chunk in ENGINES:
         m = model(seed, damp)
-        made.append((m, PPDEngine(m, _head(m, d, noise), PPDConfig(k=k))))
+        cfg = PPDConfig(k=k, lookup=lookup, prefill_chunk=chunk)
+        made.append((m, PPDEngine(m, _head(m, d, noise, shortlist=short), cfg)))
     for _, e in made:
         e.start()
     yield made
@@ -69,6 +80,16 @@ def test_matches_are_used_when_the_head_is_good(engines):
     assert r.extra["a_busy_s"] > 0 and r.extra["b_busy_s"] > 0
     assert r.extra["a_wait_s"] >= 0 and r.extra["b_wait_s"] >= 0
     assert r.extra["a_busy_s"] + r.extra["a_wait_s"] <= r.seconds
+
+
+def test_lookup_guesses_match_where_the_head_cannot(engines):
+    # engines[1] has a random head (it almost never guesses right) and one prompt-lookup guess; a tiny random model's
+    # greedy output falls into loops, which the lookup then predicts.
+    m, eng = engines[1]
+    prompt = [9, 8, 7, 6] * 5
+    r = eng.generate(prompt, 48)
+    assert r.tokens == reference(m, prompt, 48)
+    assert r.accepted >= 10
 
 
 def test_split_without_speculation_is_exact_too():
@@ -146,6 +167,10 @@ def test_bad_requests_are_refused_before_workers_start():
     m = model(0, 1.0)
     with pytest.raises(PPDError, match="k must be >= 1"):
         PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=0))
+    with pytest.raises(PPDError, match="prefill_chunk must be >= 0"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(prefill_chunk=-1))
+    with pytest.raises(PPDError, match="lookup=3 guesses must be between 0 and k=2"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2, lookup=3))
     with pytest.raises(HeadMismatchError, match=r"choose d in 1\.\.3"):
         PPDEngine(m, _head(m, 2, 0.0), PPDConfig(layer=4))
     other, _ = load_model("tiny-random:layers=4,hidden=32,heads=2,kv_heads=1", dtype="float64")

@@ -71,7 +71,7 @@ class SelfSpeculative(DecodingStrategy):
             for _ in range(g):
                 h = run_layers(m, embed(m, torch.tensor([[tok]], device=ids.device)), 0, d, cache)
                 hidden.append(h)
-                tok = int(self.head(h)[0, -1].argmax())
+                tok = int(self.head.guess(h[:, -1], 1)[0, 0])  # over the head's shortlist when it has one
                 drafts.append(tok)
             # The last draft also needs its layers 1..d before the whole block is verified.
             hidden.append(run_layers(m, embed(m, torch.tensor([[tok]], device=ids.device)), 0, d, cache))

@@ -1,0 +1,55 @@
+"""Where guesses for the next token come from, besides an early-exit head: the text itself.
+
+Prompt lookup (Saxena 2023; transformers' ``prompt_lookup_num_tokens``): if the last n tokens occurred before, the
+token that followed them then is a good guess now. Answers copy their passage (SQuAD), summaries their article
+(CNN/DM), and this model's translations copy much of their source (WMT15). Measured on 20 prompts per set, 64 tokens
+(README): the lookup alone guesses the greedy token 60% of the time on SQuAD, 38-39% on WMT15 and CNN/DM, 15% on
+MT-Bench; added to the layer-15 head's top 3 it lifts PPD's match rate from 0.41 / 0.14 / 0.32 / 0.35 (top 4) to
+0.75 / 0.47 / 0.58 / 0.43.
+
+A guess never decides what is emitted, so any source keeps decoding exact.
+"""
+
+from __future__ import annotations
+
+
+class NextTokenLookup:
+    """An incremental n-gram index over a growing token sequence: for every n-gram (n <= ``max_ngram``), the position
+    after its latest occurrence that has a follower. ``candidates`` answers in O(max_ngram), however long the text."""
+
+    def __init__(self, max_ngram: int = 3):
+        if max_ngram < 1:
+            raise ValueError(f"max_ngram must be >= 1, got {max_ngram}")
+        self.n = max_ngram
+        self.tokens: list[int] = []
+        self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it last
+
+    def extend(self, tokens) -> None:
+        for t in tokens:
+            j = len(self.tokens)  # t's index: it follows every n-gram that ends at j - 1
+            for n in range(1, min(self.n, j) + 1):
+                self.follower[tuple(self.tokens[j - n:j])] = j
+            self.tokens.append(int(t))
+
+    def candidates(self, limit: int = 1) -> list[int]:
+        """Up to ``limit`` distinct guesses for the token after the sequence: the follower of its longest suffix
+        seen before first, then of shorter suffixes."""
+        out: list[int] = []
+        for n in range(min(self.n, len(self.tokens)), 0, -1):
+            if len(out) >= limit:
+                break
+            j = self.follower.get(tuple(self.tokens[-n:]))
+            if j is not None and j < len(self.tokens) and self.tokens[j] not in out:
+                out.append(self.tokens[j])
+        return out
+
+
+def merge_guesses(first: list[int], ranked, k: int) -> list[int]:
+    """``first`` (deduplicated, at most k), then the ``ranked`` ids not yet present, up to k guesses in all."""
+    out: list[int] = []
+    for t in list(first)[:k] + [int(x) for x in ranked]:
+        if len(out) >= k:
+            break
+        if t not in out:
+            out.append(t)
+    return out

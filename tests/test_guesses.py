@@ -1,0 +1,63 @@
+"""Guess sources for PPD and drafting: prompt lookup and a head's shortlist."""
+
+import torch
+
+from ppd_decode.guesses import NextTokenLookup, merge_guesses
+from ppd_decode.heads import EarlyExitHead
+
+from test_strategies import model
+
+
+def _naive(tokens, n_max, limit):
+    """The definition: for n = n_max..1, the token after the latest earlier occurrence of the last n tokens."""
+    out = []
+    for n in range(min(n_max, len(tokens)), 0, -1):
+        tail = tokens[-n:]
+        for s in range(len(tokens) - n - 1, -1, -1):
+            if tokens[s:s + n] == tail:
+                if tokens[s + n] not in out and len(out) < limit:
+                    out.append(tokens[s + n])
+                break
+    return out
+
+
+def test_lookup_follows_the_latest_longest_match():
+    lk = NextTokenLookup(max_ngram=3)
+    lk.extend([1, 2, 3, 9, 2, 3, 4, 7, 2, 3])
+    assert lk.candidates(1) == [4]  # "2 3" was last followed by 4 (the trigram "7 2 3" never occurred before)
+    assert lk.candidates(3) == [4]  # "3" alone was also last followed by 4
+    lk.extend([4, 5, 1, 2])
+    assert lk.candidates(2) == [3]
+    assert NextTokenLookup().candidates(2) == []
+
+
+def test_lookup_equals_the_definition_on_random_text():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        tokens = torch.randint(0, 6, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        lk = NextTokenLookup(max_ngram=3)
+        for i, t in enumerate(tokens):
+            lk.extend([t])
+            assert lk.candidates(3) == _naive(tokens[:i + 1], 3, 3)
+
+
+def test_merge_keeps_lookup_first_then_the_ranking_without_repeats():
+    assert merge_guesses([7], [3, 7, 5, 6], 3) == [7, 3, 5]
+    assert merge_guesses([], [3, 7], 2) == [3, 7]
+    assert merge_guesses([1, 1, 2], [2, 3], 2) == [1, 2]
+
+
+def test_a_shortlist_head_guesses_its_best_shortlisted_tokens():
+    m = model(0, 0.3)
+    rows = torch.tensor([3, 10, 11, 40, 77, 200])
+    head = EarlyExitHead.from_model(m, 2, projection="frequent", rows=rows)
+    with torch.no_grad():
+        head.row_weight.add_(torch.randn_like(head.row_weight))
+    head.materialize()
+    h = torch.randn(5, m.config.hidden_size, dtype=torch.float64)
+    full = head(h)
+    want = rows[full[:, rows].topk(2, dim=-1).indices]
+    assert torch.equal(head.guess(h, 2), want)
+    assert torch.equal(head.guess(h, 7), full.topk(7, dim=-1).indices)  # more than the shortlist: whole vocabulary
+    plain = EarlyExitHead.from_model(m, 2)
+    assert torch.equal(plain.guess(h, 3), plain(h).topk(3, dim=-1).indices)
