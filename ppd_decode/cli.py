@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--heads", default=None, help="trained heads directory (default: the untrained logit lens)")
     p.add_argument("--layer", type=int, default=None, help="split / draft layer d (default: the deepest head)")
-    p.add_argument("--k", type=int, default=3, help="PPD guesses per token")
+    p.add_argument("--k", type=int, default=4, help="PPD guesses per token")
+    p.add_argument("--lookup", type=int, default=1, help="PPD: how many of the k guesses come from prompt lookup "
+                                                         "(0: the head's top k only)")
     p.add_argument("--method", default="ppd")
     p.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             heads = {d: EarlyExitHead.from_model(model, d)}
         layer = a.layer or max(heads)
         kwargs["heads"] = {layer: heads[layer]}
-        config = cls.Config(layer=layer, **({"k": a.k} if a.method == "ppd" else {}))
+        config = cls.Config(layer=layer, **({"k": a.k, "lookup": a.lookup} if a.method == "ppd" else {}))
     else:
         config = cls.Config()
     strategy = cls(model, config=config, **kwargs)

@@ -82,7 +82,7 @@ class StageTimes:
     t1_miss: float  # layers 1..d on the real token after a miss (the head runs after the hand-off)
     t2: float  # layers d+1..L + final norm + LM head on one token
     greedy: float  # a full one-token forward (plain greedy's step)
-    head: float  # the early head alone on one token
+    head: float  # the early head alone on one token (its guess: over its shortlist when it has one)
     layer: float  # one decoder layer on one token (tau)
 
 

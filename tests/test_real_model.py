@@ -58,7 +58,7 @@ def _near_tie(model, prompt, ref, pos) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,config", [("self_speculative", {"layer": LAYER}), ("lookahead", {}),
-                                         ("ppd", {"layer": LAYER, "k": 3}),
+                                         ("ppd", {"layer": LAYER, "k": 4}),
                                          ("tree_speculative", {"layer": LAYER, "branching": (2, 2, 1)})])
 def test_real_model_token_identical_to_greedy(smollm2, trained_head, prompts, name, config):
     model, _ = smollm2
