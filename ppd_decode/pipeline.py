@@ -116,13 +116,19 @@ def _ping_a(dist, n: int, H: int, dtype) -> list[float]:
     return times
 
 
+def _prompt_chunks(n: int, chunk: int) -> list[int]:
+    """The sizes of the pieces a prompt of ``n`` tokens crosses the split in (both workers cut it the same way)."""
+    chunk = chunk or n
+    return [min(chunk, n - s) for s in range(0, n, chunk)]
+
+
 def _guesses(head, h, cfg: PPDConfig, lookup: NextTokenLookup) -> list[int]:
     """The k guesses for the token after the one whose layer-d state is ``h`` [1, 1, H]: prompt lookup's first, then
     the head's ranking (over its shortlist when it has one: see ``EarlyExitHead.guess``)."""
     if not cfg.speculate:
         return []
     ranked = head.guess(h[:, -1], cfg.k)[0].tolist()
-    return merge_guesses(lookup.candidates(cfg.lookup) if cfg.lookup else [], ranked, cfg.k)
+    return merge_guesses(lookup.candidates(cfg.lookup), ranked, cfg.k)
 
 
 def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
@@ -131,11 +137,12 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     cache = new_cache(model)
     lookup = NextTokenLookup()
     lookup.extend(ids)
-    chunk = cfg.prefill_chunk or n
-    dist.send(torch.tensor([GENERATE, n, max_new, chunk], dtype=torch.long), dst=1)
-    for s in range(0, n, chunk):
-        h = run_layers(model, embed(model, torch.tensor([ids[s:s + chunk]])), 0, d, cache, past=s)
+    dist.send(torch.tensor([GENERATE, n, max_new, cfg.prefill_chunk], dtype=torch.long), dst=1)
+    s = 0
+    for size in _prompt_chunks(n, cfg.prefill_chunk):
+        h = run_layers(model, embed(model, torch.tensor([ids[s:s + size]])), 0, d, cache, past=s)
         dist.send(h[0].contiguous(), dst=1)
+        s += size
     guesses = _guesses(head, h, cfg, lookup)
     pos, emitted, matches, t_comm = n, 0, 0, 0.0
     y = torch.zeros(1, dtype=torch.long)
@@ -193,17 +200,23 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
                 continue
             cache = new_cache(model)
             emitted, busy, wait = 0, 0.0, 0.0
-            for s in range(0, n - chunk, chunk):  # every prompt chunk but the last
-                h = torch.empty(chunk, H, dtype=dtype)
+
+            def recv(rows: int) -> torch.Tensor:
+                """The next hidden states from A, the time spent waiting for them counted."""
+                nonlocal wait
+                h = torch.empty(rows, H, dtype=dtype)
                 t = time.perf_counter()
                 dist.recv(h, src=0)
-                t1 = time.perf_counter()
+                wait += time.perf_counter() - t
+                return h
+
+            *first, last = _prompt_chunks(n, chunk)
+            for size in first:  # the prompt's last chunk runs in the loop below, with the final head
+                h = recv(size)
+                t = time.perf_counter()
                 run_layers(model, h[None], d, L, cache)
-                busy, wait = busy + time.perf_counter() - t1, wait + t1 - t
-            h = torch.empty(n - (n - 1) // chunk * chunk, H, dtype=dtype)
-            t = time.perf_counter()
-            dist.recv(h, src=0)
-            wait += time.perf_counter() - t
+                busy += time.perf_counter() - t
+            h = recv(last)
             while True:
                 t = time.perf_counter()
                 hb = run_layers(model, h[None], d, L, cache)
@@ -214,10 +227,7 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
                 if tok in eos or emitted >= max_new:
                     dist.send(torch.tensor([busy, wait], dtype=torch.float64), dst=0)
                     break
-                h = torch.empty(1, H, dtype=dtype)
-                t = time.perf_counter()
-                dist.recv(h, src=0)
-                wait += time.perf_counter() - t
+                h = recv(1)
     except Exception:
         results.put(("error", "worker B (layers d+1..L):\n" + traceback.format_exc()))
 

@@ -228,8 +228,8 @@ def main() -> None:
         if r["name"] != "ppd":
             continue
         torch.set_num_threads(1)
-        d, k = r["config"]["layer"], r["config"].get("k", 4)
-        spec = r["config"].get("speculate", True)
+        cfg = r["strategy"].config  # the engine's own config: its defaults filled in
+        d, k, spec = cfg.layer, cfg.k, cfg.speculate
         st = measure_stage_times(model, heads[d], d, ks=(1, k), repeats=10)
         p = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
         pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy)

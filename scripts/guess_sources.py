@@ -42,7 +42,7 @@ def main() -> None:
     layers = [int(x) for x in a.layers.split(",")]
     heads = load_heads(a.heads, model, layers)
     k = a.k
-    sources = [f"head top-1", f"head top-{k}", f"shortlist top-1", f"shortlist top-{k}", "lookup",
+    sources = ["head top-1", f"head top-{k}", "shortlist top-1", f"shortlist top-{k}", "lookup",
                f"lookup + shortlist top-{k - 1}"]
     report = {"model": a.model, "heads": a.heads, "k": k, "max_new_tokens": a.max_new_tokens,
               "shortlist_rows": {d: len(getattr(heads[d], "shortlist", [])) for d in layers}, "sets": {},
