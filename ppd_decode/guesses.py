@@ -44,6 +44,16 @@ class NextTokenLookup:
         return out
 
 
+    def continuation(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens guessed to come next: what followed the latest earlier occurrence of the sequence's
+        longest suffix seen before (prompt lookup's draft; empty when no suffix occurred before)."""
+        for n in range(min(self.n, len(self.tokens)), 0, -1):
+            j = self.follower.get(tuple(self.tokens[-n:]))
+            if j is not None and j < len(self.tokens):
+                return self.tokens[j:j + limit]
+        return []
+
+
 def merge_guesses(first: list[int], ranked, k: int) -> list[int]:
     """``first`` (deduplicated, at most k), then the ``ranked`` ids not yet present, up to k guesses in all."""
     out: list[int] = []

@@ -192,6 +192,17 @@ class EarlyExitHead(nn.Module):
         x = self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype)
         return short[nn.functional.linear(x, w).topk(k, dim=-1).indices]
 
+    def guess_with_confidence(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's top-1 token ids [...] and their softmax probabilities (over the shortlist where the head has
+        one, the set its candidate softmax was trained on): how sure the head is, for stopping a draft early."""
+        short = getattr(self, "shortlist", None)
+        if short is None:
+            p, i = self(hidden).float().softmax(-1).max(-1)
+            return i, p
+        x = self.features(hidden.to(self.norm.weight.dtype)).to(self.shortlist_weight.dtype)
+        p, i = nn.functional.linear(x, self.shortlist_weight).float().softmax(-1).max(-1)
+        return short[i], p
+
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the vocabulary projection reads: adapter (if any) then norm."""
         if self.adapter is not None:

@@ -54,6 +54,10 @@ class PPDConfig:
     prefill_chunk: int = 64
     speculate: bool = True  # False: the same two-stage split without guessing (the baseline PPD must beat)
     threads_per_worker: int = 1
+    # Pin each worker to its own cores (os.sched_setaffinity; A gets the first threads_per_worker of the cores this
+    # process may use, B the next), so neither migrates nor shares a core with the other. Ignored where there are
+    # too few cores or no affinity API.
+    pin_cores: bool = False
     timeout_s: float = 120.0  # a worker silent this long (per token) counts as hung
     fallback: bool = True  # finish with sequential greedy when a worker fails; False: raise WorkerError
 
@@ -74,10 +78,20 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=loop, daemon=True).start()
 
 
-def _init(rank: int, port: int, threads: int, parent: int):
+def _pin(rank: int, threads: int) -> None:
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2 * threads:
+        os.sched_setaffinity(0, cpus[rank * threads:(rank + 1) * threads])
+
+
+def _init(rank: int, port: int, threads: int, parent: int, pin: bool = False):
     import torch.distributed as dist
 
     _watch_parent(parent)
+    if pin:
+        _pin(rank, threads)
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     return dist
@@ -87,7 +101,7 @@ def _init(rank: int, port: int, threads: int, parent: int):
 @torch.no_grad()
 def _worker_a(model, head, d, cfg: PPDConfig, port, parent, requests, results):
     try:
-        dist = _init(0, port, cfg.threads_per_worker, parent)
+        dist = _init(0, port, cfg.threads_per_worker, parent, cfg.pin_cores)
         dtype, H = model.dtype, model.config.hidden_size
         results.put(("ready", None))
         while True:
@@ -131,9 +145,37 @@ def _guesses(head, h, cfg: PPDConfig, lookup: NextTokenLookup) -> list[int]:
     return merge_guesses(lookup.candidates(cfg.lookup), ranked, cfg.k)
 
 
+class _Clock:
+    """Splits a worker's wall time into named parts: ``lap(part)`` books the time since the previous lap to it, or to
+    "prefill" until ``decoding`` is set (when the first new token is decided)."""
+
+    def __init__(self, parts: tuple[str, ...]):
+        self.s = dict.fromkeys(parts, 0.0)
+        self.t = time.perf_counter()
+        self.decoding = False
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.s[part if self.decoding else "prefill"] += now - self.t
+        self.t = now
+
+
+# Where each worker's time goes (the benchmark prints it). "prefill" is everything until the first new token is
+# decided, waits included; the other parts split the decoding phase. A: ranking the guesses (head + lookup), the guess
+# block through layers 1..d, waiting for B's token, re-running a missed token, keeping or dropping cached guesses,
+# sending to B, the rest (handing tokens to the driver, the n-gram index). B: its layers, the final head, sending
+# its token, waiting for A.
+A_PARTS = ("prefill", "rank_guesses", "guess_block", "wait", "miss_rerun", "cache", "send", "other")
+B_PARTS = ("prefill", "layers", "final_head", "send", "wait")
+
+
+def _busy(parts: dict) -> float:
+    return sum(v for k, v in parts.items() if k not in ("prefill", "wait"))
+
+
 def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     n = len(ids)
-    t_start = time.perf_counter()
+    clock = _Clock(A_PARTS)
     cache = new_cache(model)
     lookup = NextTokenLookup()
     lookup.extend(ids)
@@ -143,39 +185,55 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
         h = run_layers(model, embed(model, torch.tensor([ids[s:s + size]])), 0, d, cache, past=s)
         dist.send(h[0].contiguous(), dst=1)
         s += size
+    clock.lap("prefill")
     guesses = _guesses(head, h, cfg, lookup)
-    pos, emitted, matches, t_comm = n, 0, 0, 0.0
+    clock.lap("rank_guesses")
+    pos, emitted, matches = n, 0, 0
     y = torch.zeros(1, dtype=torch.long)
     while True:
         # B is finishing the token at `pos`; run the guesses for it through layers 1..d meanwhile.
         if guesses:
             hg = run_layers(model, embed(model, torch.tensor([guesses])), 0, d, cache, past=pos, siblings=True)
-        t = time.perf_counter()
+            clock.lap("guess_block")
         dist.recv(y, src=1)
-        t_comm += time.perf_counter() - t
+        clock.lap("wait")
+        clock.decoding = True
         tok = int(y)
         emitted += 1
-        results.put(("token", tok))
         if tok in eos or emitted >= max_new:
-            b = torch.zeros(2, dtype=torch.float64)
-            dist.recv(b, src=1)  # B's busy and waiting seconds for this request
+            results.put(("token", tok))
+            b = torch.zeros(len(B_PARTS), dtype=torch.float64)
+            dist.recv(b, src=1)  # where B's time went for this request
+            clock.lap("other")
+            a_s, b_s = clock.s, dict(zip(B_PARTS, b.tolist()))
             results.put(("done", {"matches": matches, "guessed": emitted - 1 if guesses else 0,
-                                  "a_wait_s": t_comm, "a_busy_s": time.perf_counter() - t_start - t_comm,
-                                  "b_busy_s": float(b[0]), "b_wait_s": float(b[1])}))
+                                  "a_time_s": a_s, "b_time_s": b_s,
+                                  # the decoding phase's compute and waits (prefill apart)
+                                  "a_wait_s": a_s["wait"], "a_busy_s": _busy(a_s),
+                                  "b_wait_s": b_s["wait"], "b_busy_s": _busy(b_s)}))
             return
-        lookup.extend([tok])
         if guesses and tok in guesses:
             j = guesses.index(tok)
-            select_cache(cache, pos, [pos + j], range(d))  # keep the matching sibling only
             h = hg[:, j:j + 1]
+            dist.send(h[0].contiguous(), dst=1)  # B first; the cache can be tidied while B computes
+            clock.lap("send")
+            select_cache(cache, pos, [pos + j], range(d))  # keep the matching sibling only
             matches += 1
+            clock.lap("cache")
         else:
             if guesses:
                 crop_cache(cache, pos)
+                clock.lap("cache")
             h = run_layers(model, embed(model, torch.tensor([[tok]])), 0, d, cache, past=pos)
-        dist.send(h[0].contiguous(), dst=1)
+            clock.lap("miss_rerun")
+            dist.send(h[0].contiguous(), dst=1)
+            clock.lap("send")
+        results.put(("token", tok))  # after the send: B is waiting, the driver can
+        lookup.extend([tok])
+        clock.lap("other")
         # The guesses for the token B now works on, made off B's critical path.
         guesses = _guesses(head, h, cfg, lookup)
+        clock.lap("rank_guesses")
         pos += 1
 
 
@@ -183,7 +241,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
 @torch.no_grad()
 def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
     try:
-        dist = _init(1, port, cfg.threads_per_worker, parent)
+        dist = _init(1, port, cfg.threads_per_worker, parent, cfg.pin_cores)
         L, H, dtype = num_layers(model), model.config.hidden_size, model.dtype
         header = torch.zeros(4, dtype=torch.long)
         eos = _eos(model)
@@ -199,33 +257,34 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
                     dist.send(y, dst=0)
                 continue
             cache = new_cache(model)
-            emitted, busy, wait = 0, 0.0, 0.0
+            emitted = 0
+            clock = _Clock(B_PARTS)
 
             def recv(rows: int) -> torch.Tensor:
                 """The next hidden states from A, the time spent waiting for them counted."""
-                nonlocal wait
                 h = torch.empty(rows, H, dtype=dtype)
-                t = time.perf_counter()
+                clock.lap("send")  # (B only sends between receives)
                 dist.recv(h, src=0)
-                wait += time.perf_counter() - t
+                clock.lap("wait")
                 return h
 
             *first, last = _prompt_chunks(n, chunk)
             for size in first:  # the prompt's last chunk runs in the loop below, with the final head
                 h = recv(size)
-                t = time.perf_counter()
                 run_layers(model, h[None], d, L, cache)
-                busy += time.perf_counter() - t
+                clock.lap("layers")
             h = recv(last)
             while True:
-                t = time.perf_counter()
                 hb = run_layers(model, h[None], d, L, cache)
+                clock.lap("layers")
                 tok = int(final_logits(model, hb[:, -1]).argmax(-1))
-                busy += time.perf_counter() - t
+                clock.lap("final_head")
+                clock.decoding = True
                 dist.send(torch.tensor([tok], dtype=torch.long), dst=0)
                 emitted += 1
                 if tok in eos or emitted >= max_new:
-                    dist.send(torch.tensor([busy, wait], dtype=torch.float64), dst=0)
+                    clock.lap("send")
+                    dist.send(torch.tensor([clock.s[p] for p in B_PARTS], dtype=torch.float64), dst=0)
                     break
                 h = recv(1)
     except Exception:
@@ -370,7 +429,8 @@ class PPDEngine:
                 elif kind == "done":
                     res.accepted, res.drafted = msg["matches"], msg["guessed"]
                     # Where each worker's time went: computing, or waiting on the other one.
-                    res.extra.update({k: msg[k] for k in ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s")})
+                    res.extra.update({k: msg[k] for k in ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s",
+                                                          "a_time_s", "b_time_s")})
                     break
                 else:
                     failure = msg

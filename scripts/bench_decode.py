@@ -26,7 +26,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NEAR_TIE = 1e-4
-WORKER_TIMES = ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s")
 
 
 def cpu_name() -> str:
@@ -39,6 +38,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def where_the_time_went(r: dict, spec: bool) -> dict:
+    """A PPD row's worker times (summed part by part over the first run's prompts) per generated token, and the
+    in-pipeline cost of each kind of work next to the same work timed alone (the latency model's inputs)."""
+    a, b, n = r["a_time_s"], r["b_time_s"], r["tokens"]
+    decoded = n - r["prompts"]  # tokens after each prompt's first: the decoding phase
+    misses = (r["drafted"] - r["accepted"]) if spec else decoded
+    per_token = lambda parts: {k: 1e3 * v / n for k, v in parts.items()}  # noqa: E731
+    return {"a_ms_per_token": per_token(a), "b_ms_per_token": per_token(b),
+            "decoding_ms_per_token": 1e3 * (r["wall_s"] - max(a["prefill"], b["prefill"])) / max(1, decoded),
+            "prefill_ms_per_token": 1e3 * max(a["prefill"], b["prefill"]) / n,
+            "in_pipeline_ms": {"guess_block": 1e3 * a["guess_block"] / max(1, decoded) if spec else None,
+                               "miss_rerun": 1e3 * a["miss_rerun"] / max(1, misses),
+                               "b_step": 1e3 * (b["layers"] + b["final_head"]) / max(1, decoded)},
+            "misses": misses, "decoded": decoded}
+
+
+def breakdown_lines(lm: dict) -> list[str]:
+    bd = lm["breakdown"]
+    a, b, ip = bd["a_ms_per_token"], bd["b_ms_per_token"], bd["in_pipeline_ms"]
+    lines = ["", f"Where a token's {lm['wall_ms_per_token']:.1f} ms went (ms per generated token; prefill: until each "
+             f"prompt's first token; the latency model predicts {lm['predicted_ms_per_token']:.1f} ms per token of "
+             f"the decoding phase, which took {bd['decoding_ms_per_token']:.1f}):", "",
+             "| worker | " + " | ".join(a) + " |", "|---|" + "---|" * len(a),
+             "| A | " + " | ".join(f"{v:.1f}" for v in a.values()) + " |", "",
+             "| worker | " + " | ".join(b) + " |", "|---|" + "---|" * len(b),
+             "| B | " + " | ".join(f"{v:.1f}" for v in b.values()) + " |", ""]
+    gb = f"A's guess block {ip['guess_block']:.1f} ms (alone: T1(k) {lm['t1_k_ms']:.1f}), " if ip["guess_block"] else ""
+    lines.append(f"The same work inside the pipeline and alone: {gb}a missed token's re-run {ip['miss_rerun']:.1f} ms "
+                 f"(alone: T1(1) {lm['t1_1_ms']:.1f}, {bd['misses']} misses), B's step {ip['b_step']:.1f} ms (alone: "
+                 f"T2 {lm['t2_ms']:.1f}).")
+    return lines
+
+
 def method_rows(args, head_layers: list[int]) -> list[dict]:
     """(registry name, config, threads) for each row of the table."""
     rows = [{"name": "greedy", "config": {}, "threads": 1}, {"name": "greedy", "config": {}, "threads": 2},
@@ -48,16 +80,23 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
     if args.self_spec_layers:
         spec_layers = [d for d in (int(x) for x in args.self_spec_layers.split(",")) if d in head_layers]
     for d in spec_layers:
-        rows.append({"name": "self_speculative", "config": {"layer": d}, "threads": 1})
+        if args.self_spec_lookup in ("off", "both"):
+            rows.append({"name": "self_speculative", "config": {"layer": d}, "threads": 1})
+        if args.self_spec_lookup in ("only", "both"):
+            rows.append({"name": "self_speculative", "config": {"layer": d, "lookup": True}, "threads": 1})
+    for r in rows:
+        if r["name"] == "self_speculative" and args.self_spec_confidence:
+            r["config"]["min_confidence"] = args.self_spec_confidence
     if spec_layers:
         mid = spec_layers[len(spec_layers) // 2]
         rows.append({"name": "self_speculative", "config": {"layer": mid}, "threads": 2})
         rows.append({"name": "early_exit_assisted", "config": {"layer": mid}, "threads": 1})
     for spec in filter(None, (args.ppd or "").split(",")):
-        d, k, *lookup = (int(x) for x in spec.split(":"))
+        d, k, *rest = (int(x) for x in spec.split(":"))
         if d in head_layers:
-            rows.append({"name": "ppd", "config": {"layer": d, "k": k, **({"lookup": lookup[0]} if lookup else {})},
-                         "threads": 1})
+            cfg = {"layer": d, "k": k, **({"lookup": rest[0]} if rest else {}),
+                   **({"pin_cores": bool(rest[1])} if len(rest) > 1 else {})}
+            rows.append({"name": "ppd", "config": cfg, "threads": 1})
     if args.ppd and head_layers:
         d0 = int(args.ppd.split(",")[0].split(":")[0])
         rows.append({"name": "ppd", "config": {"layer": d0, "k": 1, "speculate": False}, "threads": 1})
@@ -125,10 +164,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--self-spec-layers", default=None, help="self-speculation rows at these head layers (default: all); "
                                                             "the middle one also gets the 2-thread and assisted rows")
+    p.add_argument("--self-spec-lookup", choices=("off", "both", "only"), default="both",
+                   help="self-speculation rows drafting from the head only (off), also with drafts copied from the "
+                        "text first (both), or only those (only)")
+    p.add_argument("--self-spec-confidence", type=float, default=0.0,
+                   help="self-speculation rows: stop a head draft where the head's top-1 probability is below this")
     p.add_argument("--early-exit-layer", type=int, default=15)
-    p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup],... (d must have a head; lookup: how many of "
-                                               "the k guesses come from prompt lookup, default 1, 0 = the head's "
-                                               "only); adds the split without speculation at the first d")
+    p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup[:pin]],... (d must have a head; lookup: how "
+                                               "many of the k guesses come from prompt lookup, default 1, 0 = the "
+                                               "head's only; pin 1: each worker pinned to its own core); adds the split without speculation at the first d")
     p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G[:K],... (K: key tokens; default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")
     p.add_argument("--tree", default=None, help="token-tree rows: static,prune,prune_full,dynamic (ProPD's parts, one by one; "
@@ -210,9 +254,11 @@ def main() -> None:
                         r["steps"] += res.steps
                         r["tokens"] += len(res.tokens)
                         r["wall_s"] = r.get("wall_s", 0.0) + res.seconds
-                        for k in WORKER_TIMES:  # PPD: where each worker's time went
-                            if k in res.extra:
-                                r.setdefault("worker_s", dict.fromkeys(WORKER_TIMES, 0.0))[k] += res.extra[k]
+                        for w in ("a_time_s", "b_time_s"):  # PPD: where each worker's time went, part by part
+                            for part, v in res.extra.get(w, {}).items():
+                                r.setdefault(w, {}).setdefault(part, 0.0)
+                                r[w][part] += v
+                        r["prompts"] = r.get("prompts", 0) + 1
         for j, r in enumerate(rows):
             per_set = {s: statistics.mean(v) for s, v in speeds[j].items()}
             overall = statistics.mean([v for s in prompts for v in [per_set[s]] * len(prompts[s])])
@@ -235,13 +281,14 @@ def main() -> None:
         pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy)
         rt = r["strategy"].engine.round_trip_seconds()
         r["model"] = {"predicted_speedup_vs_greedy_1t": pred["speedup"], "extra_compute": pred["extra_compute"],
+                      "predicted_ms_per_token": 1e3 * pred["latency"],
                       "t1_1_ms": 1e3 * st.t1_miss, "t1_k_ms": 1e3 * st.t1[k], "t2_ms": 1e3 * st.t2,
                       "greedy_step_ms": 1e3 * st.greedy, "early_head_ms": 1e3 * st.head,
                       "round_trip_ms": 1e3 * rt,
                       # per generated token, over the first run's prompts (prefills included)
-                      "wall_ms_per_token": 1e3 * r["wall_s"] / r["tokens"],
-                      **{k.replace("_s", "_ms_per_token"): 1e3 * v / r["tokens"]
-                         for k, v in r.get("worker_s", {}).items()}}
+                      "wall_ms_per_token": 1e3 * r["wall_s"] / r["tokens"]}
+        if "a_time_s" in r:
+            r["model"]["breakdown"] = where_the_time_went(r, spec)
     for r in rows:
         if hasattr(r["strategy"], "close"):
             r["strategy"].close()
@@ -309,11 +356,8 @@ def main() -> None:
                          f"{lm['t2_ms']:.1f} ms, greedy step {lm['greedy_step_ms']:.1f} ms, early head "
                          f"{lm['early_head_ms']:.1f} ms; worker round trip {lm['round_trip_ms']:.2f} ms = "
                          f"{100 * m['communication_fraction']:.1f}% of a token's time.")
-            if "a_busy_ms_per_token" in lm:
-                lines.append(f"Where a token's {lm['wall_ms_per_token']:.1f} ms went (prefills included): worker A "
-                             f"computing {lm['a_busy_ms_per_token']:.1f} ms, waiting for B "
-                             f"{lm['a_wait_ms_per_token']:.1f} ms; worker B computing {lm['b_busy_ms_per_token']:.1f}"
-                             f" ms, waiting for A {lm['b_wait_ms_per_token']:.1f} ms.")
+            if "breakdown" in lm:
+                lines += breakdown_lines(lm)
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_speedups(methods, g1, g2, docs / f"{a.name}.png")

@@ -41,6 +41,32 @@ def test_lookup_equals_the_definition_on_random_text():
             assert lk.candidates(3) == _naive(tokens[:i + 1], 3, 3)
 
 
+def _naive_continuation(tokens, n_max, limit):
+    """The definition: the tokens after the latest earlier occurrence of the longest suffix (n <= n_max) seen before."""
+    for n in range(min(n_max, len(tokens)), 0, -1):
+        tail = tokens[-n:]
+        for s in range(len(tokens) - n - 1, -1, -1):
+            if tokens[s:s + n] == tail:
+                return tokens[s + n:s + n + limit]
+    return []
+
+
+def test_continuation_copies_what_followed_the_latest_longest_match():
+    lk = NextTokenLookup(max_ngram=3)
+    lk.extend([1, 2, 3, 9, 2, 3, 4, 7, 2, 3])
+    assert lk.continuation(3) == [4, 7, 2]
+    assert lk.continuation(10) == [4, 7, 2, 3]  # up to the end of the text
+    assert NextTokenLookup().continuation(4) == [] and lk.continuation(0) == []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        tokens = torch.randint(0, 5, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        lk = NextTokenLookup(max_ngram=3)
+        for i, t in enumerate(tokens):
+            lk.extend([t])
+            assert lk.continuation(4) == _naive_continuation(tokens[:i + 1], 3, 4)
+            assert lk.continuation(4)[:1] == lk.candidates(1)  # its first token is the lookup's first guess
+
+
 def test_merge_keeps_lookup_first_then_the_ranking_without_repeats():
     assert merge_guesses([7], [3, 7, 5, 6], 3) == [7, 3, 5]
     assert merge_guesses([], [3, 7], 2) == [3, 7]

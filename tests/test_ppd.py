@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ppd_decode import HeadMismatchError, PPDError, PromptTooLongError, load_model
 from ppd_decode.heads import EarlyExitHead
-from ppd_decode.pipeline import PPDConfig, PPDEngine, WorkerError
+from ppd_decode.pipeline import A_PARTS, B_PARTS, PPDConfig, PPDEngine, WorkerError
 from ppd_decode.strategies import get_strategy
 
 from test_strategies import model, reference  # the same float64 tiny models and greedy reference
@@ -76,10 +76,14 @@ def test_matches_are_used_when_the_head_is_good(engines):
     r = eng.generate(list(range(10, 30)), 40)
     assert r.tokens == reference(m, list(range(10, 30)), 40)
     assert r.accepted > 0.5 * r.drafted > 0
-    # where the time went: both workers computed, and A's computing plus waiting fits inside the wall time
-    assert r.extra["a_busy_s"] > 0 and r.extra["b_busy_s"] > 0
-    assert r.extra["a_wait_s"] >= 0 and r.extra["b_wait_s"] >= 0
-    assert r.extra["a_busy_s"] + r.extra["a_wait_s"] <= r.seconds
+    # where the time went: each worker's parts add up to its time on the request, which fits in the wall time
+    a, b = r.extra["a_time_s"], r.extra["b_time_s"]
+    assert set(a) == set(A_PARTS) and set(b) == set(B_PARTS) and min(a.values()) >= 0 and min(b.values()) >= 0
+    assert 0 < sum(a.values()) <= r.seconds and 0 < sum(b.values()) <= r.seconds
+    assert a["prefill"] > 0 and a["guess_block"] > 0 and a["rank_guesses"] > 0 and b["layers"] > 0
+    assert a["miss_rerun"] < a["guess_block"]  # mostly matches: few re-runs
+    assert r.extra["a_busy_s"] == pytest.approx(sum(a.values()) - a["prefill"] - a["wait"])
+    assert r.extra["b_wait_s"] == b["wait"]
 
 
 def test_lookup_guesses_match_where_the_head_cannot(engines):
@@ -97,6 +101,8 @@ def test_split_without_speculation_is_exact_too():
     with PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2, speculate=False)) as eng:
         r = eng.generate([7, 8, 9], 30)
     assert r.tokens == reference(m, [7, 8, 9], 30) and r.accepted == 0
+    a = r.extra["a_time_s"]  # every token is a "miss": A runs it after B's answer, and no time goes to guess blocks
+    assert a["guess_block"] == a["cache"] == 0 and a["miss_rerun"] > 0
 
 
 def test_eos_stops_generation_like_generate():

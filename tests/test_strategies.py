@@ -75,14 +75,43 @@ def test_token_identical_to_greedy(name, prompt, mdl, layer, noise, n):
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompt=prompts, mdl=models, layer=st.integers(1, LAYERS - 1), gamma=st.integers(1, 8),
-       adaptive=st.booleans(), n=st.integers(1, 64))
-def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, n):
+       adaptive=st.booleans(), lookup=st.booleans(), confidence=st.sampled_from([0.0, 0.2, 0.6, 1.01]),
+       n=st.integers(1, 64))
+def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, lookup, confidence, n):
     m = model(*mdl)
     s = build("self_speculative", m, heads_for(m, 1, 0.0), layer=layer, draft_tokens=gamma,
-              max_draft_tokens=max(gamma, 12), adaptive=adaptive)
+              max_draft_tokens=max(gamma, 12), adaptive=adaptive, lookup=lookup, min_confidence=confidence)
     r = s.generate(prompt, n)
     assert r.tokens == reference(m, prompt, n)
     assert r.accepted <= r.drafted and len(r.tokens) <= n
+    if lookup:
+        assert r.extra["lookup_accepted"] <= r.extra["lookup_drafted"] <= r.drafted
+    if confidence > 1:  # the head never drafts: only the text's drafts remain
+        assert r.drafted == r.extra.get("lookup_drafted", 0)
+
+
+def test_self_speculative_stops_drafting_where_the_head_is_unsure():
+    m = model(0, 0.05)
+    prompt = list(range(10, 30))
+    sure = build("self_speculative", m, heads_for(m, 0, 0.0), layer=2).generate(prompt, 40)
+    # (a tiny random model's head is never very sure: its top-1 probabilities here lie around 0.013-0.05)
+    r = build("self_speculative", m, heads_for(m, 0, 0.0), layer=2, min_confidence=0.03).generate(prompt, 40)
+    assert r.tokens == sure.tokens == reference(m, prompt, 40)
+    assert 0 < r.drafted < sure.drafted
+    assert r.accepted / r.drafted > sure.accepted / sure.drafted  # the drafts it still makes are the surer ones
+
+
+def test_self_speculative_copies_drafts_from_the_text():
+    """A nearly random head drafts badly, but a tiny random model's greedy output falls into loops, which drafts
+    copied from the text then predict: most tokens come from accepted lookup drafts, and the output stays exact."""
+    m = model(1, 1.0)
+    prompt = [9, 8, 7, 6] * 5
+    ref = reference(m, prompt, 60)
+    plain = build("self_speculative", m, heads_for(m, 0, 1.0), layer=2).generate(prompt, 60)
+    s = build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, lookup=True)
+    r = s.generate(prompt, 60)
+    assert r.tokens == plain.tokens == ref
+    assert r.extra["lookup_accepted"] >= 20 and r.steps < plain.steps
 
 
 def test_self_speculative_accepts_drafts_when_the_head_is_good():

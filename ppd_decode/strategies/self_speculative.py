@@ -5,6 +5,11 @@ d+1..L over all drafts at once. The drafts' KV entries for layers 1..d are alrea
 never recomputes those layers: it starts from the layer-d hidden states the draft left behind (LayerSkip's cache
 reuse). The longest prefix equal to the final layer's argmax is kept, plus the final layer's next token, so the
 output is the model's greedy output. ``gamma`` adapts to the observed acceptance.
+
+With ``lookup=True`` a step first tries a draft copied from the text (prompt lookup: what followed the latest earlier
+occurrence of the last 1-3 tokens, ``NextTokenLookup.continuation``). Such a draft costs nothing to make, so it is
+verified by one forward of the whole model over the current token and the draft; where the text offers none, the
+head drafts as above. Each source keeps its own adaptive draft length and its own counts.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import HeadMismatchError
+from ..guesses import NextTokenLookup
 from ..heads import check_layer
 from ..stack import crop_cache, embed, final_logits, new_cache, num_layers, prefill, run_layers
 from .base import DecodeResult, DecodingStrategy, register
@@ -25,6 +31,10 @@ class SelfSpeculativeConfig:
     draft_tokens: int = 4  # initial gamma
     max_draft_tokens: int = 16
     adaptive: bool = True  # +2 after a fully accepted draft, -1 otherwise (transformers' heuristic)
+    lookup: bool = False  # drafts copied from the text first, the head's where the text has none (see above)
+    # A head draft stops at the first token the head gives less than this probability (Kangaroo's early stop);
+    # with none left the step is a plain greedy one. 0: always draft the adaptive length.
+    min_confidence: float = 0.0
 
 
 def pick_head(strategy: DecodingStrategy, layer: int | None):
@@ -60,22 +70,25 @@ class SelfSpeculative(DecodingStrategy):
         cur = int(logits.argmax())
         out: list[int] = []
         res = DecodeResult(out, steps=1)
+        if self.config.lookup:
+            res.extra.update(lookup_drafted=0, lookup_accepted=0)
         if self.finish(out, [cur], max_new_tokens):
             return res
         n = ids.numel()  # every layer caches positions 0..n-1; `cur` sits at position n
-        gamma = self.config.draft_tokens
+        gamma = lookup_gamma = self.config.draft_tokens
+        text = NextTokenLookup()
+        if self.config.lookup:
+            text.extend(ids.tolist() + [cur])
         while True:
-            g = max(0, min(gamma, max_new_tokens - len(out) - 1))  # never draft past max_new_tokens
-            drafts, hidden = [], []
-            tok = cur
-            for _ in range(g):
-                h = run_layers(m, embed(m, torch.tensor([[tok]], device=ids.device)), 0, d, cache)
-                hidden.append(h)
-                tok = int(self.head.guess(h[:, -1], 1)[0, 0])  # over the head's shortlist when it has one
-                drafts.append(tok)
-            # The last draft also needs its layers 1..d before the whole block is verified.
-            hidden.append(run_layers(m, embed(m, torch.tensor([[tok]], device=ids.device)), 0, d, cache))
-            verify = run_layers(m, torch.cat(hidden, dim=1), d, L, cache, past=n)
+            room = max_new_tokens - len(out) - 1  # never draft past max_new_tokens
+            copied = text.continuation(min(lookup_gamma, room)) if self.config.lookup else []
+            if copied:
+                drafts = copied
+                block = torch.tensor([[cur] + drafts], device=ids.device)
+                verify = run_layers(m, embed(m, block), 0, L, cache, past=n)
+            else:
+                drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device)
+            g = len(drafts)
             target = final_logits(m, verify)[0].argmax(-1).tolist()  # target[i]: greedy token after block[i]
             a = 0
             while a < g and drafts[a] == target[a]:
@@ -83,10 +96,41 @@ class SelfSpeculative(DecodingStrategy):
             res.steps += 1
             res.drafted += g
             res.accepted += a
+            if copied:
+                res.extra["lookup_drafted"] += g
+                res.extra["lookup_accepted"] += a
             n += a + 1  # cur and the accepted drafts are now in the cache, in every layer
             crop_cache(cache, n)
-            if self.finish(out, drafts[:a] + [target[a]], max_new_tokens):
+            new = drafts[:a] + [target[a]]
+            if self.finish(out, new, max_new_tokens):
                 return res
+            if self.config.lookup:
+                text.extend(new)
             cur = target[a]
-            if self.config.adaptive and g == gamma:
-                gamma = min(gamma + 2, self.config.max_draft_tokens) if a == g else max(1, gamma - 1)
+            if self.config.adaptive:
+                if copied and g == lookup_gamma:
+                    lookup_gamma = self._adapt(lookup_gamma, a == g)
+                elif not copied and g == gamma:  # (a draft cut short by low confidence says nothing of gamma)
+                    gamma = self._adapt(gamma, a == g)
+
+    def _adapt(self, length: int, all_accepted: bool) -> int:
+        return min(length + 2, self.config.max_draft_tokens) if all_accepted else max(1, length - 1)
+
+    def _head_drafts(self, cache, cur: int, g: int, n: int, device) -> tuple[list[int], torch.Tensor]:
+        """Up to ``g`` tokens drafted by layers 1..d and the head (fewer where its confidence drops below
+        ``min_confidence``), then layers d+1..L over ``cur`` and the drafts (whose layers 1..d are already cached):
+        the drafts and the verifying hidden states."""
+        m, d, L = self.model, self.layer, num_layers(self.model)
+        drafts, hidden = [], []
+        tok = cur
+        while True:
+            h = run_layers(m, embed(m, torch.tensor([[tok]], device=device)), 0, d, cache)
+            hidden.append(h)  # cur's and every draft's layers 1..d, before the whole block is verified
+            if len(drafts) == g:
+                break
+            nxt, conf = self.head.guess_with_confidence(h[:, -1])  # over the head's shortlist when it has one
+            if float(conf) < self.config.min_confidence:
+                break
+            tok = int(nxt)
+            drafts.append(tok)
+        return drafts, run_layers(m, torch.cat(hidden, dim=1), d, L, cache, past=n)
