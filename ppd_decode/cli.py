@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lookup", type=int, default=1, help="PPD: how many of the k guesses come from prompt lookup "
                                                          "(0: the head's top k only)")
     p.add_argument("--method", default="ppd")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any field of the method's config, e.g. --set lookup=true --set min_confidence=0.5 "
+                        "(values parsed as JSON where they can be)")
     p.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--check", action="store_true", help="compare with plain greedy, token for token")
@@ -46,6 +50,16 @@ def main(argv: list[str] | None = None) -> None:
         config = cls.Config(layer=layer, **({"k": a.k, "lookup": a.lookup} if a.method == "ppd" else {}))
     else:
         config = cls.Config()
+    for item in a.set:
+        field, _, value = item.partition("=")
+        if not hasattr(config, field):
+            fields = ", ".join(f for f in vars(config))
+            p.error(f"--set {item}: {a.method}'s config has no field {field!r} (it has: {fields})")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a plain string
+        setattr(config, field, value)
     strategy = cls(model, config=config, **kwargs)
     ids = encode_chat(tok, a.prompt)
     strategy.check_request(ids, a.max_new_tokens)

@@ -1,6 +1,7 @@
 """How often each guess source holds the greedy token: an early head's top k (over the whole vocabulary or its shortlist
 of trained frequent rows), prompt lookup alone, and the two together as PPD combines them (lookup first, the head
-fills the rest). Writes docs/benchmarks/guess_sources.{json,md}.
+fills the rest), and how the head's confidence (its top-1 probability over the shortlist) sorts right guesses from
+wrong ones: what self-speculation's ``min_confidence`` stop relies on. Writes docs/benchmarks/guess_sources.{json,md}.
 
     python scripts/guess_sources.py --heads outputs/train/freq-null/heads --layers 11,15,22 --per-set 20
 """
@@ -42,6 +43,7 @@ def main() -> None:
     layers = [int(x) for x in a.layers.split(",")]
     heads = load_heads(a.heads, model, layers)
     k = a.k
+    thresholds = (0.3, 0.5, 0.7, 0.9)
     sources = ["head top-1", f"head top-{k}", "shortlist top-1", f"shortlist top-{k}", "lookup",
                f"lookup + shortlist top-{k - 1}"]
     report = {"model": a.model, "heads": a.heads, "k": k, "max_new_tokens": a.max_new_tokens,
@@ -54,6 +56,7 @@ def main() -> None:
         conts, states = greedy_continuations(model, prompts, a.max_new_tokens, batch_size=8, capture_layers=layers,
                                              progress=tqdm(total=len(prompts), desc=f"{s}: greedy", leave=False))
         hits = {d: dict.fromkeys(sources, 0) for d in layers}
+        sure = {d: {t: [0, 0] for t in thresholds} for d in layers}  # positions at or above t, right ones among them
         positions = sum(map(len, conts))
         with torch.no_grad():
             for prompt, cont, st in zip(prompts, conts, states):
@@ -67,6 +70,11 @@ def main() -> None:
                     head = heads[d]
                     full = head(st[d]).topk(k, dim=-1).indices.tolist()
                     short = head.guess(st[d], k).tolist()
+                    top1, conf = head.guess_with_confidence(st[d])
+                    for t in thresholds:
+                        above = conf >= t
+                        sure[d][t][0] += int(above.sum())
+                        sure[d][t][1] += int((above & (top1 == torch.tensor(cont))).sum())
                     for y, f, sh, lk in zip(cont, full, short, found):
                         h = hits[d]
                         h["head top-1"] += y == f[0]
@@ -76,7 +84,11 @@ def main() -> None:
                         h["lookup"] += y in lk
                         h[f"lookup + shortlist top-{k - 1}"] += y in merge_guesses(lk, sh, k)
         report["sets"][s] = {"positions": positions,
-                             "rates": {d: {src: n / max(1, positions) for src, n in hits[d].items()} for d in layers}}
+                             "rates": {d: {src: n / max(1, positions) for src, n in hits[d].items()} for d in layers},
+                             # per threshold: the share of positions where the head is at least that sure, and how
+                             # often its top-1 is right there
+                             "confidence": {d: {t: {"coverage": n / max(1, positions), "precision": r / max(1, n)}
+                                                for t, (n, r) in sure[d].items()} for d in layers}}
         print(s, positions, "positions", flush=True)
 
     docs = Path(a.docs)
@@ -92,6 +104,14 @@ def main() -> None:
         for d in layers:
             lines.append(f"| {s} | {d} | {r['positions']} | " +
                          " | ".join(f"{r['rates'][d][src]:.3f}" for src in sources) + " |")
+    lines += ["", "The head's confidence (top-1 probability over its shortlist): share of positions at or above each "
+              "threshold / how often its top-1 is the greedy token there.", "",
+              "| set | d | " + " | ".join(f">= {t}" for t in thresholds) + " |", "|---|---|" + "---|" * len(thresholds)]
+    for s, r in report["sets"].items():
+        for d in layers:
+            c = r["confidence"][d]
+            lines.append(f"| {s} | {d} | " + " | ".join(f"{c[t]['coverage']:.2f} / {c[t]['precision']:.2f}"
+                                                        for t in thresholds) + " |")
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
