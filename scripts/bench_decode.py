@@ -84,12 +84,10 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
             rows.append({"name": "self_speculative", "config": {"layer": d}, "threads": 1})
         if args.self_spec_lookup in ("only", "both"):
             rows.append({"name": "self_speculative", "config": {"layer": d, "lookup": True}, "threads": 1})
-    for r in rows:
-        if r["name"] == "self_speculative" and args.self_spec_confidence:
-            r["config"]["min_confidence"] = args.self_spec_confidence
     if spec_layers:
         mid = spec_layers[len(spec_layers) // 2]
-        rows.append({"name": "self_speculative", "config": {"layer": mid}, "threads": 2})
+        rows.append({"name": "self_speculative", "threads": 2,
+                     "config": {"layer": mid, **({"lookup": True} if args.self_spec_lookup == "only" else {})}})
         rows.append({"name": "early_exit_assisted", "config": {"layer": mid}, "threads": 1})
     for spec in filter(None, (args.ppd or "").split(",")):
         d, k, *rest = (int(x) for x in spec.split(":"))
@@ -115,6 +113,16 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
         if d in head_layers and (preset == "static" or args.prune_layer in head_layers):
             cfg = {"layer": d, "branching": tuple(int(x) for x in args.branching.split(",")), **tree_presets[preset]}
             rows.append({"name": "tree_speculative", "config": cfg, "threads": 1})
+    if args.self_spec_confidence:  # one 1-thread self-speculation row per threshold (the 2-thread row: the first)
+        confs = [float(x) for x in str(args.self_spec_confidence).split(",")]
+        expanded = []
+        for r in rows:
+            if r["name"] != "self_speculative":
+                expanded.append(r)
+                continue
+            for c in (confs if r["threads"] == 1 else confs[:1]):
+                expanded.append({**r, "config": {**r["config"], "min_confidence": c}})
+        rows = expanded
     if args.methods:
         keep = set(args.methods.split(","))
         rows = [r for r in rows if r["name"] in keep or (r["name"] == "greedy" and r["threads"] in (1, 2))]
@@ -167,8 +175,9 @@ def main() -> None:
     p.add_argument("--self-spec-lookup", choices=("off", "both", "only"), default="both",
                    help="self-speculation rows drafting from the head only (off), also with drafts copied from the "
                         "text first (both), or only those (only)")
-    p.add_argument("--self-spec-confidence", type=float, default=0.0,
-                   help="self-speculation rows: stop a head draft where the head's top-1 probability is below this")
+    p.add_argument("--self-spec-confidence", default=None,
+                   help="self-speculation rows, one per value (comma list): stop a head draft where the head's top-1 "
+                        "probability is below it (above 1: the head never drafts)")
     p.add_argument("--early-exit-layer", type=int, default=15)
     p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup[:pin]],... (d must have a head; lookup: how "
                                                "many of the k guesses come from prompt lookup, default 1, 0 = the "
@@ -251,6 +260,9 @@ def main() -> None:
                         r["step_verify_s"] = r.get("step_verify_s", 0.0) + sum(res.extra.get("verify_seconds", []))
                         r["accepted"] += res.accepted
                         r["drafted"] += res.drafted
+                        for key in ("lookup_drafted", "lookup_accepted"):  # self-speculation's drafts from the text
+                            if key in res.extra:
+                                r[key] = r.get(key, 0) + res.extra[key]
                         r["steps"] += res.steps
                         r["tokens"] += len(res.tokens)
                         r["wall_s"] = r.get("wall_s", 0.0) + res.seconds
@@ -311,6 +323,9 @@ def main() -> None:
             "mean_accepted_tokens": (r["tokens"] / r["steps"]) if r["steps"] else None,
             "verify_ms_per_step": 1e3 * r["step_verify_s"] / r["steps"] if r.get("step_verify_s") else None,
             "match_rate": (r["accepted"] / r["drafted"]) if drafting else None,
+            **({"text_drafts": {"drafted": r["lookup_drafted"], "accepted": r["lookup_accepted"],
+                                "head_drafted": r["drafted"] - r["lookup_drafted"],
+                                "head_accepted": r["accepted"] - r["lookup_accepted"]}} if "lookup_drafted" in r else {}),
             "predicted_speedup": r.get("model", {}).get("predicted_speedup_vs_greedy_1t"),
             "efficiency": (m / g1) / r["model"]["predicted_speedup_vs_greedy_1t"] if "model" in r else None,
             "communication_fraction": (r["model"]["round_trip_ms"] / 1e3) * m if "model" in r else None,
