@@ -57,7 +57,9 @@ def _near_tie(model, prompt, ref, pos) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,config", [("self_speculative", {"layer": LAYER}), ("lookahead", {}),
+@pytest.mark.parametrize("name,config", [("self_speculative", {"layer": LAYER}),
+                                         ("self_speculative", {"layer": LAYER, "lookup": True, "min_confidence": 0.7}),
+                                         ("lookahead", {}),
                                          ("ppd", {"layer": LAYER, "k": 4}),
                                          ("tree_speculative", {"layer": LAYER, "branching": (2, 2, 1)})])
 def test_real_model_token_identical_to_greedy(smollm2, trained_head, prompts, name, config):
