@@ -31,27 +31,30 @@ class NextTokenLookup:
                 self.follower[tuple(self.tokens[j - n:j])] = j
             self.tokens.append(int(t))
 
+    def _followers(self):
+        """For the sequence's suffixes seen before, longest first: the index of the token that followed the latest
+        earlier occurrence."""
+        for n in range(min(self.n, len(self.tokens)), 0, -1):
+            j = self.follower.get(tuple(self.tokens[-n:]))
+            if j is not None and j < len(self.tokens):
+                yield j
+
     def candidates(self, limit: int = 1) -> list[int]:
         """Up to ``limit`` distinct guesses for the token after the sequence: the follower of its longest suffix
         seen before first, then of shorter suffixes."""
         out: list[int] = []
-        for n in range(min(self.n, len(self.tokens)), 0, -1):
+        for j in self._followers():
             if len(out) >= limit:
                 break
-            j = self.follower.get(tuple(self.tokens[-n:]))
-            if j is not None and j < len(self.tokens) and self.tokens[j] not in out:
+            if self.tokens[j] not in out:
                 out.append(self.tokens[j])
         return out
-
 
     def continuation(self, limit: int) -> list[int]:
         """Up to ``limit`` tokens guessed to come next: what followed the latest earlier occurrence of the sequence's
         longest suffix seen before (prompt lookup's draft; empty when no suffix occurred before)."""
-        for n in range(min(self.n, len(self.tokens)), 0, -1):
-            j = self.follower.get(tuple(self.tokens[-n:]))
-            if j is not None and j < len(self.tokens):
-                return self.tokens[j:j + limit]
-        return []
+        j = next(self._followers(), None)
+        return [] if j is None else self.tokens[j:j + limit]
 
 
 def merge_guesses(first: list[int], ranked, k: int) -> list[int]:

@@ -188,9 +188,11 @@ class EarlyExitHead(nn.Module):
         short = getattr(self, "shortlist", None)
         if short is None or k > len(short):
             return self(hidden).topk(k, dim=-1).indices
+        return short[self._shortlist_logits(hidden).topk(k, dim=-1).indices]
+
+    def _shortlist_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.shortlist_weight
-        x = self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype)
-        return short[nn.functional.linear(x, w).topk(k, dim=-1).indices]
+        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w)
 
     def guess_with_confidence(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's top-1 token ids [...] and their softmax probabilities (over the shortlist where the head has
@@ -199,8 +201,7 @@ class EarlyExitHead(nn.Module):
         if short is None:
             p, i = self(hidden).float().softmax(-1).max(-1)
             return i, p
-        x = self.features(hidden.to(self.norm.weight.dtype)).to(self.shortlist_weight.dtype)
-        p, i = nn.functional.linear(x, self.shortlist_weight).float().softmax(-1).max(-1)
+        p, i = self._shortlist_logits(hidden).float().softmax(-1).max(-1)
         return short[i], p
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,8 @@ def main() -> None:
     p.add_argument("--early-exit-layer", type=int, default=15)
     p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup[:pin]],... (d must have a head; lookup: how "
                                                "many of the k guesses come from prompt lookup, default 1, 0 = the "
-                                               "head's only; pin 1: each worker pinned to its own core); adds the split without speculation at the first d")
+                                               "head's only; pin 1: each worker pinned to its own core); adds the "
+                                               "split without speculation at the first d")
     p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G[:K],... (K: key tokens; default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")
     p.add_argument("--tree", default=None, help="token-tree rows: static,prune,prune_full,dynamic (ProPD's parts, one by one; "

@@ -8,16 +8,19 @@ from ppd_decode.heads import EarlyExitHead
 from test_strategies import model
 
 
+def _after_latest_earlier(tokens, n):
+    """Where the token after the latest earlier occurrence of the last n tokens sits, by scanning (None: none)."""
+    tail = tokens[-n:]
+    return next((s + n for s in range(len(tokens) - n - 1, -1, -1) if tokens[s:s + n] == tail), None)
+
+
 def _naive(tokens, n_max, limit):
     """The definition: for n = n_max..1, the token after the latest earlier occurrence of the last n tokens."""
     out = []
     for n in range(min(n_max, len(tokens)), 0, -1):
-        tail = tokens[-n:]
-        for s in range(len(tokens) - n - 1, -1, -1):
-            if tokens[s:s + n] == tail:
-                if tokens[s + n] not in out and len(out) < limit:
-                    out.append(tokens[s + n])
-                break
+        j = _after_latest_earlier(tokens, n)
+        if j is not None and tokens[j] not in out and len(out) < limit:
+            out.append(tokens[j])
     return out
 
 
@@ -44,10 +47,9 @@ def test_lookup_equals_the_definition_on_random_text():
 def _naive_continuation(tokens, n_max, limit):
     """The definition: the tokens after the latest earlier occurrence of the longest suffix (n <= n_max) seen before."""
     for n in range(min(n_max, len(tokens)), 0, -1):
-        tail = tokens[-n:]
-        for s in range(len(tokens) - n - 1, -1, -1):
-            if tokens[s:s + n] == tail:
-                return tokens[s + n:s + n + limit]
+        j = _after_latest_earlier(tokens, n)
+        if j is not None:
+            return tokens[j:j + limit]
     return []
 
 

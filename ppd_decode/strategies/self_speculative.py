@@ -64,7 +64,7 @@ class SelfSpeculative(DecodingStrategy):
             raise ValueError("need 1 <= draft_tokens <= max_draft_tokens")
 
     def _generate(self, ids, max_new_tokens):
-        m, d, L = self.model, self.layer, num_layers(self.model)
+        m, L = self.model, num_layers(self.model)
         cache = new_cache(m)
         logits = prefill(m, ids, cache)
         cur = int(logits.argmax())
