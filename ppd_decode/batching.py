@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .stack import final_logits, new_cache, num_layers, run_layers
+from .stack import final_argmax, new_cache, num_layers, run_layers
 
 
 class RaggedBatch:
@@ -35,7 +35,7 @@ class RaggedBatch:
         h = self.run(model.model.embed_tokens(ids), 0, num_layers(model), positions, block_valid=prompt_valid)
         self.valid = prompt_valid
         self.pos = prompt_valid.sum(-1)  # position of each row's next token
-        self.cur = final_logits(model, h[:, -1:])[:, 0].argmax(-1)  # each row's first new token (not cached)
+        self.cur = final_argmax(model, h[:, -1:])[:, 0]  # each row's first new token (not cached)
 
     @property
     def size(self) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .batching import RaggedBatch
-from .stack import crop_cache, embed, final_logits, num_layers
+from .stack import crop_cache, embed, final_argmax, num_layers
 from .theory import median_time
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -125,7 +125,7 @@ def profile(model, head, layer: int, batch_sizes=BATCH_SIZES, query_lengths=QUER
         def upper_fn(q, batch=batch, pos=pos, b=b):
             def fn():
                 h = torch.randn(b, q, model.config.hidden_size, device=dev, dtype=model.dtype)
-                final_logits(model, batch.run(h, layer, L, pos + torch.arange(q, device=dev))).argmax(-1)
+                final_argmax(model, batch.run(h, layer, L, pos + torch.arange(q, device=dev)))
                 crop_cache(batch.cache, context)
             return fn
 

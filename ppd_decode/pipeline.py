@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from .errors import HeadMismatchError, PPDError
+from .exact_argmax import exact_argmax
 from .guesses import NextTokenLookup, merge_guesses
 from .heads import check_layer
-from .stack import crop_cache, embed, final_logits, new_cache, num_layers, run_layers, select_cache
+from .stack import crop_cache, embed, final_argmax, new_cache, num_layers, run_layers, select_cache
 from .strategies.base import DecodeResult, DecodingStrategy, register
 
 SHUTDOWN, GENERATE, PING = 0, 1, 2
@@ -243,6 +244,7 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
     try:
         dist = _init(1, port, cfg.threads_per_worker, parent, cfg.pin_cores)
         L, H, dtype = num_layers(model), model.config.hidden_size, model.dtype
+        exact_argmax(model)  # its half-size copies of the LM head are built once, before any request
         header = torch.zeros(4, dtype=torch.long)
         eos = _eos(model)
         while True:
@@ -277,7 +279,7 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
             while True:
                 hb = run_layers(model, h[None], d, L, cache)
                 clock.lap("layers")
-                tok = int(final_logits(model, hb[:, -1]).argmax(-1))
+                tok = int(final_argmax(model, hb[:, -1]))
                 clock.lap("final_head")
                 clock.decoding = True
                 dist.send(torch.tensor([tok], dtype=torch.long), dst=0)

@@ -136,5 +136,13 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(decoder(model).norm(hidden))
 
 
+def final_argmax(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The greedy tokens [...] after the last layer's ``hidden`` [..., H]: ``final_logits(...).argmax(-1)``, token for
+    token, without reading the whole fp32 LM head on a CPU (see exact_argmax.py)."""
+    from .exact_argmax import exact_argmax
+
+    return exact_argmax(model)(decoder(model).norm(hidden))
+
+
 def num_layers(model) -> int:
     return model.config.num_hidden_layers

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stack import crop_cache, embed, final_logits, num_layers, random_context, run_layers
+from .stack import crop_cache, embed, final_argmax, final_logits, num_layers, random_context, run_layers
 
 
 # ------------------------------------------------------------------------------------------- closed forms
@@ -124,7 +124,7 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
 
     def t2_fn():
         h = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
-        final_logits(model, run_layers(model, h, d, L, cache, past=context))
+        final_argmax(model, run_layers(model, h, d, L, cache, past=context))
         crop_cache(cache, context)
 
     h1 = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)

@@ -22,7 +22,7 @@ import torch
 from ..batching import RaggedBatch
 from ..cost_model import CostModel, profile
 from ..errors import PPDError
-from ..stack import embed, final_logits, num_layers
+from ..stack import embed, final_argmax, num_layers
 from .base import DecodeResult, DecodingStrategy, register
 from .self_speculative import pick_head
 
@@ -71,7 +71,7 @@ class BatchedDecoding(DecodingStrategy):
             dev = batch.cur.device
             if g == 0:
                 h = batch.run(embed(m, batch.cur[:, None]), 0, L, batch.pos[:, None])
-                target = final_logits(m, h).argmax(-1)  # [B, 1]
+                target = final_argmax(m, h)  # [B, 1]
                 accepted = torch.zeros(batch.size, dtype=torch.long, device=dev)
                 drafts = target[:, :0]
             else:
@@ -85,7 +85,7 @@ class BatchedDecoding(DecodingStrategy):
                         drafted.append(tok)
                 drafts = torch.stack(drafted, dim=1)  # [B, g]
                 positions = batch.pos[:, None] + torch.arange(g + 1, device=dev)
-                target = final_logits(m, batch.run(torch.cat(hidden, dim=1), d, L, positions)).argmax(-1)
+                target = final_argmax(m, batch.run(torch.cat(hidden, dim=1), d, L, positions))
                 accepted = (drafts == target[:, :g]).long().cumprod(dim=1).sum(dim=1)  # longest matching prefix
                 self.observe(g, accepted)
             batch.commit(accepted, g + 1)

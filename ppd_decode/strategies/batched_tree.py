@@ -24,7 +24,7 @@ import torch
 
 from ..batching import RaggedBatch
 from ..cost_model import interpolate
-from ..stack import crop_cache, embed, final_logits, num_layers, random_context, run_layers
+from ..stack import crop_cache, embed, final_argmax, num_layers, random_context, run_layers
 from ..theory import median_time
 from .base import DecodeResult, register
 from .batched import BatchedDecoding
@@ -78,7 +78,7 @@ def profile_batch_tree_costs(model, head, d: int, batches=(1, 2, 4, 8, 16), rows
 
         def upper(q):
             h = torch.randn(b, q, model.config.hidden_size, device=dev, dtype=model.dtype)
-            final_logits(model, run_layers(model, h, d, L, cache, past=context)).argmax(-1)
+            final_argmax(model, run_layers(model, h, d, L, cache, past=context))
             crop_cache(cache, context)
 
         level.append([median_time(lambda q=q: lower(q), repeats) for q in rows])
@@ -205,7 +205,7 @@ class BatchedTreeSpeculative(BatchedDecoding):
         p = self.config.prune_layer if self.prune_head is not None else L
         h = batch.run(states, d, p, positions, see_step=see_all.to(dev))
         if p == L:
-            target = final_logits(m, h).argmax(-1).tolist()
+            target = final_argmax(m, h).tolist()
             return [list(range(len(t.tokens))) for t in trees], [
                 {i: target[b][col[b][i]] for i in range(len(t.tokens))} for b, t in enumerate(trees)]
         alive = [self._survivors(t, shortlists[b], col[b], h[b]) for b, t in enumerate(trees)]
@@ -232,7 +232,7 @@ class BatchedTreeSpeculative(BatchedDecoding):
                 full = kv.new_zeros(Bk, Hh, N + 1, D)
                 full.scatter_(2, dump[:, None, :, None].expand(Bk, Hh, S, D), kv[..., K:, :])
                 setattr(layer, name, torch.cat([kv[..., :K, :], full[..., :N, :]], dim=2))
-        target = final_logits(m, h).argmax(-1).tolist()
+        target = final_argmax(m, h).tolist()
         return alive, [{i: target[b][j] for j, i in enumerate(keep)} for b, keep in enumerate(alive)]
 
     # ------------------------------------------------------------------------------------------------ the loop

@@ -1,4 +1,4 @@
-"""The reference: transformers' own greedy decoding."""
+"""The reference, transformers' own greedy decoding, and the same decoding through ppd's stack."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers
 from .base import DecodeResult, DecodingStrategy, register
 
 
@@ -25,3 +26,32 @@ class Greedy(DecodingStrategy):
                                   do_sample=False, pad_token_id=self.pad)
         new = out[0, ids.shape[1]:].tolist()
         return DecodeResult(new, steps=len(new))
+
+
+@dataclass
+class StackGreedyConfig:
+    pass
+
+
+@register
+class StackGreedy(DecodingStrategy):
+    """Plain greedy decoding through ppd's own stack (the layer loop and the screened exact argmax of the LM head,
+    stack.final_argmax): one token per full forward, nothing guessed. The benchmark runs it so that what the stack
+    saves over ``generate`` is not mistaken for what speculation or pipelining gains."""
+
+    name = "stack_greedy"
+    Config = StackGreedyConfig
+
+    def _generate(self, ids, max_new_tokens):
+        m, L = self.model, num_layers(self.model)
+        cache = new_cache(m)
+        cur = int(prefill(m, ids, cache).argmax())
+        out: list[int] = []
+        res = DecodeResult(out, steps=1)
+        n = ids.numel()
+        while not self.finish(out, [cur], max_new_tokens):
+            h = run_layers(m, embed(m, torch.tensor([[cur]], device=ids.device)), 0, L, cache, past=n)
+            cur = int(final_argmax(m, h[:, -1]))
+            n += 1
+            res.steps += 1
+        return res

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..stack import embed, final_logits, new_cache, num_layers, prefill, run_layers, select_cache
+from ..stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers, select_cache
 from .base import DecodeResult, DecodingStrategy, register
 
 
@@ -153,7 +153,7 @@ class Lookahead(DecodingStrategy):
                                                          1 + len(level0) + W * len(levels))
             cand_start = 1 + len(level0) + W * len(levels)
             want = [0, *last, *range(cand_start, len(tokens))]
-            pred = dict(zip(want, final_logits(m, h[0, want]).argmax(-1).tolist()))
+            pred = dict(zip(want, final_argmax(m, h[0, want]).tolist()))
             # Acceptance: the candidate agreeing longest with the model's own argmax chain.
             best, best_len = None, 0
             for i, cd in enumerate(cands):

@@ -21,7 +21,7 @@ import torch
 from ..errors import HeadMismatchError
 from ..guesses import NextTokenLookup
 from ..heads import check_layer
-from ..stack import crop_cache, embed, final_logits, new_cache, num_layers, prefill, run_layers
+from ..stack import crop_cache, embed, final_argmax, new_cache, num_layers, prefill, run_layers
 from .base import DecodeResult, DecodingStrategy, register
 
 
@@ -89,7 +89,7 @@ class SelfSpeculative(DecodingStrategy):
             else:
                 drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device)
             g = len(drafts)
-            target = final_logits(m, verify)[0].argmax(-1).tolist()  # target[i]: greedy token after block[i]
+            target = final_argmax(m, verify)[0].tolist()  # target[i]: greedy token after block[i]
             a = 0
             while a < g and drafts[a] == target[a]:
                 a += 1

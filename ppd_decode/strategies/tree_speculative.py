@@ -29,7 +29,7 @@ from torch.nn.functional import linear as nn_linear
 from ..cost_model import interpolate
 from ..errors import HeadMismatchError, PPDError
 from ..heads import check_layer
-from ..stack import embed, final_logits, new_cache, num_layers, prefill, random_context, run_layers, select_cache
+from ..stack import embed, final_argmax, new_cache, num_layers, prefill, random_context, run_layers, select_cache
 from ..theory import median_time
 from .base import DecodeResult, DecodingStrategy, register
 from .self_speculative import pick_head
@@ -82,7 +82,7 @@ def profile_tree_costs(model, head, d: int, rows=(1, 2, 4, 8, 16, 32), context: 
 
     def verify(q):
         h = torch.randn(1, q, model.config.hidden_size, device=dev, dtype=model.dtype)
-        final_logits(model, run_layers(model, h, d, L, cache, past=context)).argmax(-1)
+        final_argmax(model, run_layers(model, h, d, L, cache, past=context))
         select_cache(cache, context, [])
 
     costs = TreeCosts(list(rows), [median_time(lambda q=q: level(q), repeats) for q in rows],
@@ -265,7 +265,7 @@ class TreeSpeculative(DecodingStrategy):
         p = self.config.prune_layer
         if self.prune_head is None:
             h = run_layers(m, states, d, L, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
-            return nodes, dict(zip(nodes, final_logits(m, h)[0].argmax(-1).tolist()))
+            return nodes, dict(zip(nodes, final_argmax(m, h)[0].tolist()))
         h = run_layers(m, states, d, p, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
         alive = [True] * len(nodes)
         survives = self._prune_test(tree, h, self._shortlist)
@@ -276,7 +276,7 @@ class TreeSpeculative(DecodingStrategy):
         idx = torch.tensor(keep, device=dev)
         h = run_layers(m, h.index_select(1, idx), p, L, cache, position_ids=pos.index_select(1, idx),
                        attention_mask=tree_mask(sub, list(range(len(keep))), n, dtype, dev))
-        return keep, dict(zip(keep, final_logits(m, h)[0].argmax(-1).tolist()))
+        return keep, dict(zip(keep, final_argmax(m, h)[0].tolist()))
 
     def _generate(self, ids, max_new_tokens):
         m, L = self.model, num_layers(self.model)
