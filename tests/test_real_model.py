@@ -57,7 +57,29 @@ def _near_tie(model, prompt, ref, pos) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,config", [("self_speculative", {"layer": LAYER}),
+def test_real_model_exact_argmax_equals_the_fp32_head(smollm2, prompts):
+    """The screened argmax (exact_argmax.py) against the plain fp32 LM head on the real model's final hidden states
+    at every prompt position, in blocks of 1, 2, 5 and 16 rows (fp16 and bf16 screens); the bound against float64."""
+    from ppd_decode.exact_argmax import ExactArgmax
+
+    model, _ = smollm2
+    ea = ExactArgmax(model.lm_head)
+    assert ea.screens
+    w64 = model.lm_head.weight.detach().double()
+    with torch.no_grad():
+        for _, ids in prompts:
+            h = model.model(torch.tensor([ids])).last_hidden_state[0]  # final-normed
+            ref = model.lm_head(h).argmax(-1)
+            for rows in (1, 2, 5, 16):
+                for s in range(0, min(len(ids), 64), rows):
+                    assert torch.equal(ea(h[s:s + rows]), ref[s:s + rows])
+            a, beta = ea.screen(h[:16])
+            assert ((a.double() - h[:16].double() @ w64.T).abs().amax(dim=1) <= beta.double()).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,config", [("stack_greedy", {}),
+                                         ("self_speculative", {"layer": LAYER}),
                                          ("self_speculative", {"layer": LAYER, "lookup": True, "min_confidence": 0.7}),
                                          ("lookahead", {}),
                                          ("ppd", {"layer": LAYER, "k": 4}),
