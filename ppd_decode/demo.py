@@ -35,12 +35,19 @@ def main(cfg: DictConfig) -> None:
         heads = load_heads(cfg.heads, model, [cfg.layer] if cfg.layer else None)
         cls = get_strategy("self_speculative")
         layer = cfg.layer or max(heads)
-        methods["self_speculative"] = cls(model, cls.Config(layer=layer), heads={layer: heads[layer]})
+        methods["self_speculative"] = cls(model, cls.Config(layer=layer, lookup=cfg.self_spec_lookup,
+                                                             min_confidence=cfg.self_spec_min_confidence),
+                                           heads={layer: heads[layer]})
         ppd = get_strategy("ppd")
         methods["ppd"] = ppd(model, ppd.Config(layer=layer, k=cfg.k), heads={layer: heads[layer]})
         methods["ppd"].engine.start()  # two worker processes, started once for all prompts
-        print(f"self-speculative decoding drafts with layers 1..{layer} + the trained head from {cfg.heads}; "
+        print(f"self-speculative decoding drafts from the text"
+              f"{'' if cfg.self_spec_lookup else ' (off)'} and with layers 1..{layer} + the trained head from "
+              f"{cfg.heads} (where it is at least {cfg.self_spec_min_confidence} sure); "
               f"PPD splits the model at layer {layer} over two worker processes and guesses k={cfg.k} tokens")
+    warm = tok("Hello", return_tensors="pt").input_ids[0].tolist()
+    for s in methods.values():  # one short untimed run each: first calls pay one-off setup, not decoding
+        s.generate(warm, 4)
     speeds = {name: [] for name in methods}
     identical = 0
     total = 0
