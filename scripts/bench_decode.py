@@ -15,6 +15,7 @@ gap at the first differing position (a near-tie when below 1e-4). Writes docs/be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,6 +37,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def median_stage_times(samples: list):
+    """The median of each stage timing over samples taken between prompts (``theory.StageTimes``)."""
+    med = statistics.median
+    first = samples[0]
+    return dataclasses.replace(first, t1={k: med(x.t1[k] for x in samples) for k in first.t1},
+                               **{f: med(getattr(x, f) for x in samples) for f in ("t1_miss", "t2", "greedy", "head",
+                                                                                    "layer")})
 
 
 def where_the_time_went(r: dict, spec: bool) -> dict:
@@ -204,6 +214,7 @@ def main() -> None:
     from ppd_decode.modeling import load_model
     from ppd_decode.prompts import load_prompts
     from ppd_decode.strategies import get_strategy
+    from ppd_decode.theory import measure_stage_times, stage_pipelined
 
     model, tok = load_model(a.model)
     if a.heads:
@@ -248,6 +259,15 @@ def main() -> None:
                     torch.set_num_threads(r["threads"])
                     results[j] = r["strategy"].generate(prompt, a.max_new_tokens)
                 turn += 1
+                # PPD rows: their stage timings taken now, between prompts, so the latency model sees the machine at
+                # the speed the runs saw (this shared machine's speed moves 20-40% within minutes)
+                for r in rows:
+                    if r["name"] == "ppd":
+                        torch.set_num_threads(1)
+                        cfg = r["strategy"].config
+                        r.setdefault("stage_times", []).append(measure_stage_times(
+                            model, heads[cfg.layer], cfg.layer, ks=(1, cfg.k), repeats=3,
+                            context=len(prompt) + a.max_new_tokens // 2))
                 ref = results[0].tokens  # rows[0] is greedy with 1 thread: the reference
                 for j, r in enumerate(rows):
                     res = results[j]
@@ -282,9 +302,9 @@ def main() -> None:
             print(f"run {run + 1}/{a.runs}  {labels[j]:60s} {overall:7.2f} tok/s  mismatches so far "
                   f"{r['mismatches']}", flush=True)
 
-    # PPD rows: the latency model's prediction from the observed match rate and stage timings measured here with
-    # one thread (what each worker has), the efficiency, and the per-token communication cost.
-    from ppd_decode.theory import measure_stage_times, stage_pipelined
+    # PPD rows: the latency model's prediction from the observed match rate and stage timings measured with one
+    # thread (what each worker has) between the prompts (their medians), the efficiency, and the per-token
+    # communication cost.
 
     for r in rows:
         if r["name"] != "ppd":
@@ -292,7 +312,7 @@ def main() -> None:
         torch.set_num_threads(1)
         cfg = r["strategy"].config  # the engine's own config: its defaults filled in
         d, k, spec = cfg.layer, cfg.k, cfg.speculate
-        st = measure_stage_times(model, heads[d], d, ks=(1, k), repeats=10)
+        st = median_stage_times(r["stage_times"])
         p = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
         pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy)
         rt = r["strategy"].engine.round_trip_seconds()
