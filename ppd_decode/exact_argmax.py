@@ -114,7 +114,11 @@ def exact_argmax(model) -> ExactArgmax:
     """The model's ``ExactArgmax``, built once (the half-size copies take a second) and kept on the model."""
     head = model.lm_head
     cached = getattr(model, "_ppd_exact_argmax", None)
-    key = (id(head), head.weight.data_ptr(), head.weight._version)  # rebuilt if the weights were replaced or edited
+    try:
+        version = head.weight._version
+    except RuntimeError:  # weights made under torch.inference_mode() keep no version counter (nor change in place)
+        version = 0
+    key = (id(head), head.weight.data_ptr(), version)  # rebuilt if the weights were replaced or edited
     if cached is None or cached[0] != key:
         cached = (key, ExactArgmax(head))
         model._ppd_exact_argmax = cached

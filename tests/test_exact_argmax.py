@@ -82,3 +82,15 @@ def test_rebuilt_when_the_weights_change_in_place():
     assert second is not first
     h = torch.randn(3, 96)
     assert torch.equal(second(h), m.lm_head(h).argmax(-1))
+
+
+def test_weights_made_under_inference_mode():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = _head(seed=6)
+
+    with torch.inference_mode():
+        m = M()
+        h = torch.randn(2, 96)
+        assert torch.equal(exact_argmax(m)(h), m.lm_head(h).argmax(-1))
