@@ -9,8 +9,8 @@ SmolLM2-135M it reads 113 MB and costs ~13 ms, a sixth of a step. Greedy decodin
    the hidden state, the fp32 accumulation and the output). Only tokens whose ``a`` is within ``2 beta`` (plus the
    fp32 rounding ``2 gamma``) of the best can be the argmax of the fp32 head: usually one or two.
 3. **Rescore** those candidates in fp32. If the best beats every other candidate by more than their fp32 rounding
-   bounds, it is the token the full fp32 head picks (whatever order its sums run in); otherwise (a near-tie, or anything not finite) the row
-   falls back to the model's own ``lm_head`` on that one row, exactly what ``generate`` computes.
+   bounds, it is the token the full fp32 head picks (whatever order its sums run in); otherwise (a near-tie, or
+   anything not finite) the row falls back to the model's own ``lm_head`` on that one row, as ``generate`` does.
 
 So the result is token-identical to ``lm_head(h).argmax(-1)``; the tests check the bound against float64 and the
 tokens against the plain head. The screen is used only where it pays (fp32 weights on a CPU); elsewhere
