@@ -46,7 +46,8 @@ class ExactArgmax:
         if not self.screens:
             return
         self.w = w
-        self.K = w.shape[1]
+        ku = w.shape[1] * _U32
+        self.dot_rounding = ku / (1 - ku)  # |fl32(x . y) - x . y| <= this * sum_j |x_j y_j| (any summation order)
         w64 = w.double()
         self.low, self.err, self.norm = {}, {}, {}
         for dt in _UNIT:
@@ -58,9 +59,8 @@ class ExactArgmax:
         self.w_norm = float(w64.norm(dim=1).max())
 
     def gamma(self, h_norm: torch.Tensor) -> torch.Tensor:
-        """Bound on |fl32(h . W_i) - h . W_i| for any summation order: K u / (1 - K u) * ||h|| * max ||W_i||."""
-        ku = self.K * _U32
-        return ku / (1 - ku) * h_norm * self.w_norm
+        """Bound on |fl32(h . W_i) - h . W_i| for every i: K u / (1 - K u) * ||h|| * max ||W_i||."""
+        return self.dot_rounding * h_norm * self.w_norm
 
     def screen(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate logits [R, V] (as fp32) and, per row, ``beta`` [R]: |a_i - h . W_i| <= beta for every i."""
@@ -69,10 +69,9 @@ class ExactArgmax:
         a = (h_lo @ self.low[dt].T).float()
         h_norm = h.double().norm(dim=1)
         dh = (h.double() - h_lo.double()).norm(dim=1)
-        ku = self.K * _U32
         beta = (h_norm * self.err[dt]  # the matrix's rounding, seen by the exact h
                 + dh * self.norm[dt]  # the hidden state's rounding
-                + ku / (1 - ku) * h_lo.double().norm(dim=1) * self.norm[dt]  # fp32 accumulation
+                + self.dot_rounding * h_lo.double().norm(dim=1) * self.norm[dt]  # fp32 accumulation
                 + _UNIT[dt] * a.abs().amax(dim=1).double())  # the low-precision output's rounding
         return a, beta.float()
 
@@ -96,8 +95,7 @@ class ExactArgmax:
                 exact = rows @ flat[r]
                 # each candidate's own fp32 rounding bound, K u sum_j |h_j W_ij| (that sum slightly inflated for
                 # its own rounding): the fp32 head's logit f_i lies within 2 g_i of the rescored one
-                ku = self.K * _U32
-                g_i = (ku / (1 - ku)) * (1 + 2 * ku) * (rows.abs() @ flat[r].abs())
+                g_i = self.dot_rounding * (1 + 2 * self.dot_rounding) * (rows.abs() @ flat[r].abs())
                 best = int(exact.argmax())
                 lo_best = exact[best] - 2 * g_i[best]
                 hi_rest = exact + 2 * g_i

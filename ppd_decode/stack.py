@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .exact_argmax import exact_argmax
+
 
 def decoder(model):
     return model.model
@@ -139,8 +141,6 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 def final_argmax(model, hidden: torch.Tensor) -> torch.Tensor:
     """The greedy tokens [...] after the last layer's ``hidden`` [..., H]: ``final_logits(...).argmax(-1)``, token for
     token, without reading the whole fp32 LM head on a CPU (see exact_argmax.py)."""
-    from .exact_argmax import exact_argmax
-
     return exact_argmax(model)(decoder(model).norm(hidden))
 
 

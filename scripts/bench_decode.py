@@ -138,7 +138,7 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
         rows = expanded
     if args.methods:
         keep = set(args.methods.split(","))
-        rows = [r for r in rows if r["name"] in keep or r in rows[:3]]  # the three baselines always run
+        rows = rows[:3] + [r for r in rows[3:] if r["name"] in keep]  # the three baselines always run
     return rows
 
 
