@@ -134,6 +134,19 @@ def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: i
     return hidden
 
 
+def pad_block(hidden: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """``hidden`` [B, q, H] with copies of its last row appended up to ``min_rows`` rows when 1 < q < min_rows.
+
+    With MKL on a CPU, a matmul over 2 or 3 rows runs as that many matrix-vector products (each reads the whole
+    weight) while 4 rows get a real matrix kernel: on SmolLM2-135M, 30 layers over 2 / 3 / 4 new tokens took 80 / 91
+    / 74 ms. The padding rows sit after the real ones, so the causal mask keeps them out of every real row; callers
+    ignore their outputs and crop their cache entries. One row stays one row (the matrix-vector case is cheapest)."""
+    q = hidden.shape[1]
+    if q <= 1 or q >= min_rows:
+        return hidden
+    return torch.cat([hidden, hidden[:, -1:].expand(-1, min_rows - q, -1)], dim=1)
+
+
 def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(decoder(model).norm(hidden))
 

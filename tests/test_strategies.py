@@ -76,11 +76,12 @@ def test_token_identical_to_greedy(name, prompt, mdl, layer, noise, n):
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompt=prompts, mdl=models, layer=st.integers(1, LAYERS - 1), gamma=st.integers(1, 8),
        adaptive=st.booleans(), lookup=st.booleans(), confidence=st.sampled_from([0.0, 0.2, 0.6, 1.01]),
-       n=st.integers(1, 64))
-def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, lookup, confidence, n):
+       min_block=st.sampled_from([1, 4, 7]), n=st.integers(1, 64))
+def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, lookup, confidence, min_block, n):
     m = model(*mdl)
     s = build("self_speculative", m, heads_for(m, 1, 0.0), layer=layer, draft_tokens=gamma,
-              max_draft_tokens=max(gamma, 12), adaptive=adaptive, lookup=lookup, min_confidence=confidence)
+              max_draft_tokens=max(gamma, 12), adaptive=adaptive, lookup=lookup, min_confidence=confidence,
+              min_block=min_block)
     r = s.generate(prompt, n)
     assert r.tokens == reference(m, prompt, n)
     assert r.accepted <= r.drafted and len(r.tokens) <= n
@@ -88,6 +89,46 @@ def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, lookup, 
         assert r.extra["lookup_accepted"] <= r.extra["lookup_drafted"] <= r.drafted
     if confidence > 1:  # the head never drafts: only the text's drafts remain
         assert r.drafted == r.extra.get("lookup_drafted", 0)
+
+
+def test_padded_blocks_leave_the_real_rows_and_the_cache_alone():
+    """``pad_block``'s extra rows come after the real ones: the real rows' outputs are those of the unpadded block,
+    and cropping the cache afterwards leaves exactly the unpadded run's entries."""
+    from ppd_decode.stack import crop_cache, embed, pad_block, prefill, new_cache, run_layers
+
+    m = model(0, 1.0)
+    prompt = torch.tensor(list(range(10, 22)))
+    for q in (1, 2, 3, 4, 5):
+        block = embed(m, torch.tensor([list(range(40, 40 + q))]))
+        padded = pad_block(block, 4)
+        assert padded.shape[1] == (4 if 1 < q < 4 else q)
+        assert torch.equal(padded[:, :q], block)
+        caches, outs = [], []
+        for b in (block, padded):
+            cache = new_cache(m)
+            prefill(m, prompt, cache)
+            outs.append(run_layers(m, b, 0, LAYERS, cache, past=prompt.numel())[:, :q])
+            crop_cache(cache, prompt.numel() + q)
+            caches.append(cache)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(caches[0].layers, caches[1].layers):
+            assert a.keys.shape == b.keys.shape
+            torch.testing.assert_close(b.keys, a.keys, rtol=1e-12, atol=1e-12)
+
+
+def test_self_speculative_fills_padding_with_copied_drafts():
+    """With min_block=4 a copied draft is at least 3 tokens where the text has them, even after the adaptive length
+    fell to 1; min_block=1 drafts what the adaptive length says. Both exact."""
+    m = model(1, 1.0)
+    prompt = [9, 8, 7, 6] * 5
+    ref = reference(m, prompt, 60)
+    runs = {b: build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, lookup=True, draft_tokens=1,
+                     adaptive=False, min_block=b).generate(prompt, 60) for b in (1, 4)}
+    assert runs[1].tokens == runs[4].tokens == ref
+    assert runs[4].extra["lookup_drafted"] > runs[1].extra["lookup_drafted"]
+    assert runs[4].steps < runs[1].steps
+    with pytest.raises(ValueError, match="min_block"):
+        build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, min_block=0)
 
 
 def test_self_speculative_stops_drafting_where_the_head_is_unsure():

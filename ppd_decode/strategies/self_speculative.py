@@ -10,6 +10,10 @@ With ``lookup=True`` a step first tries a draft copied from the text (prompt loo
 occurrence of the last 1-3 tokens, ``NextTokenLookup.continuation``). Such a draft costs nothing to make, so it is
 verified by one forward of the whole model over the current token and the draft; where the text offers none, the
 head drafts as above. Each source keeps its own adaptive draft length and its own counts.
+
+A verification block of 2 or 3 rows is padded to ``min_block`` rows (``stack.pad_block``): on a CPU that is cheaper
+than the block itself. Text drafts fill the padding with more copied tokens where the text has them (they are free
+to make); the head's drafts are not extended (each costs layers 1..d), so theirs is padded with rows that are cropped.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from ..errors import HeadMismatchError
 from ..guesses import NextTokenLookup
 from ..heads import check_layer
-from ..stack import crop_cache, embed, final_argmax, new_cache, num_layers, prefill, run_layers
+from ..stack import crop_cache, embed, final_argmax, new_cache, num_layers, pad_block, prefill, run_layers
 from .base import DecodeResult, DecodingStrategy, register
 
 
@@ -35,6 +39,8 @@ class SelfSpeculativeConfig:
     # A head draft stops at the first token the head gives less than this probability (Kangaroo's early stop);
     # with none left the step is a plain greedy one. 0: always draft the adaptive length.
     min_confidence: float = 0.0
+    # Verification blocks of 2..min_block-1 rows are padded to min_block rows (1: never): cheaper on a CPU (see above).
+    min_block: int = 4
 
 
 def pick_head(strategy: DecodingStrategy, layer: int | None):
@@ -62,6 +68,8 @@ class SelfSpeculative(DecodingStrategy):
         self.layer, self.head = pick_head(self, self.config.layer)
         if self.config.draft_tokens < 1 or self.config.max_draft_tokens < self.config.draft_tokens:
             raise ValueError("need 1 <= draft_tokens <= max_draft_tokens")
+        if self.config.min_block < 1:
+            raise ValueError("min_block must be >= 1 (1: no padding)")
 
     def _generate(self, ids, max_new_tokens):
         m, L = self.model, num_layers(self.model)
@@ -81,15 +89,17 @@ class SelfSpeculative(DecodingStrategy):
             text.extend(ids.tolist() + [cur])
         while True:
             room = max_new_tokens - len(out) - 1  # never draft past max_new_tokens
-            copied = text.continuation(min(lookup_gamma, room)) if self.config.lookup else []
+            # (copied drafts are free: fill what a padded block would hold anyway)
+            lookup_limit = min(max(lookup_gamma, self.config.min_block - 1), room)
+            copied = text.continuation(lookup_limit) if self.config.lookup else []
             if copied:
                 drafts = copied
                 block = torch.tensor([[cur] + drafts], device=ids.device)
-                verify = run_layers(m, embed(m, block), 0, L, cache, past=n)
+                verify = run_layers(m, pad_block(embed(m, block), self.config.min_block), 0, L, cache, past=n)
             else:
                 drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device)
             g = len(drafts)
-            target = final_argmax(m, verify)[0].tolist()  # target[i]: greedy token after block[i]
+            target = final_argmax(m, verify[:, :g + 1])[0].tolist()  # target[i]: greedy token after block[i]
             a = 0
             while a < g and drafts[a] == target[a]:
                 a += 1
@@ -108,8 +118,8 @@ class SelfSpeculative(DecodingStrategy):
                 text.extend(new)
             cur = target[a]
             if self.config.adaptive:
-                if copied and g == lookup_gamma:
-                    lookup_gamma = self._adapt(lookup_gamma, a == g)
+                if copied and g == lookup_limit:  # grow from what was drafted, shrink from the own length
+                    lookup_gamma = self._adapt(g if a == g else lookup_gamma, a == g)
                 elif not copied and g == gamma:  # (a draft cut short by low confidence says nothing of gamma)
                     gamma = self._adapt(gamma, a == g)
 
@@ -133,4 +143,5 @@ class SelfSpeculative(DecodingStrategy):
                 break
             tok = int(nxt)
             drafts.append(tok)
-        return drafts, run_layers(m, torch.cat(hidden, dim=1), d, L, cache, past=n)
+        block = pad_block(torch.cat(hidden, dim=1), self.config.min_block)
+        return drafts, run_layers(m, block, d, L, cache, past=n)
