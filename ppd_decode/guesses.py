@@ -24,12 +24,27 @@ class NextTokenLookup:
         self.tokens: list[int] = []
         self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it last
 
-    def extend(self, tokens) -> None:
+    def extend(self, tokens, undo: list | None = None) -> None:
+        """Append ``tokens``; with an ``undo`` list, record what is overwritten so ``rollback`` can take them back
+        (tokens appended on a guess that may prove wrong)."""
         for t in tokens:
             j = len(self.tokens)  # t's index: it follows every n-gram that ends at j - 1
             for n in range(1, min(self.n, j) + 1):
-                self.follower[tuple(self.tokens[j - n:j])] = j
+                key = tuple(self.tokens[j - n:j])
+                if undo is not None:
+                    undo.append((key, self.follower.get(key)))
+                self.follower[key] = j
             self.tokens.append(int(t))
+
+    def rollback(self, length: int, undo: list) -> None:
+        """Back to the sequence's first ``length`` tokens, undoing the ``extend(..., undo)`` calls since then."""
+        for key, old in reversed(undo):
+            if old is None:
+                self.follower.pop(key, None)
+            else:
+                self.follower[key] = old
+        undo.clear()
+        del self.tokens[length:]
 
     def _followers(self):
         """For the sequence's suffixes seen before, longest first: the index of the token that followed the latest

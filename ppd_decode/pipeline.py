@@ -31,7 +31,8 @@ from .errors import HeadMismatchError, PPDError
 from .exact_argmax import exact_argmax
 from .guesses import NextTokenLookup, merge_guesses
 from .heads import check_layer
-from .stack import crop_cache, embed, final_argmax, new_cache, num_layers, run_layers, select_cache
+from .stack import (cache_len, crop_cache, embed, final_argmax, new_cache, num_layers, pad_block, run_layers,
+                    select_cache)
 from .strategies.base import DecodeResult, DecodingStrategy, register
 
 SHUTDOWN, GENERATE, PING = 0, 1, 2
@@ -54,6 +55,14 @@ class PPDConfig:
     # (pipeline parallelism for the prompt; a long prompt's prefill is most of a short answer's time). 0: one piece.
     prefill_chunk: int = 64
     speculate: bool = True  # False: the same two-stage split without guessing (the baseline PPD must beat)
+    # Text chains: the lookup guess comes with up to this many tokens that followed it in the text, run on A in the
+    # same guess block (after the siblings, each seeing the lookup guess and the chain before it). When the lookup
+    # guess is B's token, A hands B the guess and its chain at once and B verifies them as one block: it emits its
+    # own argmax after each row up to the first chain token that differs (exact, as in speculative decoding), so a
+    # copied stretch of text costs one B step per chain instead of one per token. 0: one token per B step (the paper).
+    chain: int = 0
+    # B's blocks of 2..min_block-1 rows are padded to min_block rows (stack.pad_block: cheaper on a CPU); 1: never.
+    min_block: int = 4
     threads_per_worker: int = 1
     # Pin each worker to its own cores (os.sched_setaffinity; A gets the first threads_per_worker of the cores this
     # process may use, B the next), so neither migrates nor shares a core with the other. Ignored where there are
@@ -137,13 +146,36 @@ def _prompt_chunks(n: int, chunk: int) -> list[int]:
     return [min(chunk, n - s) for s in range(0, n, chunk)]
 
 
-def _guesses(head, h, cfg: PPDConfig, lookup: NextTokenLookup) -> list[int]:
+def _guesses(head, h, cfg: PPDConfig, lookup: NextTokenLookup, room: int) -> tuple[list[int], list[int]]:
     """The k guesses for the token after the one whose layer-d state is ``h`` [1, 1, H]: prompt lookup's first, then
-    the head's ranking (over its shortlist when it has one: see ``EarlyExitHead.guess``)."""
+    the head's ranking (over its shortlist when it has one: see ``EarlyExitHead.guess``); and the text chain that
+    follows the lookup guess (at most ``cfg.chain`` tokens, and at most ``room``: never past max_new_tokens)."""
     if not cfg.speculate:
-        return []
+        return [], []
     ranked = head.guess(h[:, -1], cfg.k)[0].tolist()
-    return merge_guesses(lookup.candidates(cfg.lookup), ranked, cfg.k)
+    guesses = merge_guesses(lookup.candidates(cfg.lookup), ranked, cfg.k)
+    chain: list[int] = []
+    if cfg.chain and cfg.lookup and room > 0:
+        cont = lookup.continuation(1 + min(cfg.chain, room))
+        if cont and guesses[0] == cont[0]:
+            chain = cont[1:]
+    return guesses, chain
+
+
+def _guess_block(model, d, cache, guesses: list[int], chain: list[int], pos: int) -> torch.Tensor:
+    """Layers 1..d over the k sibling guesses for position ``pos`` and, after them, the chain that follows the first
+    guess (positions pos+1..): a sibling sees the prefix and itself, a chain row the first guess and the chain up to
+    itself. Their cache entries sit in this order after the prefix."""
+    x = embed(model, torch.tensor([guesses + chain]))
+    if not chain:
+        return run_layers(model, x, 0, d, cache, past=pos, siblings=True)
+    k, m = len(guesses), len(chain)
+    see = torch.eye(k + m, dtype=torch.bool)
+    for i in range(m):
+        see[k + i, 0] = True
+        see[k + i, k:k + i + 1] = True
+    position_ids = torch.tensor([[pos] * k + list(range(pos + 1, pos + 1 + m))])
+    return run_layers(model, x, 0, d, cache, past=pos, position_ids=position_ids, block_mask=see)
 
 
 class _Clock:
@@ -180,6 +212,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     cache = new_cache(model)
     lookup = NextTokenLookup()
     lookup.extend(ids)
+    M = cfg.chain
     dist.send(torch.tensor([GENERATE, n, max_new, cfg.prefill_chunk], dtype=torch.long), dst=1)
     s = 0
     for size in _prompt_chunks(n, cfg.prefill_chunk):
@@ -187,55 +220,87 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
         dist.send(h[0].contiguous(), dst=1)
         s += size
     clock.lap("prefill")
-    guesses = _guesses(head, h, cfg, lookup)
+    guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - 2)
     clock.lap("rank_guesses")
-    pos, emitted, matches = n, 0, 0
-    y = torch.zeros(1, dtype=torch.long)
+    # pos: where B's next token goes if B accepts all of `sent` (the chain it is verifying, after the block's first
+    # row); `undo` takes `sent` back out of the lookup index when B rejects part of it.
+    pos, emitted, matches, guessed = n, 0, 0, 0
+    sent: list[int] = []
+    undo: list = []
+    chain_drafted = chain_accepted = 0
+    reply = torch.zeros(2 if M else 1, dtype=torch.long)
     while True:
         # B is finishing the token at `pos`; run the guesses for it through layers 1..d meanwhile.
         if guesses:
-            hg = run_layers(model, embed(model, torch.tensor([guesses])), 0, d, cache, past=pos, siblings=True)
+            hg = _guess_block(model, d, cache, guesses, chain, pos)
             clock.lap("guess_block")
-        dist.recv(y, src=1)
+        dist.recv(reply, src=1)
         clock.lap("wait")
         clock.decoding = True
-        tok = int(y)
-        emitted += 1
-        if tok in eos or emitted >= max_new:
-            results.put(("token", tok))
-            b = torch.zeros(len(B_PARTS), dtype=torch.float64)
-            dist.recv(b, src=1)  # where B's time went for this request
-            clock.lap("other")
-            a_s, b_s = clock.s, dict(zip(B_PARTS, b.tolist()))
-            results.put(("done", {"matches": matches, "guessed": emitted - 1 if guesses else 0,
-                                  "a_time_s": a_s, "b_time_s": b_s,
-                                  # the decoding phase's compute and waits (prefill apart)
-                                  "a_wait_s": a_s["wait"], "a_busy_s": _busy(a_s),
-                                  "b_wait_s": b_s["wait"], "b_busy_s": _busy(b_s)}))
-            return
-        if guesses and tok in guesses:
+        if M:  # B's reply: how many tokens it decided (the accepted part of `sent`, then its own), and the last one
+            count, tok = reply.tolist()
+        else:
+            count, tok = 1, int(reply)
+        a = count - 1
+        decided = sent[:a] + [tok]
+        chain_accepted += a
+        pos -= len(sent) - a  # where `tok` goes
+        for t in decided:
+            emitted += 1
+            if t in eos or emitted >= max_new:
+                for u in decided:
+                    results.put(("token", u))
+                b = torch.zeros(len(B_PARTS), dtype=torch.float64)
+                dist.recv(b, src=1)  # where B's time went for this request
+                clock.lap("other")
+                a_s, b_s = clock.s, dict(zip(B_PARTS, b.tolist()))
+                results.put(("done", {"matches": matches, "guessed": guessed,
+                                      "chain_drafted": chain_drafted, "chain_accepted": chain_accepted,
+                                      "a_time_s": a_s, "b_time_s": b_s,
+                                      # the decoding phase's compute and waits (prefill apart)
+                                      "a_wait_s": a_s["wait"], "a_busy_s": _busy(a_s),
+                                      "b_wait_s": b_s["wait"], "b_busy_s": _busy(b_s)}))
+                return
+        if guesses:
+            guessed += 1
+        full = a == len(sent)  # else the guesses were for a position B's token does not sit at
+        if guesses and full and tok in guesses:
             j = guesses.index(tok)
-            h = hg[:, j:j + 1]
+            nxt = chain if j == 0 else []
+            rows = [j] + [len(guesses) + i for i in range(len(nxt))]
+            h = hg[:, rows]
+            if M:
+                dist.send(torch.tensor([len(nxt)] + nxt + [0] * (M - len(nxt)), dtype=torch.long), dst=1)
             dist.send(h[0].contiguous(), dst=1)  # B first; the cache can be tidied while B computes
             clock.lap("send")
-            select_cache(cache, pos, [pos + j], range(d))  # keep the matching sibling only
+            select_cache(cache, pos, [pos + r for r in rows], range(d))  # keep the matching sibling (and chain)
             matches += 1
             clock.lap("cache")
         else:
-            if guesses:
-                crop_cache(cache, pos)
+            nxt = []
+            if guesses or not full:
+                crop_cache(cache, pos, range(d))
                 clock.lap("cache")
             h = run_layers(model, embed(model, torch.tensor([[tok]])), 0, d, cache, past=pos)
             clock.lap("miss_rerun")
+            if M:
+                dist.send(torch.zeros(1 + M, dtype=torch.long), dst=1)
             dist.send(h[0].contiguous(), dst=1)
             clock.lap("send")
-        results.put(("token", tok))  # after the send: B is waiting, the driver can
-        lookup.extend([tok])
+        for t in decided:
+            results.put(("token", t))  # after the send: B is waiting, the driver can
+        if sent:
+            lookup.rollback(len(lookup.tokens) - len(sent), undo)
+        lookup.extend(decided)
+        if nxt:
+            lookup.extend(nxt, undo)  # guessed text, for guessing past it
+        chain_drafted += len(nxt)
+        sent = nxt
+        pos += 1 + len(nxt)
         clock.lap("other")
-        # The guesses for the token B now works on, made off B's critical path.
-        guesses = _guesses(head, h, cfg, lookup)
+        # The guesses for the token after B's block, made off B's critical path.
+        guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - emitted - len(sent) - 2)
         clock.lap("rank_guesses")
-        pos += 1
 
 
 # --------------------------------------------------------------------------------------------------- worker B
@@ -247,6 +312,7 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
         exact_argmax(model)  # its half-size copies of the LM head are built once, before any request
         header = torch.zeros(4, dtype=torch.long)
         eos = _eos(model)
+        M = cfg.chain
         while True:
             dist.recv(header, src=0)
             cmd, n, max_new, chunk = header.tolist()
@@ -261,6 +327,7 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
             cache = new_cache(model)
             emitted = 0
             clock = _Clock(B_PARTS)
+            chain_msg = torch.zeros(1 + M, dtype=torch.long)  # A's chain before each block: [m, tokens...]
 
             def recv(rows: int) -> torch.Tensor:
                 """The next hidden states from A, the time spent waiting for them counted."""
@@ -276,19 +343,41 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
                 run_layers(model, h[None], d, L, cache)
                 clock.lap("layers")
             h = recv(last)
+            chain: list[int] = []  # the chain A sent after the block's first row, to verify
             while True:
-                hb = run_layers(model, h[None], d, L, cache)
+                base, q = cache_len(cache, d), h.shape[0]
+                block = pad_block(h[None], cfg.min_block) if chain else h[None]
+                hb = run_layers(model, block, d, L, cache)
                 clock.lap("layers")
-                tok = int(final_argmax(model, hb[:, -1]))
+                targets = final_argmax(model, hb[0, q - 1 - len(chain):q]).tolist()  # after the first row, ...
                 clock.lap("final_head")
                 clock.decoding = True
-                dist.send(torch.tensor([tok], dtype=torch.long), dst=0)
-                emitted += 1
-                if tok in eos or emitted >= max_new:
+                a = 0
+                while a < len(chain) and chain[a] == targets[a]:
+                    a += 1
+                count, stop = 0, False
+                for t in targets[:a + 1]:
+                    count += 1
+                    emitted += 1
+                    if t in eos or emitted >= max_new:
+                        stop = True
+                        break
+                if M:
+                    if block.shape[1] != q - len(chain) + a:
+                        crop_cache(cache, base + q - len(chain) + a)  # the rejected chain rows and the padding
+                    dist.send(torch.tensor([count, targets[count - 1]], dtype=torch.long), dst=0)
+                else:
+                    dist.send(torch.tensor([targets[0]], dtype=torch.long), dst=0)
+                if stop:
                     clock.lap("send")
                     dist.send(torch.tensor([clock.s[p] for p in B_PARTS], dtype=torch.float64), dst=0)
                     break
-                h = recv(1)
+                if M:
+                    clock.lap("send")
+                    dist.recv(chain_msg, src=0)
+                    clock.lap("wait")
+                    chain = chain_msg[1:1 + int(chain_msg[0])].tolist()
+                h = recv(1 + len(chain))
     except Exception:
         results.put(("error", "worker B (layers d+1..L):\n" + traceback.format_exc()))
 
@@ -325,6 +414,12 @@ class PPDEngine:
             raise PPDError(f"prefill_chunk must be >= 0 tokens (0: the whole prompt at once), got {self.cfg.prefill_chunk}")
         if not 0 <= self.cfg.lookup <= self.cfg.k:
             raise PPDError(f"lookup={self.cfg.lookup} guesses must be between 0 and k={self.cfg.k}")
+        if self.cfg.chain < 0:
+            raise PPDError(f"chain must be >= 0 tokens (0: no text chains), got {self.cfg.chain}")
+        if self.cfg.chain and not (self.cfg.lookup and self.cfg.speculate):
+            raise PPDError("text chains follow the lookup guess: chain > 0 needs lookup >= 1 (and speculate=True)")
+        if self.cfg.min_block < 1:
+            raise PPDError(f"min_block must be >= 1 (1: no padding), got {self.cfg.min_block}")
         if model.device.type != "cpu":
             raise PPDError("the PPD engine runs its workers on CPU processes for now; use device='cpu'")
         self.L = L
@@ -430,6 +525,8 @@ class PPDEngine:
                         on_token(msg)
                 elif kind == "done":
                     res.accepted, res.drafted = msg["matches"], msg["guessed"]
+                    if self.cfg.chain:
+                        res.extra.update(chain_drafted=msg["chain_drafted"], chain_accepted=msg["chain_accepted"])
                     # Where each worker's time went: computing, or waiting on the other one.
                     res.extra.update({k: msg[k] for k in ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s",
                                                           "a_time_s", "b_time_s")})

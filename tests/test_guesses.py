@@ -69,6 +69,24 @@ def test_continuation_copies_what_followed_the_latest_longest_match():
             assert lk.continuation(4)[:1] == lk.candidates(1)  # its first token is the lookup's first guess
 
 
+def test_rollback_undoes_a_guessed_extension():
+    """Tokens appended on a guess and rolled back leave the index as if they had never been there."""
+    g = torch.Generator().manual_seed(2)
+    for _ in range(50):
+        text, guess, real = (torch.randint(0, 5, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+                             for _ in range(3))
+        lk, ref = NextTokenLookup(max_ngram=3), NextTokenLookup(max_ngram=3)
+        lk.extend(text)
+        ref.extend(text + real)
+        undo: list = []
+        lk.extend(guess, undo)
+        assert lk.tokens == text + guess
+        lk.rollback(len(text), undo)
+        assert undo == [] and lk.tokens == text
+        lk.extend(real)
+        assert lk.follower == ref.follower and lk.continuation(4) == ref.continuation(4)
+
+
 def test_merge_keeps_lookup_first_then_the_ranking_without_repeats():
     assert merge_guesses([7], [3, 7, 5, 6], 3) == [7, 3, 5]
     assert merge_guesses([], [3, 7], 2) == [3, 7]

@@ -32,19 +32,19 @@ def _head(m, d, noise, seed=0, shortlist=0):
     return h.materialize()
 
 
-# (model seed, damping, layer, k, head noise, lookup guesses, shortlist rows, prefill chunk): well-matched, mismatched
-# and random heads, both split points, with and without prompt-lookup guesses and a shortlist, the prompt in chunks
-# or whole
-ENGINES = [(0, 0.05, 2, 3, 0.0, 0, 0, 0), (1, 1.0, 1, 2, 1.0, 1, 0, 7), (2, 0.3, 3, 5, 0.05, 2, 64, 1),
-           (3, 0.3, 2, 4, 0.0, 1, 32, 16)]
+# (model seed, damping, layer, k, head noise, lookup guesses, shortlist rows, prefill chunk, text chain): well-matched,
+# mismatched and random heads, both split points, with and without prompt-lookup guesses, a shortlist and text chains,
+# the prompt in chunks or whole
+ENGINES = [(0, 0.05, 2, 3, 0.0, 0, 0, 0, 0), (1, 1.0, 1, 2, 1.0, 1, 0, 7, 3), (2, 0.3, 3, 5, 0.05, 2, 64, 1, 0),
+           (3, 0.3, 2, 4, 0.0, 1, 32, 16, 2)]
 
 
 @pytest.fixture(scope="module")
 def engines():
     made = []
-    for seed, damp, d, k, noise, lookup, short, chunk in ENGINES:
+    for seed, damp, d, k, noise, lookup, short, chunk, chain in ENGINES:
         m = model(seed, damp)
-        cfg = PPDConfig(k=k, lookup=lookup, prefill_chunk=chunk)
+        cfg = PPDConfig(k=k, lookup=lookup, prefill_chunk=chunk, chain=chain)
         made.append((m, PPDEngine(m, _head(m, d, noise, shortlist=short), cfg)))
     for _, e in made:
         e.start()
@@ -89,11 +89,28 @@ def test_matches_are_used_when_the_head_is_good(engines):
 def test_lookup_guesses_match_where_the_head_cannot(engines):
     # engines[1] has a random head (it almost never guesses right) and one prompt-lookup guess; a tiny random model's
     # greedy output falls into loops, which the lookup then predicts.
-    m, eng = engines[1]
+    m, eng = engines[3]
     prompt = [9, 8, 7, 6] * 5
     r = eng.generate(prompt, 48)
     assert r.tokens == reference(m, prompt, 48)
     assert r.accepted >= 10
+
+
+def test_text_chains_decide_several_tokens_per_b_step(engines):
+    """engines[1] sends B the lookup guess with up to 3 tokens that followed it in the text; where the output loops,
+    B accepts chains, so it decides more tokens than it runs blocks; the same engine without chains does not."""
+    m, eng = engines[1]
+    prompt = [9, 8, 7, 6] * 5
+    r = eng.generate(prompt, 48)
+    assert r.tokens == reference(m, prompt, 48)
+    assert 5 <= r.extra["chain_accepted"] <= r.extra["chain_drafted"]
+    # one B block per token it decided on its own: all but the accepted chain tokens (the last block ends the request)
+    assert r.drafted == len(r.tokens) - 1 - r.extra["chain_accepted"]
+    seed, damp, d, k, noise, lookup, short, chunk, _ = ENGINES[1]
+    with PPDEngine(m, _head(m, d, noise), PPDConfig(k=k, lookup=lookup, prefill_chunk=chunk)) as plain:
+        p = plain.generate(prompt, 48)
+    assert p.tokens == r.tokens and "chain_accepted" not in p.extra
+    assert p.drafted == len(p.tokens) - 1 > r.drafted  # without chains, one B block per token
 
 
 def test_split_without_speculation_is_exact_too():
@@ -105,15 +122,18 @@ def test_split_without_speculation_is_exact_too():
     assert a["guess_block"] == a["cache"] == 0 and a["miss_rerun"] > 0
 
 
-def test_eos_stops_generation_like_generate():
+@pytest.mark.parametrize("chain", [0, 3])
+def test_eos_stops_generation_like_generate(chain):
     m0 = model(1, 0.3)
     ref = reference(m0, [5, 6, 7], 100)
     m, _ = load_model("tiny-random:layers=4,seed=1", dtype="float64")
     m.load_state_dict(m0.state_dict())
     m.generation_config.eos_token_id = ref[20]
     want = reference(m, [5, 6, 7], 100)
-    with PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2)) as eng:
+    with PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2, chain=chain)) as eng:
         assert eng.generate([5, 6, 7], 100).tokens == want and len(want) < 100
+        loop = [5, 6, 7] + ref[:20]  # the text holds the run up to EOS: chains reach it
+        assert eng.generate(loop, 100).tokens == reference(m, loop, 100)
 
 
 def _pids(eng):
@@ -177,6 +197,10 @@ def test_bad_requests_are_refused_before_workers_start():
         PPDEngine(m, _head(m, 2, 0.0), PPDConfig(prefill_chunk=-1))
     with pytest.raises(PPDError, match="lookup=3 guesses must be between 0 and k=2"):
         PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2, lookup=3))
+    with pytest.raises(PPDError, match="chain must be >= 0"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(chain=-1))
+    with pytest.raises(PPDError, match="chain > 0 needs lookup >= 1"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(chain=3, lookup=0))
     with pytest.raises(HeadMismatchError, match=r"choose d in 1\.\.3"):
         PPDEngine(m, _head(m, 2, 0.0), PPDConfig(layer=4))
     other, _ = load_model("tiny-random:layers=4,hidden=32,heads=2,kv_heads=1", dtype="float64")
