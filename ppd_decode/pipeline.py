@@ -227,12 +227,14 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     pos, emitted, matches, guessed = n, 0, 0, 0
     sent: list[int] = []
     undo: list = []
-    chain_drafted = chain_accepted = 0
+    chain_drafted = chain_accepted = chain_blocks = chains_sent = guess_blocks = 0
     reply = torch.zeros(2 if M else 1, dtype=torch.long)
     while True:
         # B is finishing the token at `pos`; run the guesses for it through layers 1..d meanwhile.
         if guesses:
             hg = _guess_block(model, d, cache, guesses, chain, pos)
+            guess_blocks += 1
+            chain_blocks += bool(chain)
             clock.lap("guess_block")
         dist.recv(reply, src=1)
         clock.lap("wait")
@@ -256,6 +258,8 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
                 a_s, b_s = clock.s, dict(zip(B_PARTS, b.tolist()))
                 results.put(("done", {"matches": matches, "guessed": guessed,
                                       "chain_drafted": chain_drafted, "chain_accepted": chain_accepted,
+                                      "chains_sent": chains_sent, "chain_blocks": chain_blocks,
+                                      "guess_blocks": guess_blocks,
                                       "a_time_s": a_s, "b_time_s": b_s,
                                       # the decoding phase's compute and waits (prefill apart)
                                       "a_wait_s": a_s["wait"], "a_busy_s": _busy(a_s),
@@ -295,6 +299,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
         if nxt:
             lookup.extend(nxt, undo)  # guessed text, for guessing past it
         chain_drafted += len(nxt)
+        chains_sent += bool(nxt)
         sent = nxt
         pos += 1 + len(nxt)
         clock.lap("other")
@@ -526,7 +531,8 @@ class PPDEngine:
                 elif kind == "done":
                     res.accepted, res.drafted = msg["matches"], msg["guessed"]
                     if self.cfg.chain:
-                        res.extra.update(chain_drafted=msg["chain_drafted"], chain_accepted=msg["chain_accepted"])
+                        res.extra.update({k: msg[k] for k in ("chain_drafted", "chain_accepted", "chains_sent",
+                                                              "chain_blocks", "guess_blocks")})
                     # Where each worker's time went: computing, or waiting on the other one.
                     res.extra.update({k: msg[k] for k in ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s",
                                                           "a_time_s", "b_time_s")})
@@ -536,7 +542,7 @@ class PPDEngine:
                     break
         except WorkerError as e:
             failure = str(e)
-        res.steps = len(out)
+        res.steps = len(out) - res.extra.get("chain_accepted", 0)  # B's blocks: one per token bar accepted chains
         res.extra["token_times"] = times
         if failure is not None:
             self.close()  # never reuse a pipeline in an unknown state

@@ -6,6 +6,9 @@ Two deployments:
   work per token (k guesses through layers 1..d, the early head once); T1miss the real token's layers 1..d.
 * replicated (k + 1 full-model workers, d >= L/2, one level): E[T] = p*d + (1-p)*L layer times per token;
   compute per token = L + (L - d)(k - p) layer passes.
+* stage-pipelined with text chains (``PPDConfig.chain``): the same per B block, with T2 and T1(k) mixed by how often
+  a block carries a chain (B's chained block: T2 over a padded block; A's: T1 over k guesses + the chain), divided by
+  the tokens each B block decides (1 + accepted chain tokens on average).
 A discrete-event simulator replays per-position match outcomes through each deployment; it must agree with the
 closed forms (tests check within 2%).
 """
@@ -22,9 +25,16 @@ from .stack import crop_cache, embed, final_argmax, final_logits, num_layers, ra
 
 
 # ------------------------------------------------------------------------------------------- closed forms
-def stage_pipelined(p: float, t1k: float, t1: float, t2: float, t_greedy: float) -> dict:
-    latency = max(t2, t1k) + (1 - p) * t1
-    compute = t1k + (1 - p) * t1 + t2
+def stage_pipelined(p: float, t1k: float, t1: float, t2: float, t_greedy: float, chains: dict | None = None) -> dict:
+    """``chains`` (text chains): ``b_share`` / ``a_share``, the shares of B's blocks and of A's guess blocks that carry
+    a chain, ``t2_chain`` / ``t1k_chain`` their times, and ``tokens_per_block``."""
+    per_block = 1.0
+    if chains:
+        t2 = (1 - chains["b_share"]) * t2 + chains["b_share"] * chains["t2_chain"]
+        t1k = (1 - chains["a_share"]) * t1k + chains["a_share"] * chains["t1k_chain"]
+        per_block = chains["tokens_per_block"]
+    latency = (max(t2, t1k) + (1 - p) * t1) / per_block
+    compute = (t1k + (1 - p) * t1 + t2) / per_block
     return {"latency": latency, "speedup": t_greedy / latency, "extra_compute": compute / t_greedy - 1,
             "split_greedy_speedup": t_greedy / (t1 + t2)}
 
@@ -84,6 +94,7 @@ class StageTimes:
     greedy: float  # a full one-token forward (plain greedy's step)
     head: float  # the early head alone on one token (its guess: over its shortlist when it has one)
     layer: float  # one decoder layer on one token (tau)
+    t2_rows: dict[int, float] | None = None  # rows -> layers d+1..L + final argmax on a block of that many rows
 
 
 def median_time(fn, repeats: int) -> float:
@@ -97,7 +108,8 @@ def median_time(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int = 300, repeats: int = 20) -> StageTimes:
+def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int = 300, repeats: int = 20,
+                        t2_rows=()) -> StageTimes:
     """Real forwards on this machine with a ``context``-token cached prefix. The k guesses run as one batch of k
     tokens (shape-wise the same work as the pipelined worker does)."""
     L = num_layers(model)
@@ -122,8 +134,8 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
         t1[k] = median_time(fn, repeats)
     t1_miss = median_time(layers_only(0, d, 1), repeats)
 
-    def t2_fn():
-        h = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
+    def t2_fn(rows=1):
+        h = torch.randn(1, rows, model.config.hidden_size, device=dev, dtype=model.dtype)
         final_argmax(model, run_layers(model, h, d, L, cache, past=context))
         crop_cache(cache, context)
 
@@ -131,4 +143,5 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
     return StageTimes(d=d, t1=t1, t1_miss=t1_miss, t2=median_time(t2_fn, repeats),
                       greedy=median_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
                       head=median_time(lambda: head.guess(h1[:, -1], 1), repeats),
-                      layer=median_time(layers_only(0, 1, 1), repeats))
+                      layer=median_time(layers_only(0, 1, 1), repeats),
+                      t2_rows={r: median_time(lambda r=r: t2_fn(r), repeats) for r in t2_rows} or None)

@@ -44,6 +44,7 @@ def median_stage_times(samples: list):
     med = statistics.median
     first = samples[0]
     return dataclasses.replace(first, t1={k: med(x.t1[k] for x in samples) for k in first.t1},
+                               t2_rows={r: med(x.t2_rows[r] for x in samples) for r in first.t2_rows or {}} or None,
                                **{f: med(getattr(x, f) for x in samples) for f in ("t1_miss", "t2", "greedy", "head",
                                                                                     "layer")})
 
@@ -53,14 +54,15 @@ def where_the_time_went(r: dict, spec: bool) -> dict:
     in-pipeline cost of each kind of work next to the same work timed alone (the latency model's inputs)."""
     a, b, n = r["a_time_s"], r["b_time_s"], r["tokens"]
     decoded = n - r["prompts"]  # tokens after each prompt's first: the decoding phase
+    blocks = decoded - r.get("chain_accepted", 0)  # B's blocks (with text chains, one decides several tokens)
     misses = (r["drafted"] - r["accepted"]) if spec else decoded
     per_token = lambda parts: {k: 1e3 * v / n for k, v in parts.items()}  # noqa: E731
     return {"a_ms_per_token": per_token(a), "b_ms_per_token": per_token(b),
             "decoding_ms_per_token": 1e3 * (r["wall_s"] - max(a["prefill"], b["prefill"])) / max(1, decoded),
             "prefill_ms_per_token": 1e3 * max(a["prefill"], b["prefill"]) / n,
-            "in_pipeline_ms": {"guess_block": 1e3 * a["guess_block"] / max(1, decoded) if spec else None,
+            "in_pipeline_ms": {"guess_block": 1e3 * a["guess_block"] / max(1, blocks) if spec else None,
                                "miss_rerun": 1e3 * a["miss_rerun"] / max(1, misses),
-                               "b_step": 1e3 * (b["layers"] + b["final_head"]) / max(1, decoded)},
+                               "b_step": 1e3 * (b["layers"] + b["final_head"]) / max(1, blocks)},
             "misses": misses, "decoded": decoded}
 
 
@@ -106,7 +108,8 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
         d, k, *rest = (int(x) for x in spec.split(":"))
         if d in head_layers:
             cfg = {"layer": d, "k": k, **({"lookup": rest[0]} if rest else {}),
-                   **({"pin_cores": bool(rest[1])} if len(rest) > 1 else {})}
+                   **({"pin_cores": bool(rest[1])} if len(rest) > 1 else {}),
+                   **({"chain": rest[2]} if len(rest) > 2 and rest[2] else {})}
             rows.append({"name": "ppd", "config": cfg, "threads": 1})
     if args.ppd and head_layers:
         d0 = int(args.ppd.split(",")[0].split(":")[0])
@@ -192,10 +195,11 @@ def main() -> None:
                    help="self-speculation rows, one per value (comma list): stop a head draft where the head's top-1 "
                         "probability is below it (above 1: the head never drafts)")
     p.add_argument("--early-exit-layer", type=int, default=15)
-    p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup[:pin]],... (d must have a head; lookup: how "
-                                               "many of the k guesses come from prompt lookup, default 1, 0 = the "
-                                               "head's only; pin 1: each worker pinned to its own core); adds the "
-                                               "split without speculation at the first d")
+    p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup[:pin[:chain]]],... (d must have a head; lookup: "
+                                               "how many of the k guesses come from prompt lookup, default 1, 0 = the "
+                                               "head's only; pin 1: each worker pinned to its own core; chain: text "
+                                               "chain tokens after the lookup guess, default 0); adds the split "
+                                               "without speculation at the first d")
     p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G[:K],... (K: key tokens; default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")
     p.add_argument("--tree", default=None, help="token-tree rows: static,prune,prune_full,dynamic (ProPD's parts, one by one; "
@@ -265,9 +269,11 @@ def main() -> None:
                     if r["name"] == "ppd":
                         torch.set_num_threads(1)
                         cfg = r["strategy"].config
+                        chained = cfg.chain and cfg.speculate  # A's chained guess blocks, B's padded chain blocks
                         r.setdefault("stage_times", []).append(measure_stage_times(
-                            model, heads[cfg.layer], cfg.layer, ks=(1, cfg.k), repeats=3,
-                            context=len(prompt) + a.max_new_tokens // 2))
+                            model, heads[cfg.layer], cfg.layer, ks=(1, cfg.k) + ((cfg.k + cfg.chain,) if chained else ()),
+                            repeats=3, context=len(prompt) + a.max_new_tokens // 2,
+                            t2_rows=(max(cfg.min_block, 2),) if chained else ()))
                 ref = results[0].tokens  # rows[0] is greedy with 1 thread: the reference
                 for j, r in enumerate(rows):
                     res = results[j]
@@ -284,7 +290,9 @@ def main() -> None:
                         r["step_verify_s"] = r.get("step_verify_s", 0.0) + sum(res.extra.get("verify_seconds", []))
                         r["accepted"] += res.accepted
                         r["drafted"] += res.drafted
-                        for key in ("lookup_drafted", "lookup_accepted"):  # self-speculation's drafts from the text
+                        # self-speculation's drafts from the text; PPD's text chains
+                        for key in ("lookup_drafted", "lookup_accepted", "chain_drafted", "chain_accepted",
+                                    "chains_sent", "chain_blocks", "guess_blocks"):
                             if key in res.extra:
                                 r[key] = r.get(key, 0) + res.extra[key]
                         r["steps"] += res.steps
@@ -314,13 +322,21 @@ def main() -> None:
         d, k, spec = cfg.layer, cfg.k, cfg.speculate
         st = median_stage_times(r["stage_times"])
         p = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
-        pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy)
+        chains = None
+        if spec and cfg.chain:  # B's chained blocks timed at min_block rows (chains of up to min_block - 1 tokens)
+            blocks = r["tokens"] - r["chain_accepted"]
+            chains = {"b_share": r["chains_sent"] / blocks, "a_share": r["chain_blocks"] / max(1, r["guess_blocks"]),
+                      "t2_chain": st.t2_rows[max(cfg.min_block, 2)], "t1k_chain": st.t1[k + cfg.chain],
+                      "tokens_per_block": r["tokens"] / blocks}
+        pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy, chains)
         rt = r["strategy"].engine.round_trip_seconds()
         r["model"] = {"predicted_speedup_vs_greedy_1t": pred["speedup"], "extra_compute": pred["extra_compute"],
                       "predicted_ms_per_token": 1e3 * pred["latency"],
                       "t1_1_ms": 1e3 * st.t1_miss, "t1_k_ms": 1e3 * st.t1[k], "t2_ms": 1e3 * st.t2,
                       "greedy_step_ms": 1e3 * st.greedy, "early_head_ms": 1e3 * st.head,
                       "round_trip_ms": 1e3 * rt,
+                      **({"chains": {**chains, "t2_chain_ms": 1e3 * chains["t2_chain"],
+                                     "t1k_chain_ms": 1e3 * chains["t1k_chain"]}} if chains else {}),
                       # per generated token, over the first run's prompts (prefills included)
                       "wall_ms_per_token": 1e3 * r["wall_s"] / r["tokens"]}
         if "a_time_s" in r:
@@ -351,6 +367,8 @@ def main() -> None:
             **({"text_drafts": {"drafted": r["lookup_drafted"], "accepted": r["lookup_accepted"],
                                 "head_drafted": r["drafted"] - r["lookup_drafted"],
                                 "head_accepted": r["accepted"] - r["lookup_accepted"]}} if "lookup_drafted" in r else {}),
+            **({"text_chains": {"drafted": r["chain_drafted"], "accepted": r["chain_accepted"]}}
+               if "chain_drafted" in r else {}),
             "predicted_speedup": r.get("model", {}).get("predicted_speedup_vs_greedy_1t"),
             "efficiency": (m / g1) / r["model"]["predicted_speedup_vs_greedy_1t"] if "model" in r else None,
             "communication_fraction": (r["model"]["round_trip_ms"] / 1e3) * m if "model" in r else None,

@@ -96,3 +96,18 @@ def test_closed_form_limits():
 def test_stage_times_are_measured(m64):
     t = measure_stage_times(m64, EarlyExitHead.from_model(m64, 2), d=2, ks=(1, 3), context=16, repeats=3)
     assert set(t.t1) == {1, 3} and all(v > 0 for v in t.t1.values()) and t.t2 > 0 and t.greedy > 0
+    assert t.t2_rows is None
+    t = measure_stage_times(m64, EarlyExitHead.from_model(m64, 2), d=2, ks=(1,), context=16, repeats=3, t2_rows=(4,))
+    assert set(t.t2_rows) == {4} and t.t2_rows[4] > 0
+
+
+def test_text_chains_in_the_stage_pipelined_model():
+    # no chain ever sent: the per-token model
+    none = {"b_share": 0.0, "a_share": 0.0, "t2_chain": 9.0, "t1k_chain": 9.0, "tokens_per_block": 1.0}
+    assert stage_pipelined(0.6, 1.0, 0.8, 1.2, 3.0, none) == stage_pipelined(0.6, 1.0, 0.8, 1.2, 3.0)
+    # half of B's blocks carry a chain costing 1.6 instead of 1.2, all of A's cost 1.3 instead of 1.0, and a block
+    # decides 1.5 tokens: (max(1.4, 1.3) + 0.4 * 0.8) / 1.5 per token
+    chains = {"b_share": 0.5, "a_share": 1.0, "t2_chain": 1.6, "t1k_chain": 1.3, "tokens_per_block": 1.5}
+    r = stage_pipelined(0.6, 1.0, 0.8, 1.2, 3.0, chains)
+    assert r["latency"] == pytest.approx((1.4 + 0.4 * 0.8) / 1.5)
+    assert r["speedup"] == pytest.approx(3.0 / r["latency"])
