@@ -39,12 +39,13 @@ def main(cfg: DictConfig) -> None:
                                                              min_confidence=cfg.self_spec_min_confidence),
                                            heads={layer: heads[layer]})
         ppd = get_strategy("ppd")
-        methods["ppd"] = ppd(model, ppd.Config(layer=layer, k=cfg.k), heads={layer: heads[layer]})
+        methods["ppd"] = ppd(model, ppd.Config(layer=layer, k=cfg.k, chain=cfg.ppd_chain), heads={layer: heads[layer]})
         methods["ppd"].engine.start()  # two worker processes, started once for all prompts
         print(f"self-speculative decoding drafts from the text"
               f"{'' if cfg.self_spec_lookup else ' (off)'} and with layers 1..{layer} + the trained head from "
               f"{cfg.heads} (where it is at least {cfg.self_spec_min_confidence} sure); "
-              f"PPD splits the model at layer {layer} over two worker processes and guesses k={cfg.k} tokens")
+              f"PPD splits the model at layer {layer} over two worker processes and guesses k={cfg.k} tokens"
+              f"{f', the text guess with a chain of up to {cfg.ppd_chain}' if cfg.ppd_chain else ''}")
     warm = tok("Hello", return_tensors="pt").input_ids[0].tolist()
     for s in methods.values():  # one short untimed run each: first calls pay one-off setup, not decoding
         s.generate(warm, 4)
