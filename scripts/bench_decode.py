@@ -109,7 +109,7 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
         if d in head_layers:
             cfg = {"layer": d, "k": k, **({"lookup": rest[0]} if rest else {}),
                    **({"pin_cores": bool(rest[1])} if len(rest) > 1 else {}),
-                   **({"chain": rest[2]} if len(rest) > 2 and rest[2] else {})}
+                   **({"chain": rest[2]} if len(rest) > 2 else {})}
             rows.append({"name": "ppd", "config": cfg, "threads": 1})
     if args.ppd and head_layers:
         d0 = int(args.ppd.split(",")[0].split(":")[0])
@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup[:pin[:chain]]],... (d must have a head; lookup: "
                                                "how many of the k guesses come from prompt lookup, default 1, 0 = the "
                                                "head's only; pin 1: each worker pinned to its own core; chain: text "
-                                               "chain tokens after the lookup guess, default 0); adds the split "
+                                               "chain tokens after the lookup guess, default 3); adds the split "
                                                "without speculation at the first d")
     p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G[:K],... (K: key tokens; default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")

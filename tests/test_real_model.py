@@ -82,7 +82,7 @@ def test_real_model_exact_argmax_equals_the_fp32_head(smollm2, prompts):
                                          ("self_speculative", {"layer": LAYER}),
                                          ("self_speculative", {"layer": LAYER, "lookup": True, "min_confidence": 0.7}),
                                          ("lookahead", {}),
-                                         ("ppd", {"layer": LAYER, "k": 4}),
+                                         ("ppd", {"layer": LAYER, "k": 4, "chain": 0}),
                                          ("ppd", {"layer": LAYER, "k": 4, "chain": 3}),
                                          ("tree_speculative", {"layer": LAYER, "branching": (2, 2, 1)})])
 def test_real_model_token_identical_to_greedy(smollm2, trained_head, prompts, name, config):
