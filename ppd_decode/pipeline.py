@@ -60,9 +60,10 @@ class PPDConfig:
     # guess is B's token, A hands B the guess and its chain at once and B verifies them as one block: it emits its
     # own argmax after each row up to the first chain token that differs (exact, as in speculative decoding), so a
     # copied stretch of text costs one B step per chain instead of one per token. 0: one token per B step (the paper);
-    # no chains either without a lookup guess (lookup=0) or without guessing (speculate=False). 3 measured best here
-    # (1.34x greedy against 1.17x with 0, docs/benchmarks/decode_chains.*).
-    chain: int = 3
+    # no chains either without a lookup guess (lookup=0) or without guessing (speculate=False). 6 measured best here
+    # (docs/benchmarks/ppd_chains.*: 1.51x greedy against 1.43x with 3; docs/benchmarks/decode_chains.*: 3 against 0,
+    # 1.34x against 1.17x).
+    chain: int = 6
     # B's blocks of 2..min_block-1 rows are padded to min_block rows (stack.pad_block: cheaper on a CPU); 1: never.
     min_block: int = 4
     threads_per_worker: int = 1

@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup[:pin[:chain]]],... (d must have a head; lookup: "
                                                "how many of the k guesses come from prompt lookup, default 1, 0 = the "
                                                "head's only; pin 1: each worker pinned to its own core; chain: text "
-                                               "chain tokens after the lookup guess, default 3); adds the split "
+                                               "chain tokens after the lookup guess, default 6); adds the split "
                                                "without speculation at the first d")
     p.add_argument("--lookahead", default=None, help="lookahead settings W:N:G[:K],... (K: key tokens; default: its config's "
                                                      "defaults); the W/N/G sweep is one run with many of them")
