@@ -83,7 +83,7 @@ def test_real_model_exact_argmax_equals_the_fp32_head(smollm2, prompts):
                                          ("self_speculative", {"layer": LAYER, "lookup": True, "min_confidence": 0.7}),
                                          ("lookahead", {}),
                                          ("ppd", {"layer": LAYER, "k": 4, "chain": 0}),
-                                         ("ppd", {"layer": LAYER, "k": 4, "chain": 3}),
+                                         ("ppd", {"layer": LAYER, "k": 4}),  # the default: text chains of up to 6
                                          ("tree_speculative", {"layer": LAYER, "branching": (2, 2, 1)})])
 def test_real_model_token_identical_to_greedy(smollm2, trained_head, prompts, name, config):
     model, _ = smollm2
