@@ -7,6 +7,10 @@ While B finishes token t, A runs the head's k guesses for token t+1 through its 
 entries and hands B its hidden state at once; on a miss A runs the real token. B only ever emits its own argmax,
 so the output is the model's greedy output whatever the head.
 
+With text chains (``chain``, on by default) the lookup guess brings the tokens that followed it in the text; when it
+is B's token, B verifies guess and chain as one block and emits its own argmax up to the first chain token that
+differs, so a copied stretch costs one B step instead of one per token.
+
 The guesses are the head's top ones (over its trained shortlist of frequent tokens, 1/12 of a full projection on
 SmolLM2), led by ``lookup`` prompt-lookup guesses: the token that followed the text's last n-gram before.
 
@@ -165,6 +169,14 @@ def _guesses(head, h, cfg: PPDConfig, lookup: NextTokenLookup, room: int) -> tup
     return guesses, chain
 
 
+def _send_block(dist, h: torch.Tensor, chain: list[int], M: int) -> None:
+    """Hand B its next block: with text chains on (``M`` > 0) first the chain after the block's first row, as
+    [m, tokens..., 0...] (1 + M longs), then the block's layer-d states [1, 1 + m, H]."""
+    if M:
+        dist.send(torch.tensor([len(chain)] + chain + [0] * (M - len(chain)), dtype=torch.long), dst=1)
+    dist.send(h[0].contiguous(), dst=1)
+
+
 def _guess_block(model, d, cache, guesses: list[int], chain: list[int], pos: int) -> torch.Tensor:
     """Layers 1..d over the k sibling guesses for position ``pos`` and, after them, the chain that follows the first
     guess (positions pos+1..): a sibling sees the prefix and itself, a chain row the first guess and the chain up to
@@ -231,7 +243,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     sent: list[int] = []
     undo: list = []
     chain_drafted = chain_accepted = chain_blocks = chains_sent = guess_blocks = 0
-    reply = torch.zeros(2 if M else 1, dtype=torch.long)
+    reply = torch.zeros(2, dtype=torch.long)
     while True:
         # B is finishing the token at `pos`; run the guesses for it through layers 1..d meanwhile.
         if guesses:
@@ -242,10 +254,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
         dist.recv(reply, src=1)
         clock.lap("wait")
         clock.decoding = True
-        if M:  # B's reply: how many tokens it decided (the accepted part of `sent`, then its own), and the last one
-            count, tok = reply.tolist()
-        else:
-            count, tok = 1, int(reply)
+        count, tok = reply.tolist()  # how many tokens B decided (the accepted part of `sent`, then its own), the last
         a = count - 1
         decided = sent[:a] + [tok]
         chain_accepted += a
@@ -276,9 +285,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
             nxt = chain if j == 0 else []
             rows = [j] + [len(guesses) + i for i in range(len(nxt))]
             h = hg[:, rows]
-            if M:
-                dist.send(torch.tensor([len(nxt)] + nxt + [0] * (M - len(nxt)), dtype=torch.long), dst=1)
-            dist.send(h[0].contiguous(), dst=1)  # B first; the cache can be tidied while B computes
+            _send_block(dist, h, nxt, M)  # B first; the cache can be tidied while B computes
             clock.lap("send")
             select_cache(cache, pos, [pos + r for r in rows], range(d))  # keep the matching sibling (and chain)
             matches += 1
@@ -290,9 +297,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
                 clock.lap("cache")
             h = run_layers(model, embed(model, torch.tensor([[tok]])), 0, d, cache, past=pos)
             clock.lap("miss_rerun")
-            if M:
-                dist.send(torch.zeros(1 + M, dtype=torch.long), dst=1)
-            dist.send(h[0].contiguous(), dst=1)
+            _send_block(dist, h, nxt, M)
             clock.lap("send")
         for t in decided:
             results.put(("token", t))  # after the send: B is waiting, the driver can
@@ -370,12 +375,9 @@ def _worker_b(model, d, cfg: PPDConfig, port, parent, results):
                     if t in eos or emitted >= max_new:
                         stop = True
                         break
-                if M:
-                    if block.shape[1] != q - len(chain) + a:
-                        crop_cache(cache, base + q - len(chain) + a)  # the rejected chain rows and the padding
-                    dist.send(torch.tensor([count, targets[count - 1]], dtype=torch.long), dst=0)
-                else:
-                    dist.send(torch.tensor([targets[0]], dtype=torch.long), dst=0)
+                if block.shape[1] != q - len(chain) + a:
+                    crop_cache(cache, base + q - len(chain) + a)  # the rejected chain rows and the padding
+                dist.send(torch.tensor([count, targets[count - 1]], dtype=torch.long), dst=0)
                 if stop:
                     clock.lap("send")
                     dist.send(torch.tensor([clock.s[p] for p in B_PARTS], dtype=torch.float64), dst=0)

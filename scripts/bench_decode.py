@@ -49,6 +49,11 @@ def median_stage_times(samples: list):
                                                                                     "layer")})
 
 
+def chain_block_rows(cfg) -> int:
+    """The rows B's chained blocks are timed at: padded to min_block (exact for chains shorter than min_block)."""
+    return max(cfg.min_block, 2)
+
+
 def where_the_time_went(r: dict, spec: bool) -> dict:
     """A PPD row's worker times (summed part by part over the first run's prompts) per generated token, and the
     in-pipeline cost of each kind of work next to the same work timed alone (the latency model's inputs)."""
@@ -269,11 +274,13 @@ def main() -> None:
                     if r["name"] == "ppd":
                         torch.set_num_threads(1)
                         cfg = r["strategy"].config
-                        chained = cfg.chain and cfg.speculate  # A's chained guess blocks, B's padded chain blocks
+                        # with text chains (the engine keeps cfg.chain only where it guesses from the text): A's
+                        # chained guess blocks and B's padded chain blocks too
+                        ks = (1, cfg.k) + ((cfg.k + cfg.chain,) if cfg.chain else ())
                         r.setdefault("stage_times", []).append(measure_stage_times(
-                            model, heads[cfg.layer], cfg.layer, ks=(1, cfg.k) + ((cfg.k + cfg.chain,) if chained else ()),
-                            repeats=3, context=len(prompt) + a.max_new_tokens // 2,
-                            t2_rows=(max(cfg.min_block, 2),) if chained else ()))
+                            model, heads[cfg.layer], cfg.layer, ks=ks, repeats=3,
+                            context=len(prompt) + a.max_new_tokens // 2,
+                            t2_rows=(chain_block_rows(cfg),) if cfg.chain else ()))
                 ref = results[0].tokens  # rows[0] is greedy with 1 thread: the reference
                 for j, r in enumerate(rows):
                     res = results[j]
@@ -323,10 +330,10 @@ def main() -> None:
         st = median_stage_times(r["stage_times"])
         p = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
         chains = None
-        if spec and cfg.chain:  # B's chained blocks timed at min_block rows (chains of up to min_block - 1 tokens)
+        if cfg.chain:  # (the engine keeps a chain only where it guesses from the text)
             blocks = r["tokens"] - r["chain_accepted"]
             chains = {"b_share": r["chains_sent"] / blocks, "a_share": r["chain_blocks"] / max(1, r["guess_blocks"]),
-                      "t2_chain": st.t2_rows[max(cfg.min_block, 2)], "t1k_chain": st.t1[k + cfg.chain],
+                      "t2_chain": st.t2_rows[chain_block_rows(cfg)], "t1k_chain": st.t1[k + cfg.chain],
                       "tokens_per_block": r["tokens"] / blocks}
         pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy, chains)
         rt = r["strategy"].engine.round_trip_seconds()
