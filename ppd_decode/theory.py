@@ -7,8 +7,9 @@ Two deployments:
 * replicated (k + 1 full-model workers, d >= L/2, one level): E[T] = p*d + (1-p)*L layer times per token;
   compute per token = L + (L - d)(k - p) layer passes.
 * stage-pipelined with text chains (``PPDConfig.chain``): the same per B block, with T2 and T1(k) mixed by how often
-  a block carries a chain (B's chained block: T2 over a padded block; A's: T1 over k guesses + the chain), divided by
-  the tokens each B block decides (1 + accepted chain tokens on average).
+  a block carries a chain (B's chained block: T2 over the guess + its chain, padded to min_block; A's: T1 over k
+  guesses + the chain; each at the chain lengths observed), divided by the tokens each B block decides (1 + accepted
+  chain tokens on average).
 A discrete-event simulator replays per-position match outcomes through each deployment; it must agree with the
 closed forms (tests check within 2%).
 """
@@ -95,6 +96,25 @@ class StageTimes:
     head: float  # the early head alone on one token (its guess: over its shortlist when it has one)
     layer: float  # one decoder layer on one token (tau)
     t2_rows: dict[int, float] | None = None  # rows -> layers d+1..L + final argmax on a block of that many rows
+
+
+def chain_timings(k: int, chain: int, min_block: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """What to time for text chains of every length 1..chain: A's guess-block sizes (k guesses + the chain) and B's
+    block rows (the guess + the chain, padded to min_block)."""
+    lengths = range(1, chain + 1)
+    return tuple(k + c for c in lengths), tuple(sorted({max(min_block, 1 + c) for c in lengths}))
+
+
+def chained_block_times(st: StageTimes, k: int, min_block: int, a_lengths: dict[int, int],
+                        b_lengths: dict[int, int]) -> tuple[float, float]:
+    """The mean time of A's chained guess blocks and of B's chained blocks, each block timed at its own chain length
+    (``a_lengths`` / ``b_lengths``: chain length -> blocks, as ``PPDEngine`` reports them)."""
+    def mean(times: dict[int, float], lengths: dict[int, int], rows) -> float:
+        n = sum(lengths.values())
+        return sum(c * times[rows(length)] for length, c in lengths.items()) / n if n else 0.0
+
+    return (mean(st.t1, a_lengths, lambda c: k + c),
+            mean(st.t2_rows or {}, b_lengths, lambda c: max(min_block, 1 + c)))
 
 
 def median_time(fn, repeats: int) -> float:

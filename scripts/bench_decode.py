@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 NEAR_TIE = 1e-4
@@ -47,11 +48,6 @@ def median_stage_times(samples: list):
                                t2_rows={r: med(x.t2_rows[r] for x in samples) for r in first.t2_rows or {}} or None,
                                **{f: med(getattr(x, f) for x in samples) for f in ("t1_miss", "t2", "greedy", "head",
                                                                                     "layer")})
-
-
-def chain_block_rows(cfg) -> int:
-    """The rows B's chained blocks are timed at: padded to min_block (exact for chains shorter than min_block)."""
-    return max(cfg.min_block, 2)
 
 
 def where_the_time_went(r: dict, spec: bool) -> dict:
@@ -223,7 +219,7 @@ def main() -> None:
     from ppd_decode.modeling import load_model
     from ppd_decode.prompts import load_prompts
     from ppd_decode.strategies import get_strategy
-    from ppd_decode.theory import measure_stage_times, stage_pipelined
+    from ppd_decode.theory import chain_timings, chained_block_times, measure_stage_times, stage_pipelined
 
     model, tok = load_model(a.model)
     if a.heads:
@@ -260,6 +256,7 @@ def main() -> None:
                 r["strategy"].generate(first, a.max_new_tokens)
         speeds = [{s: [] for s in prompts} for _ in rows]
         turn = 0
+        bar = tqdm(total=sum(map(len, prompts.values())), desc=f"run {run + 1}/{a.runs}", unit="prompt")
         for s, plist in prompts.items():
             for i, prompt in enumerate(plist):
                 results = {}
@@ -275,12 +272,13 @@ def main() -> None:
                         torch.set_num_threads(1)
                         cfg = r["strategy"].config
                         # with text chains (the engine keeps cfg.chain only where it guesses from the text): A's
-                        # chained guess blocks and B's padded chain blocks too
-                        ks = (1, cfg.k) + ((cfg.k + cfg.chain,) if cfg.chain else ())
+                        # chained guess blocks and B's padded chain blocks too, at every chain length
+                        chain_ks, chain_rows = chain_timings(cfg.k, cfg.chain, cfg.min_block)
+                        ks = (1, cfg.k) + chain_ks
                         r.setdefault("stage_times", []).append(measure_stage_times(
                             model, heads[cfg.layer], cfg.layer, ks=ks, repeats=3,
                             context=len(prompt) + a.max_new_tokens // 2,
-                            t2_rows=(chain_block_rows(cfg),) if cfg.chain else ()))
+                            t2_rows=chain_rows))
                 ref = results[0].tokens  # rows[0] is greedy with 1 thread: the reference
                 for j, r in enumerate(rows):
                     res = results[j]
@@ -302,6 +300,10 @@ def main() -> None:
                                     "chains_sent", "chain_blocks", "guess_blocks"):
                             if key in res.extra:
                                 r[key] = r.get(key, 0) + res.extra[key]
+                        for key in ("a_chain_lengths", "b_chain_lengths"):  # chain length -> blocks
+                            for length, c in res.extra.get(key, {}).items():
+                                r.setdefault(key, {}).setdefault(length, 0)
+                                r[key][length] += c
                         r["steps"] += res.steps
                         r["tokens"] += len(res.tokens)
                         r["wall_s"] = r.get("wall_s", 0.0) + res.seconds
@@ -310,6 +312,8 @@ def main() -> None:
                                 r.setdefault(w, {}).setdefault(part, 0.0)
                                 r[w][part] += v
                         r["prompts"] = r.get("prompts", 0) + 1
+                bar.update(1)
+        bar.close()
         for j, r in enumerate(rows):
             per_set = {s: statistics.mean(v) for s, v in speeds[j].items()}
             overall = statistics.mean([v for s in prompts for v in [per_set[s]] * len(prompts[s])])
@@ -332,8 +336,10 @@ def main() -> None:
         chains = None
         if cfg.chain:  # (the engine keeps a chain only where it guesses from the text)
             blocks = r["tokens"] - r["chain_accepted"]
+            t1k_chain, t2_chain = chained_block_times(st, k, cfg.min_block, r.get("a_chain_lengths", {}),
+                                                      r.get("b_chain_lengths", {}))
             chains = {"b_share": r["chains_sent"] / blocks, "a_share": r["chain_blocks"] / max(1, r["guess_blocks"]),
-                      "t2_chain": st.t2_rows[chain_block_rows(cfg)], "t1k_chain": st.t1[k + cfg.chain],
+                      "t2_chain": t2_chain, "t1k_chain": t1k_chain,
                       "tokens_per_block": r["tokens"] / blocks}
         pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy, chains)
         rt = r["strategy"].engine.round_trip_seconds()
@@ -374,7 +380,10 @@ def main() -> None:
             **({"text_drafts": {"drafted": r["lookup_drafted"], "accepted": r["lookup_accepted"],
                                 "head_drafted": r["drafted"] - r["lookup_drafted"],
                                 "head_accepted": r["accepted"] - r["lookup_accepted"]}} if "lookup_drafted" in r else {}),
-            **({"text_chains": {"drafted": r["chain_drafted"], "accepted": r["chain_accepted"]}}
+            **({"text_chains": {"drafted": r["chain_drafted"], "accepted": r["chain_accepted"],
+                                # chain length -> A's guess blocks / B's blocks carrying one that long (first run)
+                                "a_chain_lengths": r.get("a_chain_lengths", {}),
+                                "b_chain_lengths": r.get("b_chain_lengths", {})}}
                if "chain_drafted" in r else {}),
             "predicted_speedup": r.get("model", {}).get("predicted_speedup_vs_greedy_1t"),
             "efficiency": (m / g1) / r["model"]["predicted_speedup_vs_greedy_1t"] if "model" in r else None,

@@ -6,8 +6,8 @@ import torch
 from ppd_decode import PPDError, load_model
 from ppd_decode.heads import EarlyExitHead
 from ppd_decode.match_rate import KS, greedy_continuations, score_captured, score_heads
-from ppd_decode.theory import (measure_stage_times, replicated, simulate_replicated, simulate_stage_pipelined,
-                               stage_pipelined)
+from ppd_decode.theory import (StageTimes, chain_timings, chained_block_times, measure_stage_times, replicated,
+                               simulate_replicated, simulate_stage_pipelined, stage_pipelined)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,15 @@ def test_text_chains_in_the_stage_pipelined_model():
     r = stage_pipelined(0.6, 1.0, 0.8, 1.2, 3.0, chains)
     assert r["latency"] == pytest.approx((1.4 + 0.4 * 0.8) / 1.5)
     assert r["speedup"] == pytest.approx(3.0 / r["latency"])
+
+
+def test_chained_blocks_are_timed_at_their_own_lengths():
+    # chains up to 6 after k=4 guesses: A's blocks of 5..10 rows, B's of 2..7 rows padded to 4
+    assert chain_timings(4, 6, 4) == ((5, 6, 7, 8, 9, 10), (4, 5, 6, 7))
+    assert chain_timings(4, 0, 4) == ((), ())
+    st = StageTimes(d=2, t1={4: 1.0, 5: 1.1, 10: 2.0}, t1_miss=0.5, t2=0.8, greedy=1.5, head=0.01, layer=0.1,
+                    t2_rows={4: 1.2, 7: 1.8})
+    # A: 3 blocks with a 1-token chain, 1 with 6; B: 2 with 1 (padded to 4 rows), 2 with 6 (7 rows)
+    a, b = chained_block_times(st, 4, 4, {1: 3, 6: 1}, {1: 2, 6: 2})
+    assert a == pytest.approx((3 * 1.1 + 2.0) / 4) and b == pytest.approx((2 * 1.2 + 2 * 1.8) / 4)
+    assert chained_block_times(st, 4, 4, {}, {}) == (0.0, 0.0)
