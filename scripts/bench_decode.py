@@ -77,10 +77,19 @@ def breakdown_lines(lm: dict) -> list[str]:
              "| A | " + " | ".join(f"{v:.1f}" for v in a.values()) + " |", "",
              "| worker | " + " | ".join(b) + " |", "|---|" + "---|" * len(b),
              "| B | " + " | ".join(f"{v:.1f}" for v in b.values()) + " |", ""]
-    gb = f"A's guess block {ip['guess_block']:.1f} ms (alone: T1(k) {lm['t1_k_ms']:.1f}), " if ip["guess_block"] else ""
+    ch = lm.get("chains")
+    # alone: the latency model's per-block times (with chains: plain and chained blocks mixed by their shares)
+    a_alone, b_alone = lm["t1_k_ms"], lm["t2_ms"]
+    a_how, b_how = f"T1(k) {a_alone:.1f}", f"T2 {b_alone:.1f}"
+    if ch:
+        a_mix = (1 - ch["a_share"]) * a_alone + ch["a_share"] * ch["t1k_chain_ms"]
+        b_mix = (1 - ch["b_share"]) * b_alone + ch["b_share"] * ch["t2_chain_ms"]
+        a_how = f"{a_mix:.1f}: T1(k) {a_alone:.1f} and chained {ch['t1k_chain_ms']:.1f} in {ch['a_share']:.0%} of blocks"
+        b_how = f"{b_mix:.1f}: T2 {b_alone:.1f} and chained {ch['t2_chain_ms']:.1f} in {ch['b_share']:.0%} of blocks"
+    gb = f"A's guess block {ip['guess_block']:.1f} ms (alone: {a_how}), " if ip["guess_block"] else ""
     lines.append(f"The same work inside the pipeline and alone: {gb}a missed token's re-run {ip['miss_rerun']:.1f} ms "
-                 f"(alone: T1(1) {lm['t1_1_ms']:.1f}, {bd['misses']} misses), B's step {ip['b_step']:.1f} ms (alone: "
-                 f"T2 {lm['t2_ms']:.1f}).")
+                 f"(alone: T1(1) {lm['t1_1_ms']:.1f}, {bd['misses']} misses), B's block {ip['b_step']:.1f} ms (alone: "
+                 f"{b_how}).")
     return lines
 
 
