@@ -247,9 +247,14 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     # model times each block at its own rows)
     a_chain_lengths: dict[int, int] = {}
     b_chain_lengths: dict[int, int] = {}
+    # (chain B verifies, chain in A's guess block meanwhile; -1: A had no guesses) -> blocks: the two run side by side,
+    # so a block takes the longer of the two (the latency model averages that maximum, not the maxima of averages)
+    block_pairs: dict[tuple[int, int], int] = {}
     reply = torch.zeros(2, dtype=torch.long)
     while True:
         # B is finishing the token at `pos`; run the guesses for it through layers 1..d meanwhile.
+        pair = (len(sent), len(chain) if guesses else -1)
+        block_pairs[pair] = block_pairs.get(pair, 0) + 1
         if guesses:
             hg = _guess_block(model, d, cache, guesses, chain, pos)
             guess_blocks += 1
@@ -278,7 +283,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
                                       "chain_drafted": chain_drafted, "chain_accepted": chain_accepted,
                                       "chains_sent": chains_sent, "chain_blocks": chain_blocks,
                                       "guess_blocks": guess_blocks, "a_chain_lengths": a_chain_lengths,
-                                      "b_chain_lengths": b_chain_lengths,
+                                      "b_chain_lengths": b_chain_lengths, "block_pairs": block_pairs,
                                       "a_time_s": a_s, "b_time_s": b_s,
                                       # the decoding phase's compute and waits (prefill apart)
                                       "a_wait_s": a_s["wait"], "a_busy_s": _busy(a_s),
@@ -547,7 +552,7 @@ class PPDEngine:
                     if self.cfg.chain:
                         res.extra.update({k: msg[k] for k in ("chain_drafted", "chain_accepted", "chains_sent",
                                                               "chain_blocks", "guess_blocks", "a_chain_lengths",
-                                                              "b_chain_lengths")})
+                                                              "b_chain_lengths", "block_pairs")})
                     # Where each worker's time went: computing, or waiting on the other one.
                     res.extra.update({k: msg[k] for k in ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s",
                                                           "a_time_s", "b_time_s")})

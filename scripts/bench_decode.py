@@ -86,6 +86,9 @@ def breakdown_lines(lm: dict) -> list[str]:
         b_mix = (1 - ch["b_share"]) * b_alone + ch["b_share"] * ch["t2_chain_ms"]
         a_how = f"{a_mix:.1f}: T1(k) {a_alone:.1f} and chained {ch['t1k_chain_ms']:.1f} in {ch['a_share']:.0%} of blocks"
         b_how = f"{b_mix:.1f}: T2 {b_alone:.1f} and chained {ch['t2_chain_ms']:.1f} in {ch['b_share']:.0%} of blocks"
+        if "block_max_ms" in ch:
+            b_how += (f"; block by block the longer of B's and A's beside it takes {ch['block_max_ms']:.1f} ms alone, "
+                      f"what the model uses")
     gb = f"A's guess block {ip['guess_block']:.1f} ms (alone: {a_how}), " if ip["guess_block"] else ""
     lines.append(f"The same work inside the pipeline and alone: {gb}a missed token's re-run {ip['miss_rerun']:.1f} ms "
                  f"(alone: T1(1) {lm['t1_1_ms']:.1f}, {bd['misses']} misses), B's block {ip['b_step']:.1f} ms (alone: "
@@ -228,7 +231,8 @@ def main() -> None:
     from ppd_decode.modeling import load_model
     from ppd_decode.prompts import load_prompts
     from ppd_decode.strategies import get_strategy
-    from ppd_decode.theory import chain_timings, chained_block_times, measure_stage_times, stage_pipelined
+    from ppd_decode.theory import (chain_timings, chained_block_times, measure_stage_times,
+                                   side_by_side_block_time, stage_pipelined)
 
     model, tok = load_model(a.model)
     if a.heads:
@@ -309,7 +313,7 @@ def main() -> None:
                                     "chains_sent", "chain_blocks", "guess_blocks"):
                             if key in res.extra:
                                 r[key] = r.get(key, 0) + res.extra[key]
-                        for key in ("a_chain_lengths", "b_chain_lengths"):  # chain length -> blocks
+                        for key in ("a_chain_lengths", "b_chain_lengths", "block_pairs"):  # chain length(s) -> blocks
                             for length, c in res.extra.get(key, {}).items():
                                 r.setdefault(key, {}).setdefault(length, 0)
                                 r[key][length] += c
@@ -350,6 +354,10 @@ def main() -> None:
             chains = {"b_share": r["chains_sent"] / blocks, "a_share": r["chain_blocks"] / max(1, r["guess_blocks"]),
                       "t2_chain": t2_chain, "t1k_chain": t1k_chain,
                       "tokens_per_block": r["tokens"] / blocks}
+            # the earlier form, max(mean B block, mean A block), kept beside it for comparison
+            means_only = stage_pipelined(p, st.t1[k], st.t1_miss, st.t2, st.greedy, chains)
+            chains["block_max"] = side_by_side_block_time(st, k, cfg.min_block, r.get("block_pairs", {}))
+            chains["predicted_speedup_max_of_means"] = means_only["speedup"]
         pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy, chains)
         rt = r["strategy"].engine.round_trip_seconds()
         r["model"] = {"predicted_speedup_vs_greedy_1t": pred["speedup"], "extra_compute": pred["extra_compute"],
@@ -358,7 +366,11 @@ def main() -> None:
                       "greedy_step_ms": 1e3 * st.greedy, "early_head_ms": 1e3 * st.head,
                       "round_trip_ms": 1e3 * rt,
                       **({"chains": {**chains, "t2_chain_ms": 1e3 * chains["t2_chain"],
-                                     "t1k_chain_ms": 1e3 * chains["t1k_chain"]}} if chains else {}),
+                                     "t1k_chain_ms": 1e3 * chains["t1k_chain"],
+                                     "block_max_ms": 1e3 * chains["block_max"],
+                                     # (B's chain length, A's) -> blocks; JSON keys are strings
+                                     "block_pairs": {f"{b},{a}": c for (b, a), c in r["block_pairs"].items()}}}
+                         if chains else {}),
                       # per generated token, over the first run's prompts (prefills included)
                       "wall_ms_per_token": 1e3 * r["wall_s"] / r["tokens"]}
         if "a_time_s" in r:

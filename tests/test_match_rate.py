@@ -7,7 +7,7 @@ from ppd_decode import PPDError, load_model
 from ppd_decode.heads import EarlyExitHead
 from ppd_decode.match_rate import KS, greedy_continuations, score_captured, score_heads
 from ppd_decode.theory import (StageTimes, chain_timings, chained_block_times, measure_stage_times, replicated,
-                               simulate_replicated, simulate_stage_pipelined, stage_pipelined)
+                               side_by_side_block_time, simulate_replicated, simulate_stage_pipelined, stage_pipelined)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,18 @@ def test_chained_blocks_are_timed_at_their_own_lengths():
     a, b = chained_block_times(st, 4, 4, {1: 3, 6: 1}, {1: 2, 6: 2})
     assert a == pytest.approx((3 * 1.1 + 2.0) / 4) and b == pytest.approx((2 * 1.2 + 2 * 1.8) / 4)
     assert chained_block_times(st, 4, 4, {}, {}) == (0.0, 0.0)
+
+
+def test_side_by_side_blocks_take_the_longer_of_the_two():
+    st = StageTimes(d=2, t1={4: 1.0, 5: 1.1, 10: 2.0}, t1_miss=0.5, t2=0.8, greedy=1.5, head=0.01, layer=0.1,
+                    t2_rows={4: 1.2, 7: 3.0})
+    # B plain beside A plain (1.0), B plain beside A's 6-chain (2.0), B's 6-chain (3.0) beside A's 1-chain, B plain
+    # beside an idle A (0.8)
+    pairs = {(0, 0): 2, (0, 6): 1, (6, 1): 1, (0, -1): 1}
+    t = side_by_side_block_time(st, 4, 4, pairs)
+    assert t == pytest.approx((2 * 1.0 + 2.0 + 3.0 + 0.8) / 5)
+    # the mean of the maxima exceeds the max of the means, and the model uses it when given
+    chains = {"b_share": 0.2, "a_share": 0.5, "t2_chain": 3.0, "t1k_chain": 1.55, "tokens_per_block": 1.2}
+    means = stage_pipelined(0.5, 1.0, 0.5, 0.8, 1.5, chains)
+    both = stage_pipelined(0.5, 1.0, 0.5, 0.8, 1.5, {**chains, "block_max": t})
+    assert both["latency"] == pytest.approx((t + 0.5 * 0.5) / 1.2) and both["latency"] > means["latency"]

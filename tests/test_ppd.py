@@ -111,6 +111,12 @@ def test_text_chains_decide_several_tokens_per_b_step(engines):
     assert sum(sent.values()) == r.extra["chains_sent"]
     assert sum(n * c for n, c in sent.items()) == r.extra["chain_drafted"]
     assert sum(built.values()) == r.extra["chain_blocks"] and set(built) <= {1, 2, 3}
+    # (B's chain, A's chain beside it) for every B block: the same counts, pair by pair
+    pairs = r.extra["block_pairs"]
+    assert sum(pairs.values()) == r.steps
+    assert sum(c for (b, a), c in pairs.items() if b) == r.extra["chains_sent"]
+    assert sum(c for (b, a), c in pairs.items() if a > 0) == r.extra["chain_blocks"]
+    assert sum(c for (b, a), c in pairs.items() if a >= 0) == r.extra["guess_blocks"]
     seed, damp, d, k, noise, lookup, short, chunk, _ = ENGINES[1]
     with PPDEngine(m, _head(m, d, noise), PPDConfig(k=k, lookup=lookup, prefill_chunk=chunk, chain=0)) as plain:
         p = plain.generate(prompt, 48)
