@@ -9,7 +9,8 @@ Two deployments:
 * stage-pipelined with text chains (``PPDConfig.chain``): the same per B block, with T2 and T1(k) mixed by how often
   a block carries a chain (B's chained block: T2 over the guess + its chain, padded to min_block; A's: T1 over k
   guesses + the chain; each at the chain lengths observed), divided by the tokens each B block decides (1 + accepted
-  chain tokens on average).
+  chain tokens on average). Since A and B run side by side, a block takes the longer of the two: with the observed
+  (B chain, A chain) pairs the model averages that maximum block by block (``side_by_side_block_time``).
 A discrete-event simulator replays per-position match outcomes through each deployment; it must agree with the
 closed forms (tests check within 2%).
 """
