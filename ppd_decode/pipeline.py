@@ -243,12 +243,8 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     sent: list[int] = []
     undo: list = []
     chain_drafted = chain_accepted = chain_blocks = chains_sent = guess_blocks = 0
-    # chain length -> how many of A's guess blocks / of the blocks sent to B carried one that long (the latency
-    # model times each block at its own rows)
-    a_chain_lengths: dict[int, int] = {}
-    b_chain_lengths: dict[int, int] = {}
-    # (chain B verifies, chain in A's guess block meanwhile; -1: A had no guesses) -> blocks: the two run side by side,
-    # so a block takes the longer of the two (the latency model averages that maximum, not the maxima of averages)
+    # (chain B verifies, chain in A's guess block meanwhile; -1: A had no guesses) -> blocks: the latency model times
+    # each block at its own chain length, and since the two run side by side, a block takes the longer of the two
     block_pairs: dict[tuple[int, int], int] = {}
     reply = torch.zeros(2, dtype=torch.long)
     while True:
@@ -259,8 +255,6 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
             hg = _guess_block(model, d, cache, guesses, chain, pos)
             guess_blocks += 1
             chain_blocks += bool(chain)
-            if chain:
-                a_chain_lengths[len(chain)] = a_chain_lengths.get(len(chain), 0) + 1
             clock.lap("guess_block")
         dist.recv(reply, src=1)
         clock.lap("wait")
@@ -282,8 +276,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
                 results.put(("done", {"matches": matches, "guessed": guessed,
                                       "chain_drafted": chain_drafted, "chain_accepted": chain_accepted,
                                       "chains_sent": chains_sent, "chain_blocks": chain_blocks,
-                                      "guess_blocks": guess_blocks, "a_chain_lengths": a_chain_lengths,
-                                      "b_chain_lengths": b_chain_lengths, "block_pairs": block_pairs,
+                                      "guess_blocks": guess_blocks, "block_pairs": block_pairs,
                                       "a_time_s": a_s, "b_time_s": b_s,
                                       # the decoding phase's compute and waits (prefill apart)
                                       "a_wait_s": a_s["wait"], "a_busy_s": _busy(a_s),
@@ -320,8 +313,6 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
             lookup.extend(nxt, undo)  # guessed text, for guessing past it
         chain_drafted += len(nxt)
         chains_sent += bool(nxt)
-        if nxt:
-            b_chain_lengths[len(nxt)] = b_chain_lengths.get(len(nxt), 0) + 1
         sent = nxt
         pos += 1 + len(nxt)
         clock.lap("other")
@@ -551,8 +542,7 @@ class PPDEngine:
                     res.accepted, res.drafted = msg["matches"], msg["guessed"]
                     if self.cfg.chain:
                         res.extra.update({k: msg[k] for k in ("chain_drafted", "chain_accepted", "chains_sent",
-                                                              "chain_blocks", "guess_blocks", "a_chain_lengths",
-                                                              "b_chain_lengths", "block_pairs")})
+                                                              "chain_blocks", "guess_blocks", "block_pairs")})
                     # Where each worker's time went: computing, or waiting on the other one.
                     res.extra.update({k: msg[k] for k in ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s",
                                                           "a_time_s", "b_time_s")})

@@ -42,7 +42,8 @@ def stage_pipelined(p: float, t1k: float, t1: float, t2: float, t_greedy: float,
     latency = ((side_by_side if side_by_side is not None else max(t2, t1k)) + (1 - p) * t1) / per_block
     compute = (t1k + (1 - p) * t1 + t2) / per_block
     return {"latency": latency, "speedup": t_greedy / latency, "extra_compute": compute / t_greedy - 1,
-            "split_greedy_speedup": t_greedy / (t1 + t2)}
+            "split_greedy_speedup": t_greedy / (t1 + t2),
+            "t2_block": t2, "t1k_block": t1k}  # the mean block times (with chains: plain and chained mixed)
 
 
 def replicated(p: float, d: int, L: int, k: int) -> dict:
@@ -110,30 +111,38 @@ def chain_timings(k: int, chain: int, min_block: int) -> tuple[tuple[int, ...], 
     return tuple(k + c for c in lengths), tuple(sorted({max(min_block, 1 + c) for c in lengths}))
 
 
-def chained_block_times(st: StageTimes, k: int, min_block: int, a_lengths: dict[int, int],
-                        b_lengths: dict[int, int]) -> tuple[float, float]:
-    """The mean time of A's chained guess blocks and of B's chained blocks, each block timed at its own chain length
-    (``a_lengths`` / ``b_lengths``: chain length -> blocks, as ``PPDEngine`` reports them)."""
-    def mean(times: dict[int, float], lengths: dict[int, int], rows) -> float:
-        n = sum(lengths.values())
-        return sum(c * times[rows(length)] for length, c in lengths.items()) / n if n else 0.0
+def _block_timers(st: StageTimes, k: int, min_block: int):
+    """B's block and A's guess block timed at the chain length c they carry (0: none; A's -1: no guess block)."""
+    def b_time(c: int) -> float:
+        return st.t2 if c == 0 else (st.t2_rows or {})[max(min_block, 1 + c)]
 
-    return (mean(st.t1, a_lengths, lambda c: k + c),
-            mean(st.t2_rows or {}, b_lengths, lambda c: max(min_block, 1 + c)))
+    def a_time(c: int) -> float:
+        return 0.0 if c < 0 else st.t1[k + c]
+
+    return b_time, a_time
+
+
+def chained_block_times(st: StageTimes, k: int, min_block: int,
+                        pairs: dict[tuple[int, int], int]) -> tuple[float, float]:
+    """The mean time of A's chained guess blocks and of B's chained blocks, each block timed at its own chain length
+    (``pairs``: (B's chain length, A's) -> blocks, as ``PPDEngine`` reports them)."""
+    b_time, a_time = _block_timers(st, k, min_block)
+
+    def mean(time, side: int) -> float:
+        counts = [(key[side], c) for key, c in pairs.items() if key[side] > 0]
+        n = sum(c for _, c in counts)
+        return sum(c * time(length) for length, c in counts) / n if n else 0.0
+
+    return mean(a_time, 1), mean(b_time, 0)
 
 
 def side_by_side_block_time(st: StageTimes, k: int, min_block: int, pairs: dict[tuple[int, int], int]) -> float:
     """The mean over B's blocks of the longer of B's block and A's guess block running beside it, each timed at its
     own chain length (``pairs``: (B's chain length, A's; -1: A had no guesses) -> blocks, as ``PPDEngine`` reports
     them; 0: no chain)."""
-    def b_time(c: int) -> float:
-        return st.t2 if c == 0 else (st.t2_rows or {})[max(min_block, 1 + c)]
-
-    def a_time(c: int) -> float:
-        return 0.0 if c < 0 else st.t1[k + c] if c else st.t1[k]
-
+    b_time, a_time = _block_timers(st, k, min_block)
     n = sum(pairs.values())
-    return sum(cnt * max(b_time(cb), a_time(ca)) for (cb, ca), cnt in pairs.items()) / n if n else 0.0
+    return sum(c * max(b_time(cb), a_time(ca)) for (cb, ca), c in pairs.items()) / n if n else 0.0
 
 
 def median_time(fn, repeats: int) -> float:

@@ -82,10 +82,8 @@ def breakdown_lines(lm: dict) -> list[str]:
     a_alone, b_alone = lm["t1_k_ms"], lm["t2_ms"]
     a_how, b_how = f"T1(k) {a_alone:.1f}", f"T2 {b_alone:.1f}"
     if ch:
-        a_mix = (1 - ch["a_share"]) * a_alone + ch["a_share"] * ch["t1k_chain_ms"]
-        b_mix = (1 - ch["b_share"]) * b_alone + ch["b_share"] * ch["t2_chain_ms"]
-        a_how = f"{a_mix:.1f}: T1(k) {a_alone:.1f} and chained {ch['t1k_chain_ms']:.1f} in {ch['a_share']:.0%} of blocks"
-        b_how = f"{b_mix:.1f}: T2 {b_alone:.1f} and chained {ch['t2_chain_ms']:.1f} in {ch['b_share']:.0%} of blocks"
+        a_how = f"{ch['t1k_block_ms']:.1f}: T1(k) {a_alone:.1f} and chained {ch['t1k_chain_ms']:.1f} in {ch['a_share']:.0%} of blocks"
+        b_how = f"{ch['t2_block_ms']:.1f}: T2 {b_alone:.1f} and chained {ch['t2_chain_ms']:.1f} in {ch['b_share']:.0%} of blocks"
         if "block_max_ms" in ch:
             b_how += (f"; block by block the longer of B's and A's beside it takes {ch['block_max_ms']:.1f} ms alone, "
                       f"what the model uses")
@@ -313,10 +311,9 @@ def main() -> None:
                                     "chains_sent", "chain_blocks", "guess_blocks"):
                             if key in res.extra:
                                 r[key] = r.get(key, 0) + res.extra[key]
-                        for key in ("a_chain_lengths", "b_chain_lengths", "block_pairs"):  # chain length(s) -> blocks
-                            for length, c in res.extra.get(key, {}).items():
-                                r.setdefault(key, {}).setdefault(length, 0)
-                                r[key][length] += c
+                        for pair, c in res.extra.get("block_pairs", {}).items():  # (B's chain, A's) -> blocks
+                            r.setdefault("block_pairs", {}).setdefault(pair, 0)
+                            r["block_pairs"][pair] += c
                         r["steps"] += res.steps
                         r["tokens"] += len(res.tokens)
                         r["wall_s"] = r.get("wall_s", 0.0) + res.seconds
@@ -349,8 +346,7 @@ def main() -> None:
         chains = None
         if cfg.chain:  # (the engine keeps a chain only where it guesses from the text)
             blocks = r["tokens"] - r["chain_accepted"]
-            t1k_chain, t2_chain = chained_block_times(st, k, cfg.min_block, r.get("a_chain_lengths", {}),
-                                                      r.get("b_chain_lengths", {}))
+            t1k_chain, t2_chain = chained_block_times(st, k, cfg.min_block, r.get("block_pairs", {}))
             chains = {"b_share": r["chains_sent"] / blocks, "a_share": r["chain_blocks"] / max(1, r["guess_blocks"]),
                       "t2_chain": t2_chain, "t1k_chain": t1k_chain,
                       "tokens_per_block": r["tokens"] / blocks}
@@ -368,6 +364,7 @@ def main() -> None:
                       **({"chains": {**chains, "t2_chain_ms": 1e3 * chains["t2_chain"],
                                      "t1k_chain_ms": 1e3 * chains["t1k_chain"],
                                      "block_max_ms": 1e3 * chains["block_max"],
+                                     "t2_block_ms": 1e3 * pred["t2_block"], "t1k_block_ms": 1e3 * pred["t1k_block"],
                                      # (B's chain length, A's) -> blocks; JSON keys are strings
                                      "block_pairs": {f"{b},{a}": c for (b, a), c in r["block_pairs"].items()}}}
                          if chains else {}),
@@ -401,10 +398,7 @@ def main() -> None:
             **({"text_drafts": {"drafted": r["lookup_drafted"], "accepted": r["lookup_accepted"],
                                 "head_drafted": r["drafted"] - r["lookup_drafted"],
                                 "head_accepted": r["accepted"] - r["lookup_accepted"]}} if "lookup_drafted" in r else {}),
-            **({"text_chains": {"drafted": r["chain_drafted"], "accepted": r["chain_accepted"],
-                                # chain length -> A's guess blocks / B's blocks carrying one that long (first run)
-                                "a_chain_lengths": r.get("a_chain_lengths", {}),
-                                "b_chain_lengths": r.get("b_chain_lengths", {})}}
+            **({"text_chains": {"drafted": r["chain_drafted"], "accepted": r["chain_accepted"]}}
                if "chain_drafted" in r else {}),
             "predicted_speedup": r.get("model", {}).get("predicted_speedup_vs_greedy_1t"),
             "efficiency": (m / g1) / r["model"]["predicted_speedup_vs_greedy_1t"] if "model" in r else None,

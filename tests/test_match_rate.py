@@ -119,10 +119,12 @@ def test_chained_blocks_are_timed_at_their_own_lengths():
     assert chain_timings(4, 0, 4) == ((), ())
     st = StageTimes(d=2, t1={4: 1.0, 5: 1.1, 10: 2.0}, t1_miss=0.5, t2=0.8, greedy=1.5, head=0.01, layer=0.1,
                     t2_rows={4: 1.2, 7: 1.8})
-    # A: 3 blocks with a 1-token chain, 1 with 6; B: 2 with 1 (padded to 4 rows), 2 with 6 (7 rows)
-    a, b = chained_block_times(st, 4, 4, {1: 3, 6: 1}, {1: 2, 6: 2})
+    # A: 3 blocks with a 1-token chain, 1 with 6; B: 2 with 1 (padded to 4 rows), 2 with 6 (7 rows); blocks without a
+    # chain on a side do not count for that side
+    pairs = {(1, 1): 2, (6, 1): 1, (6, 6): 1, (0, 0): 3, (0, -1): 1}
+    a, b = chained_block_times(st, 4, 4, pairs)
     assert a == pytest.approx((3 * 1.1 + 2.0) / 4) and b == pytest.approx((2 * 1.2 + 2 * 1.8) / 4)
-    assert chained_block_times(st, 4, 4, {}, {}) == (0.0, 0.0)
+    assert chained_block_times(st, 4, 4, {}) == chained_block_times(st, 4, 4, {(0, 0): 5}) == (0.0, 0.0)
 
 
 def test_side_by_side_blocks_take_the_longer_of_the_two():
