@@ -47,29 +47,42 @@ class NextTokenLookup:
         del self.tokens[length:]
 
     def _followers(self):
-        """For the sequence's suffixes seen before, longest first: the index of the token that followed the latest
-        earlier occurrence."""
+        """For the sequence's suffixes seen before, longest first: (the suffix's length, the index of the token that
+        followed its latest earlier occurrence)."""
         for n in range(min(self.n, len(self.tokens)), 0, -1):
             j = self.follower.get(tuple(self.tokens[-n:]))
             if j is not None and j < len(self.tokens):
-                yield j
+                yield n, j
 
     def candidates(self, limit: int = 1) -> list[int]:
         """Up to ``limit`` distinct guesses for the token after the sequence: the follower of its longest suffix
         seen before first, then of shorter suffixes."""
         out: list[int] = []
-        for j in self._followers():
+        for _, j in self._followers():
             if len(out) >= limit:
                 break
             if self.tokens[j] not in out:
                 out.append(self.tokens[j])
         return out
 
-    def continuation(self, limit: int) -> list[int]:
+    def continuation(self, limit: int, min_match: int = 1) -> list[int]:
         """Up to ``limit`` tokens guessed to come next: what followed the latest earlier occurrence of the sequence's
-        longest suffix seen before (prompt lookup's draft; empty when no suffix occurred before)."""
-        j = next(self._followers(), None)
-        return [] if j is None else self.tokens[j:j + limit]
+        longest suffix seen before (prompt lookup's draft; empty when no suffix of at least ``min_match`` tokens
+        occurred before)."""
+        n, j = next(self._followers(), (0, None))
+        return [] if j is None or n < min_match else self.tokens[j:j + limit]
+
+    def continuations(self, limit: int, count: int, min_match: int = 1) -> list[list[int]]:
+        """Up to ``count`` different continuations (each up to ``limit`` tokens), one per suffix length seen before
+        (at least ``min_match`` tokens), longest suffix first; none that is a prefix of one already listed."""
+        out: list[list[int]] = []
+        for n, j in self._followers():
+            if len(out) >= count or n < min_match:
+                break
+            cont = self.tokens[j:j + limit]
+            if cont and not any(o[:len(cont)] == cont for o in out):
+                out.append(cont)
+        return out
 
 
 def merge_guesses(first: list[int], ranked, k: int) -> list[int]:

@@ -15,6 +15,7 @@ gap at the first differing position (a near-tie when below 1e-4). Writes docs/be
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -150,6 +151,13 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
             for c in (confs if r["threads"] == 1 else confs[:1]):
                 expanded.append({**r, "config": {**r["config"], "min_confidence": c}})
         rows = expanded
+    for variant in filter(None, (args.self_spec_variants or "").split(";")):
+        if spec_layers:
+            cfg = {"layer": spec_layers[len(spec_layers) // 2]}
+            for item in filter(None, variant.split(",")):
+                key, value = item.split("=")
+                cfg[key.strip()] = ast.literal_eval(value.strip())
+            rows.append({"name": "self_speculative", "config": cfg, "threads": 1})
     if args.methods:
         keep = set(args.methods.split(","))
         rows = rows[:3] + [r for r in rows[3:] if r["name"] in keep]  # the three baselines always run
@@ -205,6 +213,10 @@ def main() -> None:
     p.add_argument("--self-spec-confidence", default=None,
                    help="self-speculation rows, one per value (comma list): stop a head draft where the head's top-1 "
                         "probability is below it (above 1: the head never drafts)")
+    p.add_argument("--self-spec-variants", default=None,
+                   help="more 1-thread self-speculation rows (at the middle --self-spec-layers layer), ';'-separated, "
+                        "each a comma list of SelfSpeculativeConfig fields, e.g. "
+                        "'lookup=True,lookup_min_match=2,lookup_tokens=7;lookup=True,lookup_candidates=2'")
     p.add_argument("--early-exit-layer", type=int, default=15)
     p.add_argument("--ppd", default=None, help="PPD settings d:k[:lookup[:pin[:chain]]],... (d must have a head; lookup: "
                                                "how many of the k guesses come from prompt lookup, default 1, 0 = the "
@@ -307,8 +319,8 @@ def main() -> None:
                         r["accepted"] += res.accepted
                         r["drafted"] += res.drafted
                         # self-speculation's drafts from the text; PPD's text chains
-                        for key in ("lookup_drafted", "lookup_accepted", "chain_drafted", "chain_accepted",
-                                    "chains_sent", "chain_blocks", "guess_blocks"):
+                        for key in ("lookup_drafted", "lookup_accepted", "lookup_trees", "lookup_branch_wins",
+                                    "chain_drafted", "chain_accepted", "chains_sent", "chain_blocks", "guess_blocks"):
                             if key in res.extra:
                                 r[key] = r.get(key, 0) + res.extra[key]
                         for pair, c in res.extra.get("block_pairs", {}).items():  # (B's chain, A's) -> blocks
@@ -397,7 +409,9 @@ def main() -> None:
             "match_rate": (r["accepted"] / r["drafted"]) if drafting else None,
             **({"text_drafts": {"drafted": r["lookup_drafted"], "accepted": r["lookup_accepted"],
                                 "head_drafted": r["drafted"] - r["lookup_drafted"],
-                                "head_accepted": r["accepted"] - r["lookup_accepted"]}} if "lookup_drafted" in r else {}),
+                                "head_accepted": r["accepted"] - r["lookup_accepted"],
+                                "trees": r.get("lookup_trees", 0), "branch_wins": r.get("lookup_branch_wins", 0)}}
+               if "lookup_drafted" in r else {}),
             **({"text_chains": {"drafted": r["chain_drafted"], "accepted": r["chain_accepted"]}}
                if "chain_drafted" in r else {}),
             "predicted_speedup": r.get("model", {}).get("predicted_speedup_vs_greedy_1t"),

@@ -69,6 +69,42 @@ def test_continuation_copies_what_followed_the_latest_longest_match():
             assert lk.continuation(4)[:1] == lk.candidates(1)  # its first token is the lookup's first guess
 
 
+def _naive_continuations(tokens, n_max, limit, count, min_match):
+    """The definition: per suffix length n (longest first, n >= min_match) seen before, what followed its latest
+    earlier occurrence; a continuation that is a prefix of one already listed is left out."""
+    out = []
+    for n in range(min(n_max, len(tokens)), min_match - 1, -1):
+        j = _after_latest_earlier(tokens, n)
+        if j is None:
+            continue
+        if len(out) >= count:
+            break
+        cont = tokens[j:j + limit]
+        if not any(o[:len(cont)] == cont for o in out):
+            out.append(cont)
+    return out
+
+
+def test_continuations_list_one_per_suffix_length_and_respect_the_minimum_match():
+    lk = NextTokenLookup(max_ngram=3)
+    lk.extend([5, 2, 3, 9, 1, 3, 4, 7, 2, 3])  # suffixes seen before: (2, 3) -> 9; (3,) -> 4, latest
+    assert lk.continuations(2, 3) == [[9, 1], [4, 7]]
+    assert lk.continuations(2, 1) == [[9, 1]]
+    assert lk.continuations(2, 3, min_match=2) == [[9, 1]]
+    assert lk.continuations(2, 3, min_match=3) == [] and lk.continuation(2, min_match=3) == []
+    assert lk.continuation(2, min_match=2) == [9, 1]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        tokens = torch.randint(0, 4, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        lk = NextTokenLookup(max_ngram=3)
+        for i, t in enumerate(tokens):
+            lk.extend([t])
+            for count, min_match in ((1, 1), (3, 1), (3, 2)):
+                got = lk.continuations(4, count, min_match)
+                assert got == _naive_continuations(tokens[:i + 1], 3, 4, count, min_match)
+                assert got[:1] == ([lk.continuation(4, min_match)] if lk.continuation(4, min_match) else [])
+
+
 def test_rollback_undoes_a_guessed_extension():
     """Tokens appended on a guess and rolled back leave the index as if they had never been there."""
     g = torch.Generator().manual_seed(2)

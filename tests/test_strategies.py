@@ -76,12 +76,15 @@ def test_token_identical_to_greedy(name, prompt, mdl, layer, noise, n):
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prompt=prompts, mdl=models, layer=st.integers(1, LAYERS - 1), gamma=st.integers(1, 8),
        adaptive=st.booleans(), lookup=st.booleans(), confidence=st.sampled_from([0.0, 0.2, 0.6, 1.01]),
-       min_block=st.sampled_from([1, 4, 7]), n=st.integers(1, 64))
-def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, lookup, confidence, min_block, n):
+       min_block=st.sampled_from([1, 4, 7]), n=st.integers(1, 64), min_match=st.integers(1, 3),
+       text_tokens=st.sampled_from([0, 1, 7]), candidates=st.integers(1, 3), tree_rows=st.sampled_from([2, 8, 16]))
+def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, lookup, confidence, min_block, n, min_match,
+                                   text_tokens, candidates, tree_rows):
     m = model(*mdl)
     s = build("self_speculative", m, heads_for(m, 1, 0.0), layer=layer, draft_tokens=gamma,
               max_draft_tokens=max(gamma, 12), adaptive=adaptive, lookup=lookup, min_confidence=confidence,
-              min_block=min_block)
+              min_block=min_block, lookup_min_match=min_match, lookup_tokens=text_tokens,
+              lookup_candidates=candidates, lookup_tree_rows=tree_rows)
     r = s.generate(prompt, n)
     assert r.tokens == reference(m, prompt, n)
     assert r.accepted <= r.drafted and len(r.tokens) <= n
@@ -153,6 +156,28 @@ def test_self_speculative_copies_drafts_from_the_text():
     r = s.generate(prompt, 60)
     assert r.tokens == plain.tokens == ref
     assert r.extra["lookup_accepted"] >= 20 and r.steps < plain.steps
+
+
+def test_self_speculative_verifies_several_text_continuations_as_a_tree():
+    """With lookup_candidates > 1 the continuations after different matching suffixes are verified together; a later
+    one is sometimes the one accepted (guards the tree path against being dead code), and the output stays exact.
+    Bad settings are refused."""
+    import random
+
+    m = model(0, 1.0)
+    rng = random.Random(0)
+    trees = wins = 0
+    for _ in range(6):
+        prompt = [rng.choice(range(5, 11)) for _ in range(30)]
+        r = build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, lookup=True, lookup_candidates=3,
+                  min_confidence=1.01).generate(prompt, 40)
+        assert r.tokens == reference(m, prompt, 40)
+        trees += r.extra.get("lookup_trees", 0)
+        wins += r.extra.get("lookup_branch_wins", 0)
+    assert trees >= 3 and wins >= 1
+    for bad in ({"lookup_min_match": 0}, {"lookup_tokens": -1}, {"lookup_candidates": 0}, {"lookup_tree_rows": 1}):
+        with pytest.raises(ValueError, match="lookup"):
+            build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, **bad)
 
 
 def test_self_speculative_accepts_drafts_when_the_head_is_good():

@@ -26,9 +26,10 @@ from ..batching import RaggedBatch
 from ..cost_model import interpolate
 from ..stack import crop_cache, embed, final_argmax, num_layers, random_context, run_layers
 from ..theory import median_time
+from ..token_tree import Tree, accepted_path
 from .base import DecodeResult, register
 from .batched import BatchedDecoding
-from .tree_speculative import Tree, TreeSpeculative, TreeSpeculativeConfig, accepted_path, updated_calibration
+from .tree_speculative import TreeSpeculative, TreeSpeculativeConfig, updated_calibration
 
 
 @dataclass

@@ -11,6 +11,12 @@ occurrence of the last 1-3 tokens, ``NextTokenLookup.continuation``). Such a dra
 verified by one forward of the whole model over the current token and the draft; where the text offers none, the
 head drafts as above. Each source keeps its own adaptive draft length and its own counts.
 
+Text drafts are tuned by three settings: ``lookup_min_match`` (draft only where the text's match is at least this many
+tokens long: a one-token match is often a poor guess, and on a CPU a verification block costs ~1.4x a one-token
+step), ``lookup_tokens`` (a fixed draft length instead of the adaptive one) and ``lookup_candidates`` (up to this many
+different continuations, one per matching suffix length, verified together as a token tree in one forward:
+``token_tree``; the longest root path equal to the final layer's argmax chain is accepted).
+
 A verification block of 2 or 3 rows is padded to ``min_block`` rows (``stack.pad_block``): on a CPU that is cheaper
 than the block itself. Text drafts fill the padding with more copied tokens where the text has them (they are free
 to make); the head's drafts are not extended (each costs layers 1..d), so theirs is padded with rows that are cropped.
@@ -25,7 +31,9 @@ import torch
 from ..errors import HeadMismatchError
 from ..guesses import NextTokenLookup
 from ..heads import check_layer
-from ..stack import crop_cache, embed, final_argmax, new_cache, num_layers, pad_block, prefill, run_layers
+from ..stack import (crop_cache, embed, final_argmax, new_cache, num_layers, pad_block, prefill, run_layers,
+                     select_cache)
+from ..token_tree import Tree, accepted_path, tree_mask
 from .base import DecodeResult, DecodingStrategy, register
 
 
@@ -41,6 +49,10 @@ class SelfSpeculativeConfig:
     min_confidence: float = 0.0
     # Verification blocks of 2..min_block-1 rows are padded to min_block rows (1: never): cheaper on a CPU (see above).
     min_block: int = 4
+    lookup_min_match: int = 1  # text drafts only where the last this-many tokens occurred before (see above)
+    lookup_tokens: int = 0  # text drafts of this many tokens (0: the adaptive length)
+    lookup_candidates: int = 1  # several text continuations verified as one token tree (see above)
+    lookup_tree_rows: int = 8  # such a tree's rows at most (cur included): later continuations are cut short
 
 
 def pick_head(strategy: DecodingStrategy, layer: int | None):
@@ -70,6 +82,10 @@ class SelfSpeculative(DecodingStrategy):
             raise ValueError("need 1 <= draft_tokens <= max_draft_tokens")
         if self.config.min_block < 1:
             raise ValueError("min_block must be >= 1 (1: no padding)")
+        c = self.config
+        if c.lookup_min_match < 1 or c.lookup_tokens < 0 or c.lookup_candidates < 1 or c.lookup_tree_rows < 2:
+            raise ValueError("need lookup_min_match >= 1, lookup_tokens >= 0, lookup_candidates >= 1 and "
+                             "lookup_tree_rows >= 2")
 
     def _generate(self, ids, max_new_tokens):
         m, L = self.model, num_layers(self.model)
@@ -87,22 +103,33 @@ class SelfSpeculative(DecodingStrategy):
         text = NextTokenLookup()
         if self.config.lookup:
             text.extend(ids.tolist() + [cur])
+        c = self.config
         while True:
             room = max_new_tokens - len(out) - 1  # never draft past max_new_tokens
             # (copied drafts are free: fill what a padded block would hold anyway)
-            lookup_limit = min(max(lookup_gamma, self.config.min_block - 1), room)
-            copied = text.continuation(lookup_limit) if self.config.lookup else []
-            if copied:
-                drafts = copied
-                block = torch.tensor([[cur] + drafts], device=ids.device)
-                verify = run_layers(m, pad_block(embed(m, block), self.config.min_block), 0, L, cache, past=n)
+            lookup_limit = min(max(c.lookup_tokens or lookup_gamma, c.min_block - 1), room)
+            conts = text.continuations(lookup_limit, c.lookup_candidates, c.lookup_min_match) if c.lookup else []
+            copied = bool(conts and lookup_limit)
+            if copied and len(conts) > 1:
+                drafts, new, g = self._verify_tree(cache, cur, conts, n, ids.device)
+                a = len(drafts)
+                res.extra["lookup_trees"] = res.extra.get("lookup_trees", 0) + 1
+                if a and drafts != conts[0][:a]:  # a later continuation won
+                    res.extra["lookup_branch_wins"] = res.extra.get("lookup_branch_wins", 0) + 1
             else:
-                drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device)
-            g = len(drafts)
-            target = final_argmax(m, verify[:, :g + 1])[0].tolist()  # target[i]: greedy token after block[i]
-            a = 0
-            while a < g and drafts[a] == target[a]:
-                a += 1
+                if copied:
+                    drafts = conts[0]
+                    block = torch.tensor([[cur] + drafts], device=ids.device)
+                    verify = run_layers(m, pad_block(embed(m, block), c.min_block), 0, L, cache, past=n)
+                else:
+                    drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device)
+                g = len(drafts)
+                target = final_argmax(m, verify[:, :g + 1])[0].tolist()  # target[i]: greedy token after block[i]
+                a = 0
+                while a < g and drafts[a] == target[a]:
+                    a += 1
+                crop_cache(cache, n + a + 1)
+                new = drafts[:a] + [target[a]]
             res.steps += 1
             res.drafted += g
             res.accepted += a
@@ -110,21 +137,47 @@ class SelfSpeculative(DecodingStrategy):
                 res.extra["lookup_drafted"] += g
                 res.extra["lookup_accepted"] += a
             n += a + 1  # cur and the accepted drafts are now in the cache, in every layer
-            crop_cache(cache, n)
-            new = drafts[:a] + [target[a]]
             if self.finish(out, new, max_new_tokens):
                 return res
-            if self.config.lookup:
+            if c.lookup:
                 text.extend(new)
-            cur = target[a]
-            if self.config.adaptive:
-                if copied and g == lookup_limit:  # grow from what was drafted, shrink from the own length
-                    lookup_gamma = self._adapt(g if a == g else lookup_gamma, a == g)
+            cur = new[-1]
+            if c.adaptive:
+                g_max = max(map(len, conts)) if copied else g
+                if copied and not c.lookup_tokens and g_max == lookup_limit:  # grow from what was drafted,
+                    lookup_gamma = self._adapt(g_max if a == g_max else lookup_gamma, a == g_max)  # shrink from own
                 elif not copied and g == gamma:  # (a draft cut short by low confidence says nothing of gamma)
                     gamma = self._adapt(gamma, a == g)
 
     def _adapt(self, length: int, all_accepted: bool) -> int:
         return min(length + 2, self.config.max_draft_tokens) if all_accepted else max(1, length - 1)
+
+    def _verify_tree(self, cache, cur: int, conts: list[list[int]], n: int, dev) -> tuple[list[int], list[int], int]:
+        """Verify several continuations of ``cur`` as one token tree through the whole model (shared prefixes
+        merged). Returns the accepted drafts, the new tokens (those plus the final layer's next token) and how many
+        tokens were drafted; the cache keeps ``cur`` and the accepted path only."""
+        m, L = self.model, num_layers(self.model)
+        tree = Tree()
+        tree.add(cur, -1, 1.0)
+        for cont in conts:
+            node = 0
+            for t in cont:
+                node = next((i for i in range(1, len(tree.tokens)) if tree.parent[i] == node and tree.tokens[i] == t),
+                            None) or (tree.add(t, node, 1.0) if len(tree.tokens) < self.config.lookup_tree_rows else None)
+                if node is None:  # the block is full: later continuations are cut short
+                    break
+        drafted = len(tree.tokens) - 1
+        while len(tree.tokens) < self.config.min_block:  # padding rows (see pad_block): any draft keeps it exact
+            tree.add(tree.tokens[-1], len(tree.tokens) - 1, 0.0)
+        nodes = list(range(len(tree.tokens)))
+        pos = torch.tensor([[n + x for x in tree.depth]], device=dev)
+        h = run_layers(m, embed(m, torch.tensor([tree.tokens], device=dev)), 0, L, cache, position_ids=pos,
+                       attention_mask=tree_mask(tree.ancestors(nodes), nodes, n, m.dtype, dev))
+        target = dict(zip(nodes, final_argmax(m, h)[0].tolist()))
+        path = accepted_path(tree, nodes, target)
+        select_cache(cache, n, [n + i for i in path])
+        drafts = [tree.tokens[i] for i in path[1:]]
+        return drafts, drafts + [target[path[-1]]], drafted
 
     def _head_drafts(self, cache, cur: int, g: int, n: int, device) -> tuple[list[int], torch.Tensor]:
         """Up to ``g`` tokens drafted by layers 1..d and the head (fewer where its confidence drops below

@@ -21,7 +21,7 @@ One step:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.nn.functional import linear as nn_linear
@@ -31,6 +31,7 @@ from ..errors import HeadMismatchError, PPDError
 from ..heads import check_layer
 from ..stack import embed, final_argmax, new_cache, num_layers, prefill, random_context, run_layers, select_cache
 from ..theory import median_time
+from ..token_tree import Tree, accepted_path, tree_mask
 from .base import DecodeResult, DecodingStrategy, register
 from .self_speculative import pick_head
 
@@ -91,60 +92,12 @@ def profile_tree_costs(model, head, d: int, rows=(1, 2, 4, 8, 16, 32), context: 
     return costs
 
 
-@dataclass
-class Tree:
-    """Nodes in drafting order (that is also their cache column order in layers 1..d); node 0 is the root."""
-
-    tokens: list[int] = field(default_factory=list)
-    parent: list[int] = field(default_factory=list)
-    depth: list[int] = field(default_factory=list)
-    prob: list[float] = field(default_factory=list)  # path probability under the draft head
-
-    def add(self, token: int, parent: int, prob: float) -> int:
-        self.tokens.append(token)
-        self.parent.append(parent)
-        self.depth.append(0 if parent < 0 else self.depth[parent] + 1)
-        self.prob.append(prob)
-        return len(self.tokens) - 1
-
-    def ancestors(self, nodes: list[int]) -> torch.Tensor:
-        """bool [len(nodes), len(nodes)]: row i sees column j when nodes[j] is nodes[i] or one of its ancestors."""
-        index = {n: i for i, n in enumerate(nodes)}
-        see = torch.zeros(len(nodes), len(nodes), dtype=torch.bool)
-        for i, n in enumerate(nodes):
-            while n >= 0:
-                if n in index:
-                    see[i, index[n]] = True
-                n = self.parent[n]
-        return see
-
-
-def accepted_path(tree: Tree, alive: list[int], target: dict[int, int]) -> list[int]:
-    """Root-first nodes of the longest path whose tokens equal the final layer's argmax chain: from the root, walk
-    down while a surviving child carries the token the final layer chose at its parent (``target[node]``)."""
-    path = [0]
-    while True:
-        nxt = next((c for c in alive if tree.parent[c] == path[-1] and tree.tokens[c] == target[path[-1]]), None)
-        if nxt is None:
-            return path
-        path.append(nxt)
-
-
 def updated_calibration(calibration: float, predicted: float, accepted: int) -> float:
     """Dynamic trees' observed / predicted accepted length, learned online. ``predicted``: the drafts' summed path
     probabilities (already calibrated); with no drafts it drifts back slowly, so speculation is tried again."""
     if predicted == 0:
         return min(1.0, calibration * 1.01)
     return min(2.0, max(0.05, 0.9 * calibration + 0.1 * calibration * (accepted + 0.5) / (predicted + 0.5)))
-
-
-def tree_mask(see: torch.Tensor, rows: list[int], prefix: int, dtype, device) -> torch.Tensor:
-    """Additive [1, 1, len(rows), prefix + see.shape[1]] mask: the rows (indices into ``see``) see the whole cached
-    prefix and, among the tree columns, what ``see`` says."""
-    vis = torch.ones(len(rows), prefix + see.shape[1], dtype=torch.bool)
-    vis[:, prefix:] = see[rows]
-    mask = torch.zeros(vis.shape, dtype=dtype)
-    return mask.masked_fill_(~vis, torch.finfo(dtype).min)[None, None].to(device)
 
 
 @register
