@@ -81,6 +81,8 @@ def test_real_model_exact_argmax_equals_the_fp32_head(smollm2, prompts):
 @pytest.mark.parametrize("name,config", [("stack_greedy", {}),
                                          ("self_speculative", {"layer": LAYER}),
                                          ("self_speculative", {"layer": LAYER, "lookup": True, "min_confidence": 0.7}),
+                                         ("self_speculative", {"layer": LAYER, "lookup": True, "lookup_candidates": 3,
+                                                               "lookup_min_match": 2, "lookup_tokens": 7}),
                                          ("lookahead", {}),
                                          ("ppd", {"layer": LAYER, "k": 4, "chain": 0}),
                                          ("ppd", {"layer": LAYER, "k": 4}),  # the default: text chains of up to 6
