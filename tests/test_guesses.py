@@ -14,6 +14,13 @@ def _after_latest_earlier(tokens, n):
     return next((s + n for s in range(len(tokens) - n - 1, -1, -1) if tokens[s:s + n] == tail), None)
 
 
+def _random_texts(seed: int, vocab: int, count: int = 50, max_len: int = 40):
+    """``count`` reproducible random texts: token ids 0..vocab-1, lengths 1..max_len-1."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        yield torch.randint(0, vocab, (int(torch.randint(1, max_len, (1,), generator=g)),), generator=g).tolist()
+
+
 def _naive(tokens, n_max, limit):
     """The definition: for n = n_max..1, the token after the latest earlier occurrence of the last n tokens."""
     out = []
@@ -35,9 +42,7 @@ def test_lookup_follows_the_latest_longest_match():
 
 
 def test_lookup_equals_the_definition_on_random_text():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        tokens = torch.randint(0, 6, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+    for tokens in _random_texts(seed=0, vocab=6):
         lk = NextTokenLookup(max_ngram=3)
         for i, t in enumerate(tokens):
             lk.extend([t])
@@ -59,9 +64,7 @@ def test_continuation_copies_what_followed_the_latest_longest_match():
     assert lk.continuation(3) == [4, 7, 2]
     assert lk.continuation(10) == [4, 7, 2, 3]  # up to the end of the text
     assert NextTokenLookup().continuation(4) == [] and lk.continuation(0) == []
-    g = torch.Generator().manual_seed(1)
-    for _ in range(50):
-        tokens = torch.randint(0, 5, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+    for tokens in _random_texts(seed=1, vocab=5):
         lk = NextTokenLookup(max_ngram=3)
         for i, t in enumerate(tokens):
             lk.extend([t])
@@ -93,9 +96,7 @@ def test_continuations_list_one_per_suffix_length_and_respect_the_minimum_match(
     assert lk.continuations(2, 3, min_match=2) == [[9, 1]]
     assert lk.continuations(2, 3, min_match=3) == [] and lk.continuation(2, min_match=3) == []
     assert lk.continuation(2, min_match=2) == [9, 1]
-    g = torch.Generator().manual_seed(3)
-    for _ in range(50):
-        tokens = torch.randint(0, 4, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+    for tokens in _random_texts(seed=3, vocab=4):
         lk = NextTokenLookup(max_ngram=3)
         for i, t in enumerate(tokens):
             lk.extend([t])

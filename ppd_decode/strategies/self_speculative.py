@@ -77,45 +77,43 @@ class SelfSpeculative(DecodingStrategy):
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
-        self.layer, self.head = pick_head(self, self.config.layer)
-        if self.config.draft_tokens < 1 or self.config.max_draft_tokens < self.config.draft_tokens:
-            raise ValueError("need 1 <= draft_tokens <= max_draft_tokens")
-        if self.config.min_block < 1:
-            raise ValueError("min_block must be >= 1 (1: no padding)")
         c = self.config
+        self.layer, self.head = pick_head(self, c.layer)
+        if c.draft_tokens < 1 or c.max_draft_tokens < c.draft_tokens:
+            raise ValueError("need 1 <= draft_tokens <= max_draft_tokens")
+        if c.min_block < 1:
+            raise ValueError("min_block must be >= 1 (1: no padding)")
         if c.lookup_min_match < 1 or c.lookup_tokens < 0 or c.lookup_candidates < 1 or c.lookup_tree_rows < 2:
             raise ValueError("need lookup_min_match >= 1, lookup_tokens >= 0, lookup_candidates >= 1 and "
                              "lookup_tree_rows >= 2")
 
     def _generate(self, ids, max_new_tokens):
-        m, L = self.model, num_layers(self.model)
+        m, L, c = self.model, num_layers(self.model), self.config
         cache = new_cache(m)
         logits = prefill(m, ids, cache)
         cur = int(logits.argmax())
         out: list[int] = []
         res = DecodeResult(out, steps=1)
-        if self.config.lookup:
-            res.extra.update(lookup_drafted=0, lookup_accepted=0)
+        if c.lookup:  # (trees: steps verified as a token tree; branch wins: those a later continuation won)
+            res.extra.update(lookup_drafted=0, lookup_accepted=0, lookup_trees=0, lookup_branch_wins=0)
         if self.finish(out, [cur], max_new_tokens):
             return res
         n = ids.numel()  # every layer caches positions 0..n-1; `cur` sits at position n
-        gamma = lookup_gamma = self.config.draft_tokens
+        gamma = lookup_gamma = c.draft_tokens
         text = NextTokenLookup()
-        if self.config.lookup:
+        if c.lookup:
             text.extend(ids.tolist() + [cur])
-        c = self.config
         while True:
             room = max_new_tokens - len(out) - 1  # never draft past max_new_tokens
             # (copied drafts are free: fill what a padded block would hold anyway)
             lookup_limit = min(max(c.lookup_tokens or lookup_gamma, c.min_block - 1), room)
             conts = text.continuations(lookup_limit, c.lookup_candidates, c.lookup_min_match) if c.lookup else []
-            copied = bool(conts and lookup_limit)
+            copied = bool(conts)
             if copied and len(conts) > 1:
                 drafts, new, g = self._verify_tree(cache, cur, conts, n, ids.device)
                 a = len(drafts)
-                res.extra["lookup_trees"] = res.extra.get("lookup_trees", 0) + 1
-                if a and drafts != conts[0][:a]:  # a later continuation won
-                    res.extra["lookup_branch_wins"] = res.extra.get("lookup_branch_wins", 0) + 1
+                res.extra["lookup_trees"] += 1
+                res.extra["lookup_branch_wins"] += bool(a and drafts != conts[0][:a])
             else:
                 if copied:
                     drafts = conts[0]
@@ -162,10 +160,13 @@ class SelfSpeculative(DecodingStrategy):
         for cont in conts:
             node = 0
             for t in cont:
-                node = next((i for i in range(1, len(tree.tokens)) if tree.parent[i] == node and tree.tokens[i] == t),
-                            None) or (tree.add(t, node, 1.0) if len(tree.tokens) < self.config.lookup_tree_rows else None)
-                if node is None:  # the block is full: later continuations are cut short
-                    break
+                child = next((i for i in range(1, len(tree.tokens)) if tree.parent[i] == node and tree.tokens[i] == t),
+                             None)
+                if child is None:
+                    if len(tree.tokens) >= self.config.lookup_tree_rows:  # the block is full: cut this one short
+                        break
+                    child = tree.add(t, node, 1.0)
+                node = child
         drafted = len(tree.tokens) - 1
         while len(tree.tokens) < self.config.min_block:  # padding rows (see pad_block): any draft keeps it exact
             tree.add(tree.tokens[-1], len(tree.tokens) - 1, 0.0)
