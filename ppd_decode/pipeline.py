@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import queue
 import socket
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from .errors import HeadMismatchError, PPDError
 from .exact_argmax import exact_argmax
 from .guesses import NextTokenLookup, merge_guesses
 from .heads import check_layer
+from .procs import Managed, drop_capture_hooks, watch_parent
 from .stack import (cache_len, crop_cache, embed, final_argmax, new_cache, num_layers, pad_block, run_layers,
                     select_cache)
 from .strategies.base import DecodeResult, DecodingStrategy, register
@@ -85,16 +85,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _watch_parent(parent: int) -> None:
-    """Workers exit when the driver is gone (even after a SIGKILL): no orphans."""
-    def loop():
-        while True:
-            if os.getppid() != parent:
-                os._exit(1)
-            time.sleep(0.5)
-    threading.Thread(target=loop, daemon=True).start()
-
-
 def _pin(rank: int, threads: int) -> None:
     if not hasattr(os, "sched_setaffinity"):
         return
@@ -106,7 +96,7 @@ def _pin(rank: int, threads: int) -> None:
 def _init(rank: int, port: int, threads: int, parent: int, pin: bool = False):
     import torch.distributed as dist
 
-    _watch_parent(parent)
+    watch_parent(parent)
     if pin:
         _pin(rank, threads)
     torch.set_num_threads(threads)
@@ -404,7 +394,7 @@ def _eos(model) -> set[int]:
 
 
 # ----------------------------------------------------------------------------------------------------- driver
-class PPDEngine:
+class PPDEngine(Managed):
     """Start once, serve many prompts: ``engine.generate(ids, max_new_tokens, on_token=print)``."""
 
     def __init__(self, model, head, config: PPDConfig | None = None):
@@ -449,6 +439,7 @@ class PPDEngine:
         ctx = torch.multiprocessing.get_context("spawn")
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         port, parent = _free_port(), os.getpid()
+        drop_capture_hooks(self.model)
         self.model.share_memory()
         self.head.share_memory()
         a = ctx.Process(target=_worker_a, args=(self.model, self.head, self.cfg.layer, self.cfg, port, parent,
@@ -480,19 +471,6 @@ class PPDEngine:
                     p.kill()
                 p.join(timeout=5)
             self.procs = []
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def round_trip_seconds(self, n: int = 200) -> float:
         """Median time of one hidden-state-out, token-back exchange between the workers (per-token communication)."""

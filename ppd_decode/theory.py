@@ -17,6 +17,7 @@ closed forms (tests check within 2%).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -102,6 +103,10 @@ class StageTimes:
     head: float  # the early head alone on one token (its guess: over its shortlist when it has one)
     layer: float  # one decoder layer on one token (tau)
     t2_rows: dict[int, float] | None = None  # rows -> layers d+1..L + final argmax on a block of that many rows
+    # The same stage timings taken as the pipeline runs them, each stage beside the other one's work on another core
+    # (``stage_load``): A's guess blocks (t1) beside B's block, B's blocks (t2, t2_rows) beside A's guess block. A
+    # miss's re-run (t1_miss) runs while B waits, and greedy alone: those are kept from the timings alone.
+    beside: "StageTimes | None" = None
 
 
 def chain_timings(k: int, chain: int, min_block: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -157,9 +162,11 @@ def median_time(fn, repeats: int) -> float:
 
 @torch.no_grad()
 def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int = 300, repeats: int = 20,
-                        t2_rows=()) -> StageTimes:
+                        t2_rows=(), load=None, load_rows: int = 4) -> StageTimes:
     """Real forwards on this machine with a ``context``-token cached prefix. The k guesses run as one batch of k
-    tokens (shape-wise the same work as the pipelined worker does)."""
+    tokens (shape-wise the same work as the pipelined worker does). With ``load`` (a ``stage_load.StageLoad``), also
+    ``.beside``: A's and B's stages timed again while the helper runs the other stage's work (B's one-token block
+    beside A's timings; A's guess block of ``load_rows`` tokens beside B's)."""
     L = num_layers(model)
     dev = model.device
     cache = random_context(model, context, high=model.config.vocab_size)
@@ -174,22 +181,31 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
 
     # What worker A does per token: the k guesses through layers 1..d, and the early head once (for the token B
     # works on). On a miss only the real token's layers sit on the critical path (the head runs after the hand-off).
-    t1 = {}
-    for k in ks:
-        def fn(k=k):
+    def a_stage() -> dict[int, float]:
+        def fn(k):
             h = layers_only(0, d, k)()
             head.guess(h[:, -1], k)
-        t1[k] = median_time(fn, repeats)
-    t1_miss = median_time(layers_only(0, d, 1), repeats)
+        return {k: median_time(lambda k=k: fn(k), repeats) for k in ks}
 
     def t2_fn(rows=1):
         h = torch.randn(1, rows, model.config.hidden_size, device=dev, dtype=model.dtype)
         final_argmax(model, run_layers(model, h, d, L, cache, past=context))
         crop_cache(cache, context)
 
+    def b_stage() -> tuple[float, dict[int, float] | None]:
+        return median_time(t2_fn, repeats), {r: median_time(lambda r=r: t2_fn(r), repeats) for r in t2_rows} or None
+
     h1 = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
-    return StageTimes(d=d, t1=t1, t1_miss=t1_miss, t2=median_time(t2_fn, repeats),
-                      greedy=median_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
-                      head=median_time(lambda: head.guess(h1[:, -1], 1), repeats),
-                      layer=median_time(layers_only(0, 1, 1), repeats),
-                      t2_rows={r: median_time(lambda r=r: t2_fn(r), repeats) for r in t2_rows} or None)
+    t2, t2r = b_stage()
+    st = StageTimes(d=d, t1=a_stage(), t1_miss=median_time(layers_only(0, d, 1), repeats), t2=t2,
+                    greedy=median_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
+                    head=median_time(lambda: head.guess(h1[:, -1], 1), repeats),
+                    layer=median_time(layers_only(0, 1, 1), repeats), t2_rows=t2r)
+    if load is not None:
+        load.run(d, L, 1, context)  # B's block beside A's guess blocks
+        t1 = a_stage()
+        load.run(0, d, load_rows, context)  # A's guess block beside B's blocks
+        t2, t2r = b_stage()
+        load.idle()
+        st.beside = dataclasses.replace(st, t1=t1, t2=t2, t2_rows=t2r)
+    return st

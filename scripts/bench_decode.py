@@ -42,13 +42,35 @@ def cpu_name() -> str:
 
 
 def median_stage_times(samples: list):
-    """The median of each stage timing over samples taken between prompts (``theory.StageTimes``)."""
+    """The median of each stage timing over samples taken between prompts (``theory.StageTimes``), the timings
+    beside the other stage's work (``.beside``) too."""
     med = statistics.median
     first = samples[0]
     return dataclasses.replace(first, t1={k: med(x.t1[k] for x in samples) for k in first.t1},
                                t2_rows={r: med(x.t2_rows[r] for x in samples) for r in first.t2_rows or {}} or None,
+                               beside=median_stage_times([x.beside for x in samples]) if first.beside else None,
                                **{f: med(getattr(x, f) for x in samples) for f in ("t1_miss", "t2", "greedy", "head",
                                                                                     "layer")})
+
+
+def ppd_prediction(st, cfg, r: dict, p: float) -> tuple[dict, dict | None]:
+    """The latency model's prediction for a PPD row from stage timings ``st``, the observed match rate ``p`` and,
+    with text chains, the chains the engine reported; and the chain mix it used."""
+    from ppd_decode.theory import chained_block_times, side_by_side_block_time, stage_pipelined
+
+    k = cfg.k
+    chains = None
+    if cfg.chain:  # (the engine keeps a chain only where it guesses from the text)
+        blocks = r["tokens"] - r["chain_accepted"]
+        t1k_chain, t2_chain = chained_block_times(st, k, cfg.min_block, r.get("block_pairs", {}))
+        chains = {"b_share": r["chains_sent"] / blocks, "a_share": r["chain_blocks"] / max(1, r["guess_blocks"]),
+                  "t2_chain": t2_chain, "t1k_chain": t1k_chain, "tokens_per_block": r["tokens"] / blocks}
+        # the earlier form, max(mean B block, mean A block), kept beside it for comparison
+        means_only = stage_pipelined(p, st.t1[k], st.t1_miss, st.t2, st.greedy, chains)
+        chains["block_max"] = side_by_side_block_time(st, k, cfg.min_block, r.get("block_pairs", {}))
+        chains["predicted_speedup_max_of_means"] = means_only["speedup"]
+    spec = cfg.speculate
+    return stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy, chains), chains
 
 
 def where_the_time_went(r: dict, spec: bool) -> dict:
@@ -92,6 +114,13 @@ def breakdown_lines(lm: dict) -> list[str]:
     lines.append(f"The same work inside the pipeline and alone: {gb}a missed token's re-run {ip['miss_rerun']:.1f} ms "
                  f"(alone: T1(1) {lm['t1_1_ms']:.1f}, {bd['misses']} misses), B's block {ip['b_step']:.1f} ms (alone: "
                  f"{b_how}).")
+    bs = lm["beside"]
+    a_b, b_b = bs.get("t1k_block_ms", bs["t1_k_ms"]), bs.get("t2_block_ms", bs["t2_ms"])
+    lines.append(f"Timed beside the other stage's work (the other core busy, as in the pipeline): A's guess block "
+                 f"{a_b:.1f} ms, B's block {b_b:.1f} ms"
+                 + (f", the longer of the two block by block {bs['block_max_ms']:.1f} ms" if "block_max_ms" in bs else "")
+                 + f"; with these the model predicts {bs['predicted_ms_per_token']:.1f} ms per token of the decoding "
+                   f"phase ({bs['predicted_speedup_vs_greedy_1t']:.2f}x greedy).")
     return lines
 
 
@@ -241,8 +270,8 @@ def main() -> None:
     from ppd_decode.modeling import load_model
     from ppd_decode.prompts import load_prompts
     from ppd_decode.strategies import get_strategy
-    from ppd_decode.theory import (chain_timings, chained_block_times, measure_stage_times,
-                                   side_by_side_block_time, stage_pipelined)
+    from ppd_decode.stage_load import StageLoad
+    from ppd_decode.theory import chain_timings, measure_stage_times
 
     model, tok = load_model(a.model)
     if a.heads:
@@ -270,6 +299,9 @@ def main() -> None:
     # Interleaved: every prompt is decoded by every method in turn (the order rotated from prompt to prompt), so a
     # slow drift of the machine's speed (other tenants, clocks) lands on all methods alike instead of on whichever
     # method's block it happened to hit; timing noise between runs of the same code was 10-20% with blocks.
+    # PPD's stage timings are taken twice: alone, and beside the other stage's work run by this helper on the other
+    # core (the two workers share the memory bus): the latency model's prediction from each
+    load = StageLoad(model)
     first = next(iter(prompts.values()))[0]
     labels = [f"{r['name']} {r['config']} t{r['threads']}" for r in rows]
     for run in range(a.runs):
@@ -301,7 +333,7 @@ def main() -> None:
                         r.setdefault("stage_times", []).append(measure_stage_times(
                             model, heads[cfg.layer], cfg.layer, ks=ks, repeats=3,
                             context=len(prompt) + a.max_new_tokens // 2,
-                            t2_rows=chain_rows))
+                            t2_rows=chain_rows, load=load, load_rows=cfg.k))
                 ref = results[0].tokens  # rows[0] is greedy with 1 thread: the reference
                 for j, r in enumerate(rows):
                     res = results[j]
@@ -352,27 +384,24 @@ def main() -> None:
             continue
         torch.set_num_threads(1)
         cfg = r["strategy"].config  # the engine's own config: its defaults filled in
-        d, k, spec = cfg.layer, cfg.k, cfg.speculate
         st = median_stage_times(r["stage_times"])
         p = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
-        chains = None
-        if cfg.chain:  # (the engine keeps a chain only where it guesses from the text)
-            blocks = r["tokens"] - r["chain_accepted"]
-            t1k_chain, t2_chain = chained_block_times(st, k, cfg.min_block, r.get("block_pairs", {}))
-            chains = {"b_share": r["chains_sent"] / blocks, "a_share": r["chain_blocks"] / max(1, r["guess_blocks"]),
-                      "t2_chain": t2_chain, "t1k_chain": t1k_chain,
-                      "tokens_per_block": r["tokens"] / blocks}
-            # the earlier form, max(mean B block, mean A block), kept beside it for comparison
-            means_only = stage_pipelined(p, st.t1[k], st.t1_miss, st.t2, st.greedy, chains)
-            chains["block_max"] = side_by_side_block_time(st, k, cfg.min_block, r.get("block_pairs", {}))
-            chains["predicted_speedup_max_of_means"] = means_only["speedup"]
-        pred = stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy, chains)
+        pred, chains = ppd_prediction(st, cfg, r, p)
+        # the same model with each stage timed beside the other one's work, as the two workers run when guessing
+        # (without guessing they take turns: the timings alone)
+        pred_b, chains_b = ppd_prediction(st.beside if cfg.speculate else st, cfg, r, p)
+        k = cfg.k
         rt = r["strategy"].engine.round_trip_seconds()
         r["model"] = {"predicted_speedup_vs_greedy_1t": pred["speedup"], "extra_compute": pred["extra_compute"],
                       "predicted_ms_per_token": 1e3 * pred["latency"],
                       "t1_1_ms": 1e3 * st.t1_miss, "t1_k_ms": 1e3 * st.t1[k], "t2_ms": 1e3 * st.t2,
                       "greedy_step_ms": 1e3 * st.greedy, "early_head_ms": 1e3 * st.head,
                       "round_trip_ms": 1e3 * rt,
+                      "beside": {"predicted_speedup_vs_greedy_1t": pred_b["speedup"],
+                                 "predicted_ms_per_token": 1e3 * pred_b["latency"],
+                                 "t1_k_ms": 1e3 * st.beside.t1[k], "t2_ms": 1e3 * st.beside.t2,
+                                 **({"t1k_block_ms": 1e3 * pred_b["t1k_block"], "t2_block_ms": 1e3 * pred_b["t2_block"],
+                                     "block_max_ms": 1e3 * chains_b["block_max"]} if chains_b else {})},
                       **({"chains": {**chains, "t2_chain_ms": 1e3 * chains["t2_chain"],
                                      "t1k_chain_ms": 1e3 * chains["t1k_chain"],
                                      "block_max_ms": 1e3 * chains["block_max"],
@@ -383,10 +412,11 @@ def main() -> None:
                       # per generated token, over the first run's prompts (prefills included)
                       "wall_ms_per_token": 1e3 * r["wall_s"] / r["tokens"]}
         if "a_time_s" in r:
-            r["model"]["breakdown"] = where_the_time_went(r, spec)
+            r["model"]["breakdown"] = where_the_time_went(r, cfg.speculate)
     for r in rows:
         if hasattr(r["strategy"], "close"):
             r["strategy"].close()
+    load.close()
 
     def mean_of(r, key=None):
         vals = [x["overall"] if key is None else x["per_set"][key] for x in r["runs"]]
@@ -416,6 +446,10 @@ def main() -> None:
                if "chain_drafted" in r else {}),
             "predicted_speedup": r.get("model", {}).get("predicted_speedup_vs_greedy_1t"),
             "efficiency": (m / g1) / r["model"]["predicted_speedup_vs_greedy_1t"] if "model" in r else None,
+            # the prediction and efficiency with the stages timed beside each other (see theory.StageTimes.beside)
+            "predicted_speedup_beside": r["model"]["beside"]["predicted_speedup_vs_greedy_1t"] if "model" in r else None,
+            "efficiency_beside": (m / g1) / r["model"]["beside"]["predicted_speedup_vs_greedy_1t"] if "model" in r
+            else None,
             "communication_fraction": (r["model"]["round_trip_ms"] / 1e3) * m if "model" in r else None,
             "latency_model": r.get("model"), "mismatches": r["mismatches"], "near_ties": r["near_ties"],
             "mismatch_detail": r["mismatch_detail"],
@@ -434,14 +468,14 @@ def main() -> None:
     lines = [f"{a.model} ({out['dtype']}), {sum(out['prompt_sets'].values())} prompts "
              f"({', '.join(f'{k} {v}' for k, v in out['prompt_sets'].items())}), {a.max_new_tokens} new tokens, "
              f"{a.runs} run(s), heads: {out['heads']}; {out['machine']['cpu']}", "",
-             "| method | config | tokens/s | vs greedy 1t | vs greedy 2t | vs stack greedy | accepted/step | match rate | verify ms/step | predicted | efficiency | mismatches (near-ties) |",
+             "| method | config | tokens/s | vs greedy 1t | vs greedy 2t | vs stack greedy | accepted/step | match rate | verify ms/step | predicted (stages alone / beside) | efficiency (alone / beside) | mismatches (near-ties) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         cfg = ", ".join(f"{k}={v}" for k, v in m["config"].items())
         acc = f"{m['mean_accepted_tokens']:.2f}" if m["mean_accepted_tokens"] else "-"
         mr = f"{m['match_rate']:.2f}" if m["match_rate"] is not None else "-"
-        pr = f"{m['predicted_speedup']:.2f}x" if m["predicted_speedup"] else "-"
-        ef = f"{100 * m['efficiency']:.0f}%" if m["efficiency"] else "-"
+        pr = f"{m['predicted_speedup']:.2f}x / {m['predicted_speedup_beside']:.2f}x" if m["predicted_speedup"] else "-"
+        ef = f"{100 * m['efficiency']:.0f}% / {100 * m['efficiency_beside']:.0f}%" if m["efficiency"] else "-"
         vt = f"{m['verify_ms_per_step']:.1f}" if m.get("verify_ms_per_step") else "-"
         lines.append(f"| {m['name']} | {cfg} | {m['tokens_per_s']:.1f} ± {m['tokens_per_s_std']:.1f} | "
                      f"{m['speedup_vs_greedy_1t']:.2f}x | {m['speedup_vs_greedy_2t']:.2f}x | "

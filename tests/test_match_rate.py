@@ -1,4 +1,5 @@
 import random
+import time
 
 import pytest
 import torch
@@ -99,6 +100,28 @@ def test_stage_times_are_measured(m64):
     assert t.t2_rows is None
     t = measure_stage_times(m64, EarlyExitHead.from_model(m64, 2), d=2, ks=(1,), context=16, repeats=3, t2_rows=(4,))
     assert set(t.t2_rows) == {4} and t.t2_rows[4] > 0
+    assert t.beside is None
+
+
+def test_stage_times_beside_the_other_stage(m64):
+    from ppd_decode.stage_load import StageLoad
+
+    m64(torch.tensor([[5, 6, 7]]), output_hidden_states=True)  # transformers' hooks, which do not pickle: dropped
+    with StageLoad(m64) as load:
+        # the helper really runs the work it is given, until told to stop, and can be given other work
+        load.run(0, 2, 3, 16)
+        time.sleep(0.3)
+        assert load.idle() > 1
+        assert load.idle() == 0  # nothing running
+        t = measure_stage_times(m64, EarlyExitHead.from_model(m64, 2), d=2, ks=(1, 3), context=16, repeats=3,
+                                t2_rows=(4,), load=load, load_rows=3)
+        proc = load.proc
+        assert proc.is_alive() and not load.running
+    assert not proc.is_alive()  # closed: no helper left behind
+    b = t.beside
+    assert set(b.t1) == {1, 3} and all(v > 0 for v in b.t1.values()) and b.t2 > 0 and set(b.t2_rows) == {4}
+    # a miss's re-run (B waits) and greedy run alone in the pipeline: kept from the timings alone
+    assert (b.t1_miss, b.greedy, b.head, b.d) == (t.t1_miss, t.greedy, t.head, t.d) and b.beside is None
 
 
 def test_text_chains_in_the_stage_pipelined_model():

@@ -14,7 +14,7 @@ from ppd_decode.heads import EarlyExitHead
 from ppd_decode.pipeline import A_PARTS, B_PARTS, PPDConfig, PPDEngine, WorkerError
 from ppd_decode.strategies import get_strategy
 
-from test_strategies import model, reference  # the same float64 tiny models and greedy reference
+from test_strategies import LAYERS, model, reference  # the same float64 tiny models and greedy reference
 
 
 def _head(m, d, noise, seed=0, shortlist=0):
@@ -124,11 +124,15 @@ def test_text_chains_decide_several_tokens_per_b_step(engines):
 
 def test_split_without_speculation_is_exact_too():
     m = model(0, 0.3)
+    # a model asked for its hidden states carries transformers' capture hooks, which do not pickle: the engine drops
+    # them before its workers start, and the model still answers such calls afterwards
+    m(torch.tensor([[5, 6, 7]]), output_hidden_states=True)
     with PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2, speculate=False)) as eng:
         r = eng.generate([7, 8, 9], 30)
     assert r.tokens == reference(m, [7, 8, 9], 30) and r.accepted == 0
     a = r.extra["a_time_s"]  # every token is a "miss": A runs it after B's answer, and no time goes to guess blocks
     assert a["guess_block"] == a["cache"] == 0 and a["miss_rerun"] > 0
+    assert len(m(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states) == LAYERS + 1
 
 
 @pytest.mark.parametrize("chain", [0, 3])
