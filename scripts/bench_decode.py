@@ -115,6 +115,8 @@ def breakdown_lines(lm: dict) -> list[str]:
                  f"(alone: T1(1) {lm['t1_1_ms']:.1f}, {bd['misses']} misses), B's block {ip['b_step']:.1f} ms (alone: "
                  f"{b_how}).")
     bs = lm["beside"]
+    if not bs["side_by_side"]:
+        return lines
     a_b, b_b = bs.get("t1k_block_ms", bs["t1_k_ms"]), bs.get("t2_block_ms", bs["t2_ms"])
     lines.append(f"Timed beside the other stage's work (the other core busy, as in the pipeline): A's guess block "
                  f"{a_b:.1f} ms, B's block {b_b:.1f} ms"
@@ -389,7 +391,8 @@ def main() -> None:
         pred, chains = ppd_prediction(st, cfg, r, p)
         # the same model with each stage timed beside the other one's work, as the two workers run when guessing
         # (without guessing they take turns: the timings alone)
-        pred_b, chains_b = ppd_prediction(st.beside if cfg.speculate else st, cfg, r, p)
+        sb = st.beside if cfg.speculate else st
+        pred_b, chains_b = ppd_prediction(sb, cfg, r, p)
         k = cfg.k
         rt = r["strategy"].engine.round_trip_seconds()
         r["model"] = {"predicted_speedup_vs_greedy_1t": pred["speedup"], "extra_compute": pred["extra_compute"],
@@ -397,9 +400,10 @@ def main() -> None:
                       "t1_1_ms": 1e3 * st.t1_miss, "t1_k_ms": 1e3 * st.t1[k], "t2_ms": 1e3 * st.t2,
                       "greedy_step_ms": 1e3 * st.greedy, "early_head_ms": 1e3 * st.head,
                       "round_trip_ms": 1e3 * rt,
-                      "beside": {"predicted_speedup_vs_greedy_1t": pred_b["speedup"],
+                      "beside": {"side_by_side": cfg.speculate,  # False: the stages take turns, timed alone
+                                 "predicted_speedup_vs_greedy_1t": pred_b["speedup"],
                                  "predicted_ms_per_token": 1e3 * pred_b["latency"],
-                                 "t1_k_ms": 1e3 * st.beside.t1[k], "t2_ms": 1e3 * st.beside.t2,
+                                 "t1_k_ms": 1e3 * sb.t1[k], "t2_ms": 1e3 * sb.t2,
                                  **({"t1k_block_ms": 1e3 * pred_b["t1k_block"], "t2_block_ms": 1e3 * pred_b["t2_block"],
                                      "block_max_ms": 1e3 * chains_b["block_max"]} if chains_b else {})},
                       **({"chains": {**chains, "t2_chain_ms": 1e3 * chains["t2_chain"],
