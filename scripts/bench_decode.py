@@ -302,7 +302,8 @@ def main() -> None:
     # slow drift of the machine's speed (other tenants, clocks) lands on all methods alike instead of on whichever
     # method's block it happened to hit; timing noise between runs of the same code was 10-20% with blocks.
     # PPD's stage timings are taken twice: alone, and beside the other stage's work run by this helper on the other
-    # core (the two workers share the memory bus): the latency model's prediction from each
+    # core (the two workers share the memory bus): the latency model's prediction from each. Not for the split without
+    # guessing: its stages take turns.
     load = StageLoad(model)
     first = next(iter(prompts.values()))[0]
     labels = [f"{r['name']} {r['config']} t{r['threads']}" for r in rows]
@@ -335,7 +336,7 @@ def main() -> None:
                         r.setdefault("stage_times", []).append(measure_stage_times(
                             model, heads[cfg.layer], cfg.layer, ks=ks, repeats=3,
                             context=len(prompt) + a.max_new_tokens // 2,
-                            t2_rows=chain_rows, load=load, load_rows=cfg.k))
+                            t2_rows=chain_rows, load=load if cfg.speculate else None, load_rows=cfg.k))
                 ref = results[0].tokens  # rows[0] is greedy with 1 thread: the reference
                 for j, r in enumerate(rows):
                     res = results[j]
