@@ -34,7 +34,7 @@ from .errors import HeadMismatchError, PPDError
 from .exact_argmax import exact_argmax
 from .guesses import NextTokenLookup, merge_guesses
 from .heads import check_layer
-from .procs import Managed, drop_capture_hooks, watch_parent
+from .procs import Managed, share_with_spawned, watch_parent
 from .stack import (cache_len, crop_cache, embed, final_argmax, new_cache, num_layers, pad_block, run_layers,
                     select_cache)
 from .strategies.base import DecodeResult, DecodingStrategy, register
@@ -439,8 +439,7 @@ class PPDEngine(Managed):
         ctx = torch.multiprocessing.get_context("spawn")
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         port, parent = _free_port(), os.getpid()
-        drop_capture_hooks(self.model)
-        self.model.share_memory()
+        share_with_spawned(self.model)
         self.head.share_memory()
         a = ctx.Process(target=_worker_a, args=(self.model, self.head, self.cfg.layer, self.cfg, port, parent,
                                                 self.requests, self.results), daemon=True, name="ppd-stage-A")

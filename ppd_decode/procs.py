@@ -17,10 +17,11 @@ def watch_parent(parent: int) -> None:
     threading.Thread(target=loop, daemon=True).start()
 
 
-def drop_capture_hooks(model) -> None:
-    """Make ``model`` fit to send to a spawned process. transformers puts forward hooks (local functions, which do not
-    pickle) on a model's modules the first time hidden states are asked for; they are removed and the model marked
-    unhooked, so that transformers puts them back when they are next needed."""
+def share_with_spawned(model) -> None:
+    """Make ``model`` fit to send to spawned processes: its weights in shared memory (the children read them, not
+    copies), and without transformers' output-capture hooks. Those are local functions, which do not pickle, put on a
+    model's modules the first time hidden states are asked for; they are removed and the model marked unhooked, so
+    that transformers puts them back when they are next needed."""
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
             if "output_capturing_hook" in getattr(hook, "__qualname__", ""):
@@ -29,6 +30,7 @@ def drop_capture_hooks(model) -> None:
                 module._forward_hooks_always_called.pop(key, None)
         if getattr(module, "_output_capturing_hooks_installed", False):
             module._output_capturing_hooks_installed = False
+    model.share_memory()
 
 
 class Managed:

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .procs import Managed, drop_capture_hooks, watch_parent
+from .procs import Managed, share_with_spawned, watch_parent
 from .stack import crop_cache, final_argmax, num_layers, random_context, run_layers
 
 
@@ -69,8 +69,7 @@ class StageLoad(Managed):
             return
         ctx = torch.multiprocessing.get_context("spawn")
         self.commands, self.replies = ctx.Queue(), ctx.Queue()
-        drop_capture_hooks(self.model)
-        self.model.share_memory()  # the helper reads the same weights, as the other worker would
+        share_with_spawned(self.model)  # the helper reads the same weights, as the other worker would
         self.proc = ctx.Process(target=_serve, args=(self.model, self.threads, os.getpid(), self.commands,
                                                      self.replies), daemon=True, name="ppd-stage-load")
         self.proc.start()
