@@ -39,6 +39,7 @@ demo: install
 	$(BIN)/python -m ppd_decode.demo heads=$(DEMO_HEADS) $(ARGS)
 
 test: install
+	$(BIN)/ruff check -q .
 	$(BIN)/python -m pytest -q $(ARGS)
 
 train: install

@@ -29,8 +29,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check", action="store_true", help="compare with plain greedy, token for token")
     a = p.parse_args(argv)
 
-    import torch
-
     from .heads import EarlyExitHead, load_heads
     from .modeling import load_model
     from .prompts import encode_chat

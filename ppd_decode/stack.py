@@ -8,9 +8,24 @@ rest of ppd calls layer ``d = i + 1``).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from .exact_argmax import exact_argmax
+
+
+@functools.cache
+def _cache_kwarg(forward) -> str:
+    # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40):
+    # pass whichever name this version's forward declares.
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def with_cache(module, cache) -> dict:
+    """The keyword arguments handing ``cache`` to ``module``'s forward (a model or a decoder layer)."""
+    return {_cache_kwarg(type(module).forward): cache, "use_cache": True}
 
 
 def decoder(model):
@@ -26,7 +41,7 @@ def new_cache(model):
 def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
     """Run the prompt ``ids`` [n] into ``cache``; the logits [V] of its last position only. Like ``generate``
     (``logits_to_keep=1``): projecting every prompt position through the LM head would add ~20% to the prefill."""
-    return model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    return model(input_ids=ids[None], logits_to_keep=1, **with_cache(model, cache)).logits[0, -1]
 
 
 def random_context(model, context: int, batch: int = 1, high: int = 100):
@@ -34,7 +49,7 @@ def random_context(model, context: int, batch: int = 1, high: int = 100):
     step-cost profilers time their forwards against. Only the last position goes through the LM head."""
     ids = torch.randint(10, high, (batch, context), device=model.device)
     cache = new_cache(model)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, logits_to_keep=1, **with_cache(model, cache))
     return cache
 
 
@@ -129,7 +144,7 @@ def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: i
     position_embeddings = m.rotary_emb(hidden, position_ids=position_ids)
     for layer in m.layers[start:end]:
         out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True)
+                    **with_cache(layer, cache))
         hidden = out if torch.is_tensor(out) else out[0]
     return hidden
 

@@ -58,7 +58,6 @@ def main() -> None:
     layers = [int(x) for x in a.layers.split(",")]
     rows = []
     for name, m in results.items():
-        first = next((h for h in m["history"] if any(k.startswith("val/top1") for k in h)), None)
         for d in layers:
             rows.append({"objective": name, "layer": d, "top1": m["final"][f"val/top1_agree/layer{d}"],
                          "top5": m["final"][f"val/top5_agree/layer{d}"], "steps": m["steps"]})

@@ -5,7 +5,6 @@ numbers of tokens per step: the ragged-cache paths run), random heads, prompts o
 """
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -119,6 +119,31 @@ def test_padded_blocks_leave_the_real_rows_and_the_cache_alone():
             torch.testing.assert_close(b.keys, a.keys, rtol=1e-12, atol=1e-12)
 
 
+def test_stack_hands_the_cache_by_the_name_the_forward_declares():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns on the old name until 5.40 removes it:
+    the stack passes whichever name this version declares, so running it raises no deprecation warning."""
+    import warnings
+
+    from ppd_decode.stack import embed, new_cache, prefill, run_layers, with_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, x, past_key_values=None, use_cache=False):
+            return x
+
+    class New(torch.nn.Module):
+        def forward(self, x, cache=None, use_cache=False):
+            return x
+
+    assert with_cache(Old(), "c") == {"past_key_values": "c", "use_cache": True}
+    assert with_cache(New(), "c") == {"cache": "c", "use_cache": True}
+    m = model(0, 1.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        cache = new_cache(m)
+        prefill(m, torch.tensor(list(range(10, 22))), cache)
+        run_layers(m, embed(m, torch.tensor([[40, 41]])), 0, LAYERS, cache)
+
+
 def test_self_speculative_fills_padding_with_copied_drafts():
     """With min_block=4 a copied draft is at least 3 tokens where the text has them, even after the adaptive length
     fell to 1; min_block=1 drafts what the adaptive length says. Both exact."""

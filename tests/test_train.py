@@ -166,7 +166,8 @@ def test_one_forward_for_several_heads_equals_training_each_alone(corpus, tmp_pa
         for k in both[d]:
             torch.testing.assert_close(both[d][k], alone[d][k], rtol=1e-5, atol=1e-6)
         assert not torch.equal(both[d]["lm_head.weight"], model.lm_head.weight)  # it did train
-    assert together["final"][f"val/top1_agree/layer1"] >= 0
+    for d in (1, 3):  # the job reports every head it trained
+        assert 0 <= together["final"][f"val/top1_agree/layer{d}"] <= 1
 
 
 def test_candidate_softmax_training_touches_only_candidate_rows(corpus, tmp_path, tiny):
