@@ -144,6 +144,41 @@ def test_stack_hands_the_cache_by_the_name_the_forward_declares():
         run_layers(m, embed(m, torch.tensor([[40, 41]])), 0, LAYERS, cache)
 
 
+def test_grouped_attention_switch_leaves_every_block_bitwise_the_same(monkeypatch):
+    """On a CPU, run_layers lets SDPA attend with grouped key/value heads under a mask (no repeat_kv copies): the
+    causal, sibling, block-mask and tree blocks come out bitwise as with transformers' default, and the switch is
+    off again afterwards."""
+    import os
+
+    from ppd_decode import stack
+    from ppd_decode.stack import embed, new_cache, prefill, run_layers
+
+    m = model(0, 1.0)
+    assert m.config.num_key_value_heads < m.config.num_attention_heads  # the tiny model groups its heads
+    prompt = torch.tensor(list(range(10, 30)))
+    block = embed(m, torch.tensor([[40, 41, 42, 43, 44]]))
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]]).bool()
+    kinds = {"causal": {}, "siblings": {"siblings": True},
+             "tree": {"block_mask": tree, "position_ids": torch.tensor([[20, 21, 21, 22, 22]])}}
+    import transformers.integrations.sdpa_attention as sdpa
+
+    def no_copies(*a, **k):
+        raise AssertionError("repeat_kv ran with the switch on")
+
+    outs = {}
+    for grouped in (False, True):
+        monkeypatch.setattr(stack, "_SDPA_HAS_GQA", grouped)
+        if grouped:
+            monkeypatch.setattr(sdpa, "repeat_kv", no_copies)
+        for name, kw in kinds.items():
+            cache = new_cache(m)
+            prefill(m, prompt, cache)
+            outs[grouped, name] = run_layers(m, block, 0, LAYERS, cache, **kw)
+    for name in kinds:
+        assert torch.equal(outs[True, name], outs[False, name]), name
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+
+
 def test_self_speculative_fills_padding_with_copied_drafts():
     """With min_block=4 a copied draft is at least 3 tokens where the text has them, even after the adaptive length
     fell to 1; min_block=1 drafts what the adaptive length says. Both exact."""
