@@ -25,6 +25,10 @@ def _cache_kwarg(forward) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
+# SDPA's enable_gqa arrived in torch 2.5 (a builtin: no signature to inspect, its docstring names it)
+_SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+
+
 @contextlib.contextmanager
 def gqa_attention(device: torch.device):
     """On a CPU, let SDPA attend with grouped key/value heads even under an explicit mask, instead of transformers'
@@ -44,10 +48,6 @@ def gqa_attention(device: torch.device):
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
-
-
-# SDPA's enable_gqa arrived in torch 2.5 (a builtin: no signature to inspect, its docstring names it)
-_SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
 
 
 def with_cache(module, cache) -> dict:
