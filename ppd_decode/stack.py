@@ -35,7 +35,8 @@ def gqa_attention(device: torch.device):
     default of copying every cached key and value once per query head group (``repeat_kv``) whenever a mask is given.
     Every block run_layers runs has a mask. On SmolLM2-135M (9 query heads, 3 key/value heads) a 4-token block timed
     alone over and over lost a quarter of its time, but whole decodes only ~1% (README); the outputs are bitwise
-    the same (tested). transformers reads this switch at each call. Not on GPUs, where a masked grouped SDPA falls back to the slow math kernel."""
+    the same (tested). transformers reads this switch at each call. Not on GPUs, where a masked grouped SDPA falls
+    back to the slow math kernel."""
     if device.type != "cpu" or not _SDPA_HAS_GQA:
         yield
         return

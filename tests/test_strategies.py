@@ -146,9 +146,11 @@ def test_stack_hands_the_cache_by_the_name_the_forward_declares():
 
 def test_grouped_attention_switch_leaves_every_block_bitwise_the_same(monkeypatch):
     """On a CPU, run_layers lets SDPA attend with grouped key/value heads under a mask (no repeat_kv copies): the
-    causal, sibling, block-mask and tree blocks come out bitwise as with transformers' default, and the switch is
+    causal, sibling and tree (block-mask) blocks come out bitwise as with transformers' default, and the switch is
     off again afterwards."""
     import os
+
+    import transformers.integrations.sdpa_attention as sdpa
 
     from ppd_decode import stack
     from ppd_decode.stack import embed, new_cache, prefill, run_layers
@@ -160,7 +162,6 @@ def test_grouped_attention_switch_leaves_every_block_bitwise_the_same(monkeypatc
     tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]]).bool()
     kinds = {"causal": {}, "siblings": {"siblings": True},
              "tree": {"block_mask": tree, "position_ids": torch.tensor([[20, 21, 21, 22, 22]])}}
-    import transformers.integrations.sdpa_attention as sdpa
 
     def no_copies(*a, **k):
         raise AssertionError("repeat_kv ran with the switch on")
