@@ -16,6 +16,7 @@ import os
 import torch
 
 from .exact_argmax import exact_argmax
+from .packed_linear import packed_linears
 
 
 @functools.cache
@@ -69,7 +70,8 @@ def new_cache(model):
 def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
     """Run the prompt ``ids`` [n] into ``cache``; the logits [V] of its last position only. Like ``generate``
     (``logits_to_keep=1``): projecting every prompt position through the LM head would add ~20% to the prefill."""
-    return model(input_ids=ids[None], logits_to_keep=1, **with_cache(model, cache)).logits[0, -1]
+    with packed_linears(model):
+        return model(input_ids=ids[None], logits_to_keep=1, **with_cache(model, cache)).logits[0, -1]
 
 
 def random_context(model, context: int, batch: int = 1, high: int = 100):
@@ -170,7 +172,7 @@ def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: i
     if block_mask is not None and position_ids is None:
         raise ValueError("block_mask needs explicit position_ids")
     position_embeddings = m.rotary_emb(hidden, position_ids=position_ids)
-    with gqa_attention(hidden.device):
+    with gqa_attention(hidden.device), packed_linears(model):
         for layer in m.layers[start:end]:
             out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                         position_ids=position_ids, **with_cache(layer, cache))
