@@ -84,3 +84,15 @@ def test_training_and_the_off_switch_use_the_plain_matmul(monkeypatch):
     with torch.no_grad(), packed_linears(model):
         lin(x)
     assert "_ppd_packed" not in lin.__dict__
+
+
+def test_generate_with_packed_matmuls_is_the_benchmarks_comparison_row_and_stays_greedy():
+    from ppd_decode.strategies import get_strategy
+
+    model = fresh()
+    Greedy = get_strategy("greedy")
+    plain, packed = Greedy(model), Greedy(model, Greedy.Config(packed=True))
+    for seed in range(4):
+        prompt = torch.randint(10, 200, (12,), generator=torch.Generator().manual_seed(seed))
+        assert packed.generate(prompt, 16).tokens == plain.generate(prompt, 16).tokens
+    assert all("_ppd_packed" in m.__dict__ for m in linears(model))  # the packed row did run packed

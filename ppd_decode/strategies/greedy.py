@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from ..packed_linear import packed_linears
 from ..stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers
 from .base import DecodeResult, DecodingStrategy, register
 
 
 @dataclass
 class GreedyConfig:
-    pass
+    # transformers' generate with the decoder's matmuls packed as ppd's stack runs them (packed_linear.py): the
+    # benchmark's row that shows how much of the stack's lead is that packing, which generate could have too
+    packed: bool = False
 
 
 @register
@@ -22,8 +26,9 @@ class Greedy(DecodingStrategy):
 
     def _generate(self, ids, max_new_tokens):
         ids = ids[None]
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=self.pad)
+        with packed_linears(self.model) if self.config.packed else contextlib.nullcontext():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=self.pad)
         new = out[0, ids.shape[1]:].tolist()
         return DecodeResult(new, steps=len(new))
 
