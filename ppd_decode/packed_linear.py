@@ -61,6 +61,13 @@ class PackedLinear(nn.Linear):
             self.__dict__["_ppd_packed"] = packed  # not a buffer: the state dict stays the model's own
         return torch.ops.mkldnn._linear_pointwise(x, packed[1], self.bias, "none", [], "")
 
+    def __getstate__(self):
+        # oneDNN's packed tensors cannot be pickled (PPD sends the model to its worker processes) nor deep-copied:
+        # leave them behind, to be packed again on first use
+        state = dict(self.__dict__)
+        state.pop("_ppd_packed", None)
+        return state
+
 
 def _install(model) -> None:
     for layer in model.model.layers:

@@ -96,3 +96,19 @@ def test_generate_with_packed_matmuls_is_the_benchmarks_comparison_row_and_stays
         prompt = torch.randint(10, 200, (12,), generator=torch.Generator().manual_seed(seed))
         assert packed.generate(prompt, 16).tokens == plain.generate(prompt, 16).tokens
     assert all("_ppd_packed" in m.__dict__ for m in linears(model))  # the packed row did run packed
+
+
+def test_a_model_that_ran_packed_still_pickles_and_copies():
+    """PPD sends the model to its worker processes by pickling it; the packed copies stay behind."""
+    import copy
+    import pickle
+
+    model = fresh()
+    with torch.no_grad():
+        run_layers(model, embed(model, torch.tensor([[5, 6, 7]])), 0, 2, new_cache(model))
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        lin = linears(clone)[0]
+        assert type(lin) is PackedLinear and "_ppd_packed" not in lin.__dict__
+        x = torch.randn(2, lin.in_features)
+        with torch.no_grad(), packed_linears(clone):
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
