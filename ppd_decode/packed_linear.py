@@ -4,8 +4,9 @@ On a CPU, ``nn.Linear`` hands MKL a row-major weight on every call. For one row 
 streams the weight at ~16 GB/s; for 2-16 rows it re-packs the weight into its kernel's layout on every call, so a
 4-row verification block costs ~1.4x a one-row step. Packing each weight once into oneDNN's blocked layout (what
 inductor's weight freezing and IPEX's ``optimize`` do) removes that: on SmolLM2-135M's 210 decoder matmuls, 1 / 4 / 16
-rows took 26 / 36 / 60 ms with the plain weights and 15 / 16 / 27 ms packed (one core; README). Speculative methods
-gain twice: every step is cheaper, and checking several drafted tokens costs about what one token does.
+rows took 28 / 38 / 63 ms with the plain weights and 17 / 19 / 30 ms packed (one core;
+``scripts/bench_matmul.py``, docs/benchmarks/matmul_packing.md). Speculative methods gain twice: every step is
+cheaper, and checking several drafted tokens costs about what one token does.
 
 Scoped: ``packed_linears(model)`` turns the packed path on for the calling thread while ppd's stack runs layers
 (``stack.run_layers``, ``stack.prefill``); outside it every linear is the model's own (``model.generate`` as loaded,
@@ -79,7 +80,7 @@ def _install(model) -> None:
 @contextlib.contextmanager
 def packed_linears(model):
     """Run ``model``'s decoder-layer linears packed (see above) in this thread, where ``available``."""
-    if getattr(_local, "on", False) or not available(model):
+    if getattr(_local, "on", False) or getattr(_local, "off", False) or not available(model):
         yield
         return
     if not getattr(model, "_ppd_packed_installed", False):
@@ -90,3 +91,15 @@ def packed_linears(model):
         yield
     finally:
         _local.on = False
+
+
+@contextlib.contextmanager
+def unpacked():
+    """The model's own linears in this thread, ppd's stack included: for timing what ``generate`` runs (the latency
+    model's greedy step) with the stack's own code."""
+    old = getattr(_local, "off", False), getattr(_local, "on", False)
+    _local.off, _local.on = True, False
+    try:
+        yield
+    finally:
+        _local.off, _local.on = old

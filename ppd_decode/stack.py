@@ -183,10 +183,12 @@ def run_layers(model, hidden: torch.Tensor, start: int, end: int, cache, past: i
 def pad_block(hidden: torch.Tensor, min_rows: int) -> torch.Tensor:
     """``hidden`` [B, q, H] with copies of its last row appended up to ``min_rows`` rows when 1 < q < min_rows.
 
-    With MKL on a CPU, a matmul over 2 or 3 rows runs as that many matrix-vector products (each reads the whole
-    weight) while 4 rows get a real matrix kernel: on SmolLM2-135M, 30 layers over 2 / 3 / 4 new tokens took 80 / 91
-    / 74 ms. The padding rows sit after the real ones, so the causal mask keeps them out of every real row; callers
-    ignore their outputs and crop their cache entries. One row stays one row (the matrix-vector case is cheapest)."""
+    With MKL on the plain row-major weights (``PPD_PACKED_LINEAR=0``, or no oneDNN), a matmul over 2 or 3 rows
+    runs as that many matrix-vector products (each reads the whole weight) while 4 rows get a real matrix kernel: on
+    SmolLM2-135M, 30 layers over 2 / 3 / 4 new tokens took 80 / 91 / 74 ms. With the packed weights the stack uses by
+    default on a CPU (packed_linear.py) 2-4 rows cost about the same, so the padding neither helps nor hurts there.
+    The padding rows sit after the real ones, so the causal mask keeps them out of every real row; callers ignore
+    their outputs and crop their cache entries. One row stays one row."""
     q = hidden.shape[1]
     if q <= 1 or q >= min_rows:
         return hidden

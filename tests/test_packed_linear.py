@@ -112,3 +112,17 @@ def test_a_model_that_ran_packed_still_pickles_and_copies():
         x = torch.randn(2, lin.in_features)
         with torch.no_grad(), packed_linears(clone):
             torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_unpacked_turns_the_stack_back_to_the_models_own_linears():
+    """The latency model times plain greedy's step as generate runs it (theory.greedy_step_time)."""
+    from ppd_decode.packed_linear import unpacked
+
+    model = fresh()
+    block = embed(model, torch.tensor([[5, 6, 7]]))
+    with torch.no_grad():
+        with unpacked():
+            run_layers(model, block, 0, 2, new_cache(model))
+        assert not any("_ppd_packed" in m.__dict__ for m in linears(model))
+        run_layers(model, block, 0, 2, new_cache(model))  # and afterwards packed again
+        assert all("_ppd_packed" in m.__dict__ for m in linears(model))

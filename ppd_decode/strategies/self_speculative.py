@@ -17,9 +17,11 @@ step), ``lookup_tokens`` (a fixed draft length instead of the adaptive one) and 
 different continuations, one per matching suffix length, verified together as a token tree in one forward:
 ``token_tree``; the longest root path equal to the final layer's argmax chain is accepted).
 
-A verification block of 2 or 3 rows is padded to ``min_block`` rows (``stack.pad_block``): on a CPU that is cheaper
-than the block itself. Text drafts fill the padding with more copied tokens where the text has them (they are free
-to make); the head's drafts are not extended (each costs layers 1..d), so theirs is padded with rows that are cropped.
+A verification block of 2 or 3 rows is padded to ``min_block`` rows (``stack.pad_block``): on a CPU with MKL's plain
+weights that is cheaper than the block itself (with the stack's packed weights, the default, it makes no difference:
+8 prompts interleaved, 42.3 against 42.2 tok/s). Text drafts fill the padding with more copied tokens where the text
+has them (they are free to make); the head's drafts are not extended (each costs layers 1..d), so theirs is padded
+with rows that are cropped.
 """
 
 from __future__ import annotations
