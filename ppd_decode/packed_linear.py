@@ -15,7 +15,8 @@ use per layer (a PPD stage packs only its own layers) and remade if a weight cha
 another order than MKL's (differences of a few units in the last place, as between any two block sizes), so decoding
 stays exact in the sense every method here is tested for: token-identical to ``generate``, near-ties counted.
 
-Used only for fp32 weights on a CPU with oneDNN, without autograd; ``PPD_PACKED_LINEAR=0`` turns it off.
+Used only for fp32 weights on a CPU with oneDNN at full fp32 precision (not where torch lets oneDNN round fp32
+matmuls to bf16 or tf32), without autograd; ``PPD_PACKED_LINEAR=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ _local = threading.local()
 _PACK_ROWS = 4  # oneDNN's batch hint when packing: measured equally fast for 1-16 rows (a pack for 1 row is not)
 
 
+def _full_fp32() -> bool:
+    # torch lets oneDNN compute fp32 matmuls in bf16 or tf32 when asked (torch.backends.mkldnn.matmul.fp32_precision):
+    # not exact enough for greedy decoding, so then the model's own linears run
+    precision = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")
+    return precision in ("none", "ieee")
+
+
 def available(model) -> bool:
-    """Whether ``model``'s decoder runs packed here: fp32 on a CPU with oneDNN, not turned off."""
-    if os.environ.get("PPD_PACKED_LINEAR", "1") == "0":
+    """Whether ``model``'s decoder runs packed here: fp32 on a CPU with oneDNN at full fp32 precision, not turned
+    off."""
+    if os.environ.get("PPD_PACKED_LINEAR", "1") == "0" or not _full_fp32():
         return False
     p = next(model.parameters())
     return (p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()

@@ -126,3 +126,16 @@ def test_unpacked_turns_the_stack_back_to_the_models_own_linears():
         assert not any("_ppd_packed" in m.__dict__ for m in linears(model))
         run_layers(model, block, 0, 2, new_cache(model))  # and afterwards packed again
         assert all("_ppd_packed" in m.__dict__ for m in linears(model))
+
+
+def test_no_packing_where_onednn_may_round_fp32_matmuls_to_bf16():
+    matmul = torch.backends.mkldnn.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no oneDNN fp32 precision setting")
+    model, old = fresh(), matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "bf16"
+        assert not packed_linear.available(model)
+    finally:
+        matmul.fp32_precision = old
+    assert packed_linear.available(model)
