@@ -1,5 +1,7 @@
 """The screened argmax of the LM head (exact_argmax.py) against the plain fp32 head and float64."""
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -94,3 +96,24 @@ def test_weights_made_under_inference_mode():
         m = M()
         h = torch.randn(2, 96)
         assert torch.equal(exact_argmax(m)(h), m.lm_head(h).argmax(-1))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_packed_and_the_plain_screen_both_hold_their_bound(packed, monkeypatch):
+    """Where oneDNN runs bf16, the screen multiplies with a packed copy (PPD_PACKED_LINEAR=0: the plain matmul)."""
+    if not packed:
+        monkeypatch.setenv("PPD_PACKED_LINEAR", "0")
+    head = _head(seed=6)
+    ea = ExactArgmax(head)
+    if packed and ea._packed_bf16() is None:
+        pytest.skip("no oneDNN bf16 kernels on this CPU")
+    assert (ea._packed_bf16() is not None) == packed
+    g = torch.Generator().manual_seed(7)
+    for rows in (1, 2, 4, 9):
+        h = torch.randn(rows, 96, generator=g) * 20
+        a, beta = ea.screen(h)
+        err = (a.double() - h.double() @ head.weight.detach().double().T).abs().amax(dim=1)
+        assert (err <= beta.double()).all() and (err > 0).any()
+        assert torch.equal(ea(h), head(h).argmax(-1))
+    clone = pickle.loads(pickle.dumps(ea))  # the packed copy stays behind
+    assert "_packed" not in clone.__dict__ and torch.equal(clone(h), ea(h))
