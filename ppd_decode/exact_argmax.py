@@ -21,9 +21,9 @@ the CPU unless ``torch._C._set_cpu_allow_fp16_reduced_precision_reduction(True)`
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .packed_linear import switched_on, weight_key
 
 _U32 = 2.0 ** -24  # unit roundoff of fp32
 _UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -71,7 +71,7 @@ class ExactArgmax:
         oneDNN accumulates bf16 products in fp32 by default (its "strict" accumulation mode), which the bound needs."""
         if "_packed" not in self.__dict__:
             self._packed = None
-            if os.environ.get("PPD_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available():
+            if switched_on() and torch.backends.mkldnn.is_available():
                 try:
                     self._packed = torch.ops.mkldnn._reorder_linear_weight(self.low[torch.bfloat16], 4)
                 except (AttributeError, RuntimeError):  # no bf16 kernels on this CPU, or an older torch
@@ -139,11 +139,7 @@ def exact_argmax(model) -> ExactArgmax:
     """The model's ``ExactArgmax``, built once (the half-size copies take a second) and kept on the model."""
     head = model.lm_head
     cached = getattr(model, "_ppd_exact_argmax", None)
-    try:
-        version = head.weight._version
-    except RuntimeError:  # weights made under torch.inference_mode() keep no version counter (nor change in place)
-        version = 0
-    key = (id(head), head.weight.data_ptr(), version)  # rebuilt if the weights were replaced or edited
+    key = (id(head), *weight_key(head.weight))  # rebuilt if the weights were replaced or edited
     if cached is None or cached[0] != key:
         cached = (key, ExactArgmax(head))
         model._ppd_exact_argmax = cached

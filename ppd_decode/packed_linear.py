@@ -39,20 +39,26 @@ def _full_fp32() -> bool:
     return precision in ("none", "ieee")
 
 
+def switched_on() -> bool:
+    """``PPD_PACKED_LINEAR`` is not 0 (the switch for every packed copy ppd makes, the LM-head screen's included)."""
+    return os.environ.get("PPD_PACKED_LINEAR", "1") != "0"
+
+
 def available(model) -> bool:
     """Whether ``model``'s decoder runs packed here: fp32 on a CPU with oneDNN at full fp32 precision, not turned
     off."""
-    if os.environ.get("PPD_PACKED_LINEAR", "1") == "0" or not _full_fp32():
+    if not switched_on() or not _full_fp32():
         return False
     p = next(model.parameters())
     return (p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def _weight_key(weight: torch.Tensor) -> tuple:
+def weight_key(weight: torch.Tensor) -> tuple:
+    """What changes when a weight is replaced or edited in place: its storage and its version counter."""
     try:
         version = weight._version
-    except RuntimeError:  # made under inference_mode: no version counter, and never edited in place
+    except RuntimeError:  # made under torch.inference_mode(): no version counter (nor edited in place)
         version = 0
     return weight.data_ptr(), version
 
@@ -64,7 +70,7 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not getattr(_local, "on", False) or (torch.is_grad_enabled() and self.weight.requires_grad):
             return super().forward(x)
-        key = _weight_key(self.weight)
+        key = weight_key(self.weight)
         packed = self.__dict__.get("_ppd_packed")
         if packed is None or packed[0] != key:
             packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_ROWS))
