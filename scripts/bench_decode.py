@@ -132,9 +132,10 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
     # every ppd method uses), so the table separates what the stack saves from what guessing and pipelining gain.
     # The fourth: transformers' generate with the decoder matmuls packed as the stack packs them, so the table also
     # shows how much of the stack's lead generate could have by the same packing.
-    rows = [{"name": "greedy", "config": {}, "threads": 1}, {"name": "greedy", "config": {}, "threads": 2},
-            {"name": "stack_greedy", "config": {}, "threads": 1},
-            {"name": "greedy", "config": {"packed": True}, "threads": 1},
+    baselines = [{"name": "greedy", "config": {}, "threads": 1}, {"name": "greedy", "config": {}, "threads": 2},
+                 {"name": "stack_greedy", "config": {}, "threads": 1},
+                 {"name": "greedy", "config": {"packed": True}, "threads": 1}]
+    rows = [*baselines,
             {"name": "prompt_lookup", "config": {}, "threads": 1},
             {"name": "assistant_early_exit", "config": {"layer": args.early_exit_layer}, "threads": 1}]
     spec_layers = head_layers
@@ -194,7 +195,7 @@ def method_rows(args, head_layers: list[int]) -> list[dict]:
             rows.append({"name": "self_speculative", "config": cfg, "threads": 1})
     if args.methods:
         keep = set(args.methods.split(","))
-        rows = rows[:4] + [r for r in rows[4:] if r["name"] in keep]  # the baselines always run
+        rows = baselines + [r for r in rows[len(baselines):] if r["name"] in keep]  # the baselines always run
     return rows
 
 
