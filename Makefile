@@ -35,8 +35,8 @@ DEMO_LAYER ?= 15
 DEMO_HEADS := outputs/train/smollm2-135m-L$(DEMO_LAYER)-distill-argmax/heads
 demo: install
 	$(BIN)/torchrun --standalone --nproc_per_node=1 -m ppd_train head.layers=[$(DEMO_LAYER)] $(TRAIN_ARGS)
-	$(BIN)/python -m ppd_decode.eval heads=[$(DEMO_HEADS)] lens_layers=[] n=5 max_new_tokens=64 $(EVAL_ARGS)
-	$(BIN)/python -m ppd_decode.demo heads=$(DEMO_HEADS) $(ARGS)
+	$(BIN)/python -m ppd_decode.evaluation heads=[$(DEMO_HEADS)] lens_layers=[] n=5 max_new_tokens=64 $(EVAL_ARGS)
+	$(BIN)/python -m ppd_decode.apps.demo heads=$(DEMO_HEADS) $(ARGS)
 
 test: install
 	$(BIN)/ruff check -q .
@@ -47,7 +47,7 @@ train: install
 
 # `make eval HEADS=outputs/train/<run>/heads` (HEADS may list several, comma-separated, e.g. one per objective).
 eval: install
-	$(BIN)/python -m ppd_decode.eval $(if $(HEADS),heads=[$(HEADS)]) $(ARGS)
+	$(BIN)/python -m ppd_decode.evaluation $(if $(HEADS),heads=[$(HEADS)]) $(ARGS)
 
 # Every decoding method at batch size 1, then batched decoding at batch sizes 1..16 (BATCH_LAYER: the drafting head),
 # then token trees beside chain self-speculation at batch sizes 1, 4, 16 (TREE_LAYER drafts, PRUNE_LAYER prunes).

@@ -3,8 +3,8 @@
 Training (``ppd_train``) depends on this package; this package never imports ``ppd_train``.
 """
 
-from .errors import HeadMismatchError, ModelLoadError, PPDError, PromptTooLongError, TaskDataError
-from .modeling import DEFAULT_MODEL, load_model
+from ppd_decode.errors import HeadMismatchError, ModelLoadError, PPDError, PromptTooLongError, TaskDataError
+from ppd_decode.models.loading import DEFAULT_MODEL, load_model
 
 __all__ = ["load_model", "DEFAULT_MODEL", "PPDError", "ModelLoadError", "TaskDataError", "PromptTooLongError",
            "HeadMismatchError"]

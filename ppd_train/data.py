@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ppd_decode.data.tasks import TASKS, data_root
 from ppd_decode.errors import TaskDataError
-from ppd_decode.tasks import TASKS, data_root
 
 EVAL_FOLDERS = tuple(TASKS) + ("bench",)
 
@@ -141,7 +141,7 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
     cache is appended batch by batch, and rows already in it are not generated again."""
     from tqdm import tqdm
 
-    from ppd_decode.prompts import render as render_prompt
+    from ppd_decode.data.prompts import render as render_prompt
 
     # Prompts over the budget are left out (cutting them would drop the chat template's header).
     prompts = [c[0]["content"] for c in convs if c[0]["role"] == "user"
@@ -193,7 +193,7 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
     train_c, val_c = split_train_val(convs, cfg.val_examples, cfg.seed)
     source = cfg.hub or ",".join(cfg.files)
     if cfg.self_distill:
-        from ppd_decode.modeling import cache_dir
+        from ppd_decode.models.loading import cache_dir
 
         cache = self_distill_cache_path(cfg, model_spec, Path(cache_root or cache_dir()))
         if is_main:

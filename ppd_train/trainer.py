@@ -22,13 +22,21 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ppd_decode.errors import PPDError
-from ppd_decode.heads import EarlyExitHead, check_layer, save_heads
-from ppd_decode.modeling import load_model
+from ppd_decode.models.features import FrozenBackbone
+from ppd_decode.models.heads import EarlyExitHead, check_layer, save_heads
+from ppd_decode.models.loading import load_model
 
-from ppd_decode.features import FrozenBackbone
 from .data import DataConfig, build_training_data
-from .objectives import (agreement, candidate_loss, candidate_set, check_objective, frequent_tokens, head_loss,
-                         needs_final_layer, targets)
+from .objectives import (
+    agreement,
+    candidate_loss,
+    candidate_set,
+    check_objective,
+    frequent_tokens,
+    head_loss,
+    needs_final_layer,
+    targets,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -157,7 +165,7 @@ def deepspeed_config(name_or_path: str, *, micro_batch: int, grad_accum: int, wo
 def validate(cfg, model=None) -> None:
     """Bad input fails here, before any compute is spent."""
     check_objective(cfg.head.objective, cfg.head.get("distill_kind", "kl"))
-    from ppd_decode.heads import PROJECTIONS
+    from ppd_decode.models.heads import PROJECTIONS
 
     if cfg.head.get("projection", "own") not in PROJECTIONS:
         raise PPDError(f"unknown head.projection {cfg.head.projection!r}; use one of {list(PROJECTIONS)}")

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_decode import NEAR_TIE, cpu_name, top2_gap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,11 +67,11 @@ def main() -> None:
 
     import transformers
 
-    from ppd_decode.cost_model import CostModel, profile
-    from ppd_decode.heads import EarlyExitHead, load_heads
-    from ppd_decode.match_rate import greedy_continuations
-    from ppd_decode.modeling import load_model
-    from ppd_decode.prompts import load_prompts
+    from ppd_decode.data.prompts import load_prompts
+    from ppd_decode.evaluation.match_rate import greedy_continuations
+    from ppd_decode.models.heads import EarlyExitHead, load_heads
+    from ppd_decode.models.loading import load_model
+    from ppd_decode.profiling.gamma import CostModel, profile
     from ppd_decode.strategies import get_strategy
 
     model, tok = load_model(a.model)

@@ -56,7 +56,7 @@ def median_stage_times(samples: list):
 def ppd_prediction(st, cfg, r: dict, p: float) -> tuple[dict, dict | None]:
     """The latency model's prediction for a PPD row from stage timings ``st``, the observed match rate ``p`` and,
     with text chains, the chains the engine reported; and the chain mix it used."""
-    from ppd_decode.theory import chained_block_times, side_by_side_block_time, stage_pipelined
+    from ppd_decode.profiling.latency import chained_block_times, side_by_side_block_time, stage_pipelined
 
     k = cfg.k
     chains = None
@@ -272,12 +272,12 @@ def main() -> None:
 
     import transformers
 
-    from ppd_decode.heads import EarlyExitHead, load_heads
-    from ppd_decode.modeling import load_model
-    from ppd_decode.prompts import load_prompts
+    from ppd_decode.data.prompts import load_prompts
+    from ppd_decode.models.heads import EarlyExitHead, load_heads
+    from ppd_decode.models.loading import load_model
+    from ppd_decode.profiling.latency import chain_timings, measure_stage_times
+    from ppd_decode.profiling.stage_load import StageLoad
     from ppd_decode.strategies import get_strategy
-    from ppd_decode.stage_load import StageLoad
-    from ppd_decode.theory import chain_timings, measure_stage_times
 
     model, tok = load_model(a.model)
     if a.heads:

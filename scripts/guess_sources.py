@@ -33,11 +33,11 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from ppd_decode.guesses import NextTokenLookup, merge_guesses
-    from ppd_decode.heads import load_heads
-    from ppd_decode.match_rate import greedy_continuations
-    from ppd_decode.modeling import load_model
-    from ppd_decode.prompts import load_prompts
+    from ppd_decode.data.prompts import load_prompts
+    from ppd_decode.evaluation.match_rate import greedy_continuations
+    from ppd_decode.models.heads import load_heads
+    from ppd_decode.models.loading import load_model
+    from ppd_decode.runtime.text_guesses import NextTokenLookup, merge_guesses
 
     model, tok = load_model(a.model)
     layers = [int(x) for x in a.layers.split(",")]

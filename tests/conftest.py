@@ -9,7 +9,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from ppd_decode.tasks import data_root  # noqa: E402
+from ppd_decode.data.tasks import data_root  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from ppd_decode.modeling import load_model
+    from ppd_decode.models.loading import load_model
 
     return load_model("tiny-random")
 
@@ -42,6 +42,6 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from ppd_decode.modeling import load_model
+    from ppd_decode.models.loading import load_model
 
     return load_model("smollm2-135m")

@@ -7,13 +7,13 @@ numbers of tokens per step: the ragged-cache paths run), random heads, prompts o
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_strategies import LAYERS, heads_for, model, reference
 
 from ppd_decode import PPDError, PromptTooLongError, load_model
-from ppd_decode.batching import RaggedBatch
-from ppd_decode.cost_model import CostModel, interpolate, expected_tokens
+from ppd_decode.profiling.gamma import CostModel, expected_tokens, interpolate
+from ppd_decode.runtime.ragged import RaggedBatch
 from ppd_decode.strategies import get_strategy
 from ppd_decode.strategies.batched import BatchedSelfSpeculative
-from test_strategies import LAYERS, heads_for, model, reference
 
 batches = st.lists(st.lists(st.integers(4, 259), min_size=1, max_size=30), min_size=1, max_size=6)
 models = st.tuples(st.integers(0, 2), st.sampled_from([1.0, 0.3, 0.05]))
@@ -167,7 +167,7 @@ def test_acceptance_is_learned_online():
 
 
 def test_profiled_cost_model_on_a_tiny_model(tmp_path):
-    from ppd_decode.cost_model import profile
+    from ppd_decode.profiling.gamma import profile
 
     m = model(0, 1.0)
     head = heads_for(m, 0, 0.0)[2]

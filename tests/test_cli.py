@@ -2,7 +2,7 @@
 
 import pytest
 
-from ppd_decode.cli import main
+from ppd_decode.apps.cli import main
 
 
 def test_set_fields_of_the_methods_config(capsys):

@@ -7,9 +7,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ppd_decode import load_model
-from ppd_decode.eval import run
-from ppd_decode.heads import EarlyExitHead, save_heads
-from ppd_decode.metrics import load_metric
+from ppd_decode.evaluation.metrics import load_metric
+from ppd_decode.evaluation.report import run
+from ppd_decode.models.heads import EarlyExitHead, save_heads
 from ppd_train.trainer import CONFIGS
 
 SMALL = ["model=tiny-random", "n=2", "max_new_tokens=6", "timing.repeats=2", "timing.context=16", "ks=[1,2,5]",
@@ -88,8 +88,8 @@ def test_task_metric_modules():
 def test_timed_generation_takes_turns_and_reassembles_every_prompt():
     """The cost timing decodes batch by batch beside the plain generation; the continuations and captured states
     must come back in prompt order, equal to one whole capture run over all prompts."""
-    from ppd_decode.eval import timed_generation
-    from ppd_decode.match_rate import greedy_continuations
+    from ppd_decode.evaluation.match_rate import greedy_continuations
+    from ppd_decode.evaluation.report import timed_generation
 
     model, _ = load_model("tiny-random", dtype="float64")
     g = torch.Generator().manual_seed(3)

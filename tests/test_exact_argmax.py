@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ppd_decode.exact_argmax import ExactArgmax, exact_argmax
-from ppd_decode.stack import final_argmax, final_logits
+from ppd_decode.runtime.exact_argmax import ExactArgmax, exact_argmax
+from ppd_decode.runtime.stack import final_argmax, final_logits
 
 
 def _head(vocab=3000, hidden=96, seed=0):

@@ -1,11 +1,10 @@
 """Guess sources for PPD and drafting: prompt lookup and a head's shortlist."""
 
 import torch
-
-from ppd_decode.guesses import NextTokenLookup, merge_guesses
-from ppd_decode.heads import EarlyExitHead
-
 from test_strategies import model
+
+from ppd_decode.models.heads import EarlyExitHead
+from ppd_decode.runtime.text_guesses import NextTokenLookup, merge_guesses
 
 
 def _after_latest_earlier(tokens, n):

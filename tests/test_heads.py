@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ppd_decode import HeadMismatchError, load_model
-from ppd_decode.heads import EarlyExitHead, load_heads, save_heads
+from ppd_decode.models.heads import EarlyExitHead, load_heads, save_heads
 
 
 def _hidden(model, ids):

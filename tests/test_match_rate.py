@@ -5,10 +5,19 @@ import pytest
 import torch
 
 from ppd_decode import PPDError, load_model
-from ppd_decode.heads import EarlyExitHead
-from ppd_decode.match_rate import KS, greedy_continuations, score_captured, score_heads
-from ppd_decode.theory import (StageTimes, chain_timings, chained_block_times, measure_stage_times, replicated,
-                               side_by_side_block_time, simulate_replicated, simulate_stage_pipelined, stage_pipelined)
+from ppd_decode.evaluation.match_rate import KS, greedy_continuations, score_captured, score_heads
+from ppd_decode.models.heads import EarlyExitHead
+from ppd_decode.profiling.latency import (
+    StageTimes,
+    chain_timings,
+    chained_block_times,
+    measure_stage_times,
+    replicated,
+    side_by_side_block_time,
+    simulate_replicated,
+    simulate_stage_pipelined,
+    stage_pipelined,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +113,7 @@ def test_stage_times_are_measured(m64):
 
 
 def test_stage_times_beside_the_other_stage(m64):
-    from ppd_decode.stage_load import StageLoad
+    from ppd_decode.profiling.stage_load import StageLoad
 
     m64(torch.tensor([[5, 6, 7]]), output_hidden_states=True)  # transformers' hooks, which do not pickle: dropped
     with StageLoad(m64) as load:

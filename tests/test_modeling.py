@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ppd_decode import ModelLoadError, load_model
-from ppd_decode import modeling
+from ppd_decode.models import loading as modeling
 
 
 def _params_equal(a, b):
@@ -147,7 +147,7 @@ def test_unreadable_cache_names_the_fix(monkeypatch, tmp_path):
 def test_smollm2_answers_a_question_and_reloads_from_cache(smollm2, capsys):
     model, tok = smollm2
     assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
-    from ppd_decode.prompts import encode_chat
+    from ppd_decode.data.prompts import encode_chat
 
     ids = torch.tensor([encode_chat(tok, "What is the capital of France?")])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)

@@ -8,13 +8,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_strategies import LAYERS, model, reference  # the same float64 tiny models and greedy reference
 
 from ppd_decode import HeadMismatchError, PPDError, PromptTooLongError, load_model
-from ppd_decode.heads import EarlyExitHead
-from ppd_decode.pipeline import A_PARTS, B_PARTS, PPDConfig, PPDEngine, WorkerError
+from ppd_decode.models.heads import EarlyExitHead
 from ppd_decode.strategies import get_strategy
-
-from test_strategies import LAYERS, model, reference  # the same float64 tiny models and greedy reference
+from ppd_decode.strategies.ppd import A_PARTS, B_PARTS, PPDConfig, PPDEngine, WorkerError
 
 
 def _head(m, d, noise, seed=0, shortlist=0):

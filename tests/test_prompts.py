@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 
 from ppd_decode import PromptTooLongError, TaskDataError
-from ppd_decode.modeling import byte_tokenizer
-from ppd_decode.prompts import build_prompt, build_prompts, check_fits_context, render
-from ppd_decode.tasks import TaskConfig, TaskRows
+from ppd_decode.data.prompts import build_prompt, build_prompts, check_fits_context, render
+from ppd_decode.data.tasks import TaskConfig, TaskRows
+from ppd_decode.models.loading import byte_tokenizer
 
 TASK = TaskConfig.from_dict({
     "name": "toy", "hub": "none/none", "split": "test", "fields": {"doc": "doc", "q": "q"}, "reference": "ref",

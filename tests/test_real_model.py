@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppd_decode.heads import load_heads
-from ppd_decode.prompts import load_prompts
+from ppd_decode.data.prompts import load_prompts
+from ppd_decode.models.heads import load_heads
 from ppd_decode.strategies import get_strategy
 
 LAYER, NEW_TOKENS, NEAR_TIE = 15, 32, 1e-4
@@ -60,7 +60,7 @@ def _near_tie(model, prompt, ref, pos) -> bool:
 def test_real_model_exact_argmax_equals_the_fp32_head(smollm2, prompts):
     """The screened argmax (exact_argmax.py) against the plain fp32 LM head on the real model's final hidden states
     at every prompt position, in blocks of 1, 2, 5 and 16 rows (fp16 and bf16 screens); the bound against float64."""
-    from ppd_decode.exact_argmax import ExactArgmax
+    from ppd_decode.runtime.exact_argmax import ExactArgmax
 
     model, _ = smollm2
     ea = ExactArgmax(model.lm_head)

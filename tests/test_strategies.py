@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ppd_decode import HeadMismatchError, PPDError, PromptTooLongError, load_model
-from ppd_decode.heads import EarlyExitHead
+from ppd_decode.models.heads import EarlyExitHead
 from ppd_decode.strategies import REGISTRY, get_strategy
 
 LAYERS = 4
@@ -97,7 +97,7 @@ def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, lookup, 
 def test_padded_blocks_leave_the_real_rows_and_the_cache_alone():
     """``pad_block``'s extra rows come after the real ones: the real rows' outputs are those of the unpadded block,
     and cropping the cache afterwards leaves exactly the unpadded run's entries."""
-    from ppd_decode.stack import crop_cache, embed, pad_block, prefill, new_cache, run_layers
+    from ppd_decode.runtime.stack import crop_cache, embed, new_cache, pad_block, prefill, run_layers
 
     m = model(0, 1.0)
     prompt = torch.tensor(list(range(10, 22)))
@@ -124,7 +124,7 @@ def test_stack_hands_the_cache_by_the_name_the_forward_declares():
     the stack passes whichever name this version declares, so running it raises no deprecation warning."""
     import warnings
 
-    from ppd_decode.stack import embed, new_cache, prefill, run_layers, with_cache
+    from ppd_decode.runtime.stack import embed, new_cache, prefill, run_layers, with_cache
 
     class Old(torch.nn.Module):
         def forward(self, x, past_key_values=None, use_cache=False):
@@ -152,8 +152,8 @@ def test_grouped_attention_switch_leaves_every_block_bitwise_the_same(monkeypatc
 
     import transformers.integrations.sdpa_attention as sdpa
 
-    from ppd_decode import stack
-    from ppd_decode.stack import embed, new_cache, prefill, run_layers
+    from ppd_decode.runtime import stack
+    from ppd_decode.runtime.stack import embed, new_cache, prefill, run_layers
 
     m = model(0, 1.0)
     assert m.config.num_key_value_heads < m.config.num_attention_heads  # the tiny model groups its heads

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from ppd_decode import TaskDataError
-from ppd_decode.prompts import build_prompts, load_prompts
-from ppd_decode.tasks import TASKS, TaskConfig, load_task
+from ppd_decode.data.prompts import build_prompts, load_prompts
+from ppd_decode.data.tasks import TASKS, TaskConfig, load_task
 
 
 def _write_jsonl(path, rows):
@@ -126,7 +126,7 @@ def test_shared_data_fits_with_smollm2_tokenizer(name, shared_data, smollm2):
 
 def test_build_prompts_from_rows_needs_no_files(tiny):
     _, tok = tiny
-    from ppd_decode.tasks import TaskRows, validate_rows
+    from ppd_decode.data.tasks import TaskRows, validate_rows
 
     task = TaskConfig.named("squad")
     rows = TaskRows(task, validate_rows(task, SQUAD_ROWS, "mem"), "mem")

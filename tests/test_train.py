@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ppd_decode import HeadMismatchError, PPDError, TaskDataError, load_model
-from ppd_decode.heads import load_heads
-from ppd_decode.features import FrozenBackbone
+from ppd_decode.models.features import FrozenBackbone
+from ppd_decode.models.heads import load_heads
 from ppd_train.data import DataConfig, load_conversations, pack, render, split_train_val
 from ppd_train.objectives import agreement, candidate_loss, candidate_set, frequent_tokens, head_loss, targets
 from ppd_train.trainer import CONFIGS, train
@@ -137,7 +137,7 @@ def test_self_distillation_writes_the_models_own_answers_and_resumes(tiny, corpu
     rows = read_self_distilled(cache)
     assert len(rows) == 6 and rows[0][0]["content"] == convs[0][0]["content"]
     # The answer is the model's own greedy continuation of the prompt.
-    from ppd_decode.prompts import encode_chat
+    from ppd_decode.data.prompts import encode_chat
 
     ids = torch.tensor([encode_chat(tok, convs[5][0]["content"])])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
@@ -225,7 +225,7 @@ def test_frequent_rows_projection_trains_only_its_rows_and_loads_as_a_full_proje
 
 
 def test_frequent_rows_head_logits_equal_the_full_projection_it_stands_for(tiny):
-    from ppd_decode.heads import EarlyExitHead
+    from ppd_decode.models.heads import EarlyExitHead
 
     model, _ = tiny
     rows = torch.tensor([3, 7, 40, 100])
@@ -248,7 +248,7 @@ def test_frequent_rows_head_logits_equal_the_full_projection_it_stands_for(tiny)
 
 @pytest.mark.parametrize("objective, kind", [("ce", "kl"), ("distill", "argmax"), ("distill", "kl")])
 def test_frequent_rows_bank_shares_products_without_changing_loss_or_gradients(tiny, objective, kind):
-    from ppd_decode.heads import EarlyExitHead
+    from ppd_decode.models.heads import EarlyExitHead
     from ppd_train.trainer import HeadBank
 
     model, _ = tiny

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_strategies import LAYERS, heads_for, model, reference
 
 from ppd_decode import HeadMismatchError, PPDError
 from ppd_decode.strategies.tree_speculative import Tree, TreeCosts, TreeSpeculative, tree_mask
-from test_strategies import LAYERS, heads_for, model, reference
 
 prompts = st.lists(st.integers(4, 259), min_size=1, max_size=40)
 models = st.tuples(st.integers(0, 2), st.sampled_from([1.0, 0.3, 0.05]))
@@ -111,7 +111,7 @@ def test_shortlist_pruning_keeps_every_node_full_pruning_keeps():
 
 
 # ------------------------------------------------------------------------------------------- batched trees
-from ppd_decode.strategies.batched_tree import BatchTreeCosts, BatchedTreeSpeculative  # noqa: E402
+from ppd_decode.strategies.batched_tree import BatchedTreeSpeculative, BatchTreeCosts  # noqa: E402
 
 batches = st.lists(st.lists(st.integers(4, 259), min_size=1, max_size=30), min_size=1, max_size=5)
 

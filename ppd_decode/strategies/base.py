@@ -14,7 +14,9 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import PPDError, PromptTooLongError
+from ppd_decode.errors import HeadMismatchError, PPDError, PromptTooLongError
+from ppd_decode.models.heads import check_layer
+from ppd_decode.runtime.stack import eos_ids
 
 REGISTRY: dict[str, type["DecodingStrategy"]] = {}
 
@@ -28,6 +30,21 @@ def get_strategy(name: str) -> type["DecodingStrategy"]:
     if name not in REGISTRY:
         raise PPDError(f"unknown decoding strategy {name!r}; registered: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def pick_head(strategy: "DecodingStrategy", layer: int | None):
+    """The (layer, head) a drafting strategy uses: ``layer``, or the only head given; a clear error otherwise."""
+    if not strategy.heads:
+        raise HeadMismatchError(f"{strategy.name} needs an early-exit head: pass heads={{d: head}} "
+                                f"(ppd_decode.models.heads.load_heads) or train one with `make train LAYER=d`")
+    if layer is None:
+        if len(strategy.heads) != 1:
+            raise HeadMismatchError(f"several heads given ({sorted(strategy.heads)}): set config.layer to one of them")
+        layer = next(iter(strategy.heads))
+    if layer not in strategy.heads:
+        raise HeadMismatchError(f"no head for layer {layer}; heads given: {sorted(strategy.heads)}")
+    check_layer(strategy.model, layer)
+    return layer, strategy.heads[layer]
 
 
 @dataclass
@@ -56,8 +73,7 @@ class DecodingStrategy:
         self.heads = heads or {}
         self.tokenizer = tokenizer
         gen = model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        self.eos = eos_ids(model)
         self.pad = gen.pad_token_id if gen.pad_token_id is not None else next(iter(self.eos), 0)
 
     def check_request(self, prompt_ids, max_new_tokens: int) -> torch.Tensor:

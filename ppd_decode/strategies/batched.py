@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import RaggedBatch
-from ..cost_model import CostModel, profile
-from ..errors import PPDError
-from ..stack import embed, final_argmax, num_layers
-from .base import DecodeResult, DecodingStrategy, register
-from .self_speculative import pick_head
+from ppd_decode.errors import PPDError
+from ppd_decode.profiling.gamma import CostModel, profile
+from ppd_decode.runtime.ragged import RaggedBatch
+from ppd_decode.runtime.stack import embed, final_argmax, num_layers
+from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
 
 
 class BatchedDecoding(DecodingStrategy):
@@ -170,7 +169,7 @@ class BatchedSelfSpeculative(BatchedDecoding):
             self.cost = CostModel.load(c.cost_model) if c.cost_model else _profiled(model, self.head, self.layer)
             if self.cost.layer != self.layer:
                 raise PPDError(f"the cost model was profiled for layer {self.cost.layer}, not {self.layer}; "
-                               f"profile one for this layer (ppd_decode.cost_model.profile)")
+                               f"profile one for this layer (ppd_decode.profiling.gamma.profile)")
         self.gammas: list[tuple[int, int]] = []  # (live batch size, gamma) per step, for the benchmark
 
     @property

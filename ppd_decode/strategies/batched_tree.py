@@ -22,14 +22,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..batching import RaggedBatch
-from ..cost_model import interpolate
-from ..stack import crop_cache, embed, final_argmax, num_layers, random_context, run_layers
-from ..theory import median_time
-from ..token_tree import Tree, accepted_path
-from .base import DecodeResult, register
-from .batched import BatchedDecoding
-from .tree_speculative import TreeSpeculative, TreeSpeculativeConfig, updated_calibration
+from ppd_decode.profiling.gamma import interpolate
+from ppd_decode.profiling.latency import median_time
+from ppd_decode.runtime.ragged import RaggedBatch
+from ppd_decode.runtime.stack import crop_cache, embed, final_argmax, num_layers, random_context, run_layers
+from ppd_decode.runtime.token_tree import Tree, accepted_path
+from ppd_decode.strategies.base import DecodeResult, register
+from ppd_decode.strategies.batched import BatchedDecoding
+from ppd_decode.strategies.tree_speculative import TreeSpeculative, TreeSpeculativeConfig, updated_calibration
 
 
 @dataclass

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packed_linear import packed_linears
-from ..stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers
-from .base import DecodeResult, DecodingStrategy, register
+from ppd_decode.runtime.packed_linear import packed_linears
+from ppd_decode.runtime.stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers
+from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, register
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DecodeResult, DecodingStrategy, register
+from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
 
 
 class _HFGenerate(DecodingStrategy):
@@ -87,8 +87,7 @@ class EarlyExitAssisted(_HFGenerate):
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
-        from .self_speculative import pick_head
-
+        
         self.config.layer, head = pick_head(self, self.config.layer)
         if head.adapter is not None:
             raise NotImplementedError("heads with an adapter are not supported as transformers assistants yet")

@@ -15,7 +15,7 @@ equal to the model's own argmax chain is accepted with the model's next token; o
 entries are kept, moved into place. The pool can be seeded with the prompt's n-grams and fed generated ones (helps
 QA and summarization, where answers copy the input).
 
-Built from the model's own decoder layers, rotary embedding and cache (``ppd_decode.stack``): custom 4D masks and
+Built from the model's own decoder layers, rotary embedding and cache (``ppd_decode.runtime.stack``): custom 4D masks and
 position ids, no patched or copied modelling code (the reference implementation patches transformers 4.36).
 """
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers, select_cache
-from .base import DecodeResult, DecodingStrategy, register
+from ppd_decode.runtime.stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers, select_cache
+from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, register
 
 
 @dataclass

@@ -30,13 +30,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import HeadMismatchError
-from ..guesses import NextTokenLookup
-from ..heads import check_layer
-from ..stack import (crop_cache, embed, final_argmax, new_cache, num_layers, pad_block, prefill, run_layers,
-                     select_cache)
-from ..token_tree import Tree, accepted_path, tree_mask
-from .base import DecodeResult, DecodingStrategy, register
+from ppd_decode.runtime.stack import (
+    crop_cache,
+    embed,
+    final_argmax,
+    new_cache,
+    num_layers,
+    pad_block,
+    prefill,
+    run_layers,
+    select_cache,
+)
+from ppd_decode.runtime.text_guesses import NextTokenLookup
+from ppd_decode.runtime.token_tree import Tree, accepted_path, accepted_prefix, tree_mask
+from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
 
 
 @dataclass
@@ -55,20 +62,6 @@ class SelfSpeculativeConfig:
     lookup_tokens: int = 0  # text drafts of this many tokens (0: the adaptive length)
     lookup_candidates: int = 1  # several text continuations verified as one token tree (see above)
     lookup_tree_rows: int = 8  # such a tree's rows at most (cur included): later continuations are cut short
-
-
-def pick_head(strategy: DecodingStrategy, layer: int | None):
-    if not strategy.heads:
-        raise HeadMismatchError(f"{strategy.name} needs an early-exit head: pass heads={{d: head}} "
-                                f"(ppd_decode.heads.load_heads) or train one with `make train LAYER=d`")
-    if layer is None:
-        if len(strategy.heads) != 1:
-            raise HeadMismatchError(f"several heads given ({sorted(strategy.heads)}): set config.layer to one of them")
-        layer = next(iter(strategy.heads))
-    if layer not in strategy.heads:
-        raise HeadMismatchError(f"no head for layer {layer}; heads given: {sorted(strategy.heads)}")
-    check_layer(strategy.model, layer)
-    return layer, strategy.heads[layer]
 
 
 @register
@@ -125,9 +118,7 @@ class SelfSpeculative(DecodingStrategy):
                     drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device)
                 g = len(drafts)
                 target = final_argmax(m, verify[:, :g + 1])[0].tolist()  # target[i]: greedy token after block[i]
-                a = 0
-                while a < g and drafts[a] == target[a]:
-                    a += 1
+                a = accepted_prefix(drafts, target)
                 crop_cache(cache, n + a + 1)
                 new = drafts[:a] + [target[a]]
             res.steps += 1

@@ -26,14 +26,22 @@ from dataclasses import dataclass
 import torch
 from torch.nn.functional import linear as nn_linear
 
-from ..cost_model import interpolate
-from ..errors import HeadMismatchError, PPDError
-from ..heads import check_layer
-from ..stack import embed, final_argmax, new_cache, num_layers, prefill, random_context, run_layers, select_cache
-from ..theory import median_time
-from ..token_tree import Tree, accepted_path, tree_mask
-from .base import DecodeResult, DecodingStrategy, register
-from .self_speculative import pick_head
+from ppd_decode.errors import HeadMismatchError, PPDError
+from ppd_decode.models.heads import check_layer
+from ppd_decode.profiling.gamma import interpolate
+from ppd_decode.profiling.latency import median_time
+from ppd_decode.runtime.stack import (
+    embed,
+    final_argmax,
+    new_cache,
+    num_layers,
+    prefill,
+    random_context,
+    run_layers,
+    select_cache,
+)
+from ppd_decode.runtime.token_tree import Tree, accepted_path, tree_mask
+from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
 
 
 @dataclass

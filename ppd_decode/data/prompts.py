@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PromptTooLongError, TaskDataError
-from .tasks import TaskConfig, TaskRows
+from ppd_decode.data.tasks import TaskConfig, TaskRows
+from ppd_decode.errors import PromptTooLongError, TaskDataError
 
 
 @dataclass
@@ -129,7 +129,7 @@ def context_length(model) -> int | None:
 
 def load_prompts(task: TaskConfig | str, tokenizer, n: int | None = None, source: str = "auto", **kw):
     """``load_task`` then ``build_prompts``: the usual path from a task name to token ids."""
-    from .tasks import load_task
+    from ppd_decode.data.tasks import load_task
 
     return build_prompts(load_task(task, n=n, source=source), tokenizer, **kw)
 

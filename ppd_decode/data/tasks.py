@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import TaskDataError
+from ppd_decode.errors import TaskDataError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("squad", "wmt15", "cnn_dailymail")  # the paper's evaluation tasks
 BENCH_TASKS = TASKS + ("mt_bench",)  # plus the chat prompts speed benchmarks use
 

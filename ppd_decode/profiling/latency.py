@@ -24,8 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .packed_linear import unpacked
-from .stack import crop_cache, embed, final_argmax, final_logits, num_layers, random_context, run_layers
+from ppd_decode.runtime.packed_linear import unpacked
+from ppd_decode.runtime.stack import (
+    crop_cache,
+    embed,
+    final_argmax,
+    final_logits,
+    num_layers,
+    random_context,
+    run_layers,
+)
 
 
 # ------------------------------------------------------------------------------------------- closed forms

@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check", action="store_true", help="compare with plain greedy, token for token")
     a = p.parse_args(argv)
 
-    from .heads import EarlyExitHead, load_heads
-    from .modeling import load_model
-    from .prompts import encode_chat
-    from .strategies import get_strategy
+    from ppd_decode.data.prompts import encode_chat
+    from ppd_decode.models.heads import EarlyExitHead, load_heads
+    from ppd_decode.models.loading import load_model
+    from ppd_decode.strategies import get_strategy
 
     model, tok = load_model(a.model)
     cls = get_strategy(a.method)

@@ -17,17 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import PPDError
-from .features import FrozenBackbone
+from ppd_decode.errors import PPDError
+from ppd_decode.models.features import FrozenBackbone
+from ppd_decode.runtime.stack import eos_ids
 
 KS = (1, 2, 3, 5, 10)
-
-
-def _eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.eos_token_id
-    return set([eos] if isinstance(eos, int) else (eos or []))
 
 
 class _StepCapture:
@@ -39,7 +33,7 @@ class _StepCapture:
         self.steps: dict[int, list[torch.Tensor]] = {d: [] for d in self.layers}
 
     def __enter__(self):
-        from .features import _layer_output
+        from ppd_decode.models.features import _layer_output
 
         blocks = self.model.model.layers
         self.handles = [blocks[d - 1].register_forward_hook(
@@ -64,8 +58,8 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, b
     With ``capture_layers`` it returns ``(continuations, states)`` where ``states[i][d]`` is ``[len(cont_i), H]``:
     the layer-d hidden state that produced each generated token of prompt i."""
     pad = model.generation_config.pad_token_id
-    pad = pad if pad is not None else next(iter(_eos_ids(model)), 0)
-    eos = _eos_ids(model)
+    pad = pad if pad is not None else next(iter(eos_ids(model)), 0)
+    eos = eos_ids(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     states: list[dict[int, torch.Tensor] | None] = [None] * len(prompts)

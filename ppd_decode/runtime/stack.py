@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from .exact_argmax import exact_argmax
-from .packed_linear import packed_linears
+from ppd_decode.runtime.exact_argmax import exact_argmax
+from ppd_decode.runtime.packed_linear import packed_linears
 
 
 @functools.cache
@@ -203,6 +203,14 @@ def final_argmax(model, hidden: torch.Tensor) -> torch.Tensor:
     """The greedy tokens [...] after the last layer's ``hidden`` [..., H]: ``final_logits(...).argmax(-1)``, token for
     token, without reading the whole fp32 LM head on a CPU (see exact_argmax.py)."""
     return exact_argmax(model)(decoder(model).norm(hidden))
+
+
+def eos_ids(model) -> set[int]:
+    """The token ids that end generation, as ``generate`` reads them (generation config first, then model config)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id
+    return set([eos] if isinstance(eos, int) else (eos or []))
 
 
 def num_layers(model) -> int:

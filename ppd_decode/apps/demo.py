@@ -15,14 +15,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from .heads import load_heads
-from .modeling import load_model
-from .prompts import build_prompts, context_length
-from .strategies import get_strategy
-from .tasks import TaskConfig, load_task
+from ppd_decode.data.prompts import build_prompts, context_length
+from ppd_decode.data.tasks import TaskConfig, load_task
+from ppd_decode.models.heads import load_heads
+from ppd_decode.models.loading import load_model
+from ppd_decode.strategies import get_strategy
 
 
-@hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
+@hydra.main(config_path="../../configs", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

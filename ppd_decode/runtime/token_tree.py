@@ -37,6 +37,15 @@ class Tree:
         return see
 
 
+def accepted_prefix(drafts: list[int], targets: list[int]) -> int:
+    """How many leading drafts equal the final layer's argmax chain (``targets[i]``: its token after draft i-1; the
+    chain's analogue of ``accepted_path``)."""
+    a = 0
+    while a < len(drafts) and a < len(targets) and drafts[a] == targets[a]:
+        a += 1
+    return a
+
+
 def accepted_path(tree: Tree, alive: list[int], target: dict[int, int]) -> list[int]:
     """Root-first nodes of the longest path whose tokens equal the final layer's argmax chain: from the root, walk
     down while a surviving child carries the token the final layer chose at its parent (``target[node]``)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import HeadMismatchError
+from ppd_decode.errors import HeadMismatchError
 
 FORMAT = "ppd-head/1"
 _PROBE = 16  # probe the first 16x16 block of the input embeddings

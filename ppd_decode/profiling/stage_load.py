@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from .procs import Managed, share_with_spawned, watch_parent
-from .stack import crop_cache, final_argmax, num_layers, random_context, run_layers
+from ppd_decode.runtime.procs import Managed, share_with_spawned, watch_parent
+from ppd_decode.runtime.stack import crop_cache, final_argmax, num_layers, random_context, run_layers
 
 
 @torch.no_grad()

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .batching import RaggedBatch
-from .stack import crop_cache, embed, final_argmax, num_layers
-from .theory import median_time
+from ppd_decode.profiling.latency import median_time
+from ppd_decode.runtime.ragged import RaggedBatch
+from ppd_decode.runtime.stack import crop_cache, embed, final_argmax, num_layers
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
 QUERY_LENGTHS = (1, 2, 3, 5, 9)  # gamma + 1 for gamma in 0, 1, 2, 4, 8

@@ -1,4 +1,4 @@
-"""``make eval HEADS=...`` / ``python -m ppd_decode.eval heads=[dir,...]``: match rates, latency model, report.
+"""``make eval HEADS=...`` / ``python -m ppd_decode.evaluation.report heads=[dir,...]``: match rates, latency model, report.
 
 For each task (SQuAD, WMT15, CNN/DM): greedy continuations (batched) that keep every head layer's hidden state as
 they go (``measure=capture``; ``measure=teacher_forced`` uses a second, teacher-forced pass instead), match rates
@@ -18,16 +18,21 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .heads import EarlyExitHead, head_dirs, load_heads, read_head_config
-from .match_rate import greedy_continuations, score_captured, score_heads
-from .metrics import TASK_METRIC, load_metric
-from .modeling import load_model
-from .prompts import build_prompts, context_length
-from .tasks import TaskConfig, load_task
-from .theory import (measure_stage_times, replicated, simulate_replicated, simulate_stage_pipelined,
-                     stage_pipelined)
+from ppd_decode.data.prompts import build_prompts, context_length
+from ppd_decode.data.tasks import TaskConfig, load_task
+from ppd_decode.evaluation.match_rate import greedy_continuations, score_captured, score_heads
+from ppd_decode.evaluation.metrics import TASK_METRIC, load_metric
+from ppd_decode.models.heads import EarlyExitHead, head_dirs, load_heads, read_head_config
+from ppd_decode.models.loading import load_model
+from ppd_decode.profiling.latency import (
+    measure_stage_times,
+    replicated,
+    simulate_replicated,
+    simulate_stage_pipelined,
+    stage_pipelined,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def collect_heads(model, dirs: list[str], lens_layers: list[int]) -> dict[tuple[str, int], torch.nn.Module]:
@@ -92,7 +97,7 @@ def timed_generation(model, ids: list[list[int]], max_new_tokens: int, batch_siz
         c, st = got["ours"] if capture_layers else (got["ours"], [{} for _ in batch])
         if baseline and got["plain"] != c:
             raise RuntimeError("the generation that captured the heads' states decoded other tokens than the plain "
-                               "one; the capture hooks must only read (this is a bug in ppd_decode.match_rate)")
+                               "one; the capture hooks must only read (this is a bug in ppd_decode.evaluation.match_rate)")
         for r, i in enumerate(idx):
             conts[i], states[i] = c[r], st[r]
     return conts, states, seconds, plain_seconds
@@ -334,7 +339,7 @@ def log_wandb(report: dict, out_dir: Path, cfg) -> None:
     run.finish()
 
 
-@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+@hydra.main(config_path="../../configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

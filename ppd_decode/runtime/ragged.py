@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .stack import final_argmax, new_cache, num_layers, run_layers
+from ppd_decode.runtime.stack import final_argmax, new_cache, num_layers, run_layers
 
 
 class RaggedBatch:
