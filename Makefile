@@ -40,6 +40,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check -q .
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest -q $(ARGS)
 
 train: install
