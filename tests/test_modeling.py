@@ -130,6 +130,32 @@ def test_embedded_conversion_runs_once_then_reads_cache(monkeypatch, tmp_path, t
     assert len(calls) == 2
 
 
+def test_embedded_cache_is_keyed_by_content_not_path(monkeypatch, tmp_path, tiny):
+    """Two environments with the same GGUF file at different paths share one converted copy."""
+    monkeypatch.setenv("PPD_CACHE", str(tmp_path / "cache"))
+    ggufs = [tmp_path / f"venv{i}" / "model.gguf" for i in (1, 2)]
+    for g in ggufs:
+        g.parent.mkdir()
+        g.write_bytes(b"GGUF" * 10)
+    calls = []
+
+    def fake_convert(gguf_path, target, stamp):
+        calls.append(gguf_path)
+        target.mkdir(parents=True, exist_ok=True)
+        tiny[0].save_pretrained(target)
+        tiny[1].save_pretrained(target)
+        (target / "ppd_cache.json").write_text(json.dumps(stamp))
+
+    monkeypatch.setattr(modeling, "convert_gguf", fake_convert)
+    for g in ggufs + ggufs:
+        monkeypatch.setattr(modeling, "_find_package_file", lambda emb, g=g: g)
+        load_model("smollm2-135m")
+    assert calls == [ggufs[0]]
+    ggufs[1].write_bytes(b"GGUF" * 9 + b"GGUX")  # same size, other content: converted again
+    load_model("smollm2-135m")
+    assert calls == [ggufs[0], ggufs[1]]
+
+
 def test_unreadable_cache_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("PPD_CACHE", str(tmp_path))
     fake_gguf = tmp_path / "model.gguf"
@@ -137,7 +163,7 @@ def test_unreadable_cache_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(modeling, "_find_package_file", lambda emb: fake_gguf)
     target = modeling.embedded_cache_path("smollm2-135m")
     target.mkdir(parents=True)
-    stamp = {"format": modeling._CACHE_FORMAT, "source": str(fake_gguf), "size": 1}
+    stamp = modeling.cache_stamp(fake_gguf)
     (target / "ppd_cache.json").write_text(json.dumps(stamp))
     with pytest.raises(ModelLoadError, match="delete that directory"):
         load_model("smollm2-135m")

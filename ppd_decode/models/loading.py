@@ -10,6 +10,7 @@ Spec kinds, tried in this order:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -37,7 +38,7 @@ DEFAULT_MODEL = "smollm2-135m"
 TINY_PREFIX = "tiny-random"
 
 # Bump when the conversion itself changes, so stale caches are rebuilt instead of trusted.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: keyed by the GGUF file's content, not its path
 
 
 def cache_dir() -> Path:
@@ -147,7 +148,7 @@ def _load_embedded(name: str, dtype: torch.dtype):
     emb = EMBEDDED[name]
     gguf_path = _find_package_file(emb)
     target = embedded_cache_path(name)
-    stamp = {"format": _CACHE_FORMAT, "source": str(gguf_path), "size": gguf_path.stat().st_size}
+    stamp = cache_stamp(gguf_path)
     marker = target / "ppd_cache.json"
     if not (marker.is_file() and _read_json(marker) == stamp):
         convert_gguf(gguf_path, target, stamp)
@@ -158,6 +159,31 @@ def _load_embedded(name: str, dtype: torch.dtype):
         raise ModelLoadError(f"the cached copy in {target} is unreadable ({e}). Fix: delete that directory; "
                              f"the next load converts the GGUF file again.") from e
     return model, tok
+
+
+def cache_stamp(gguf_path: Path) -> dict:
+    """What identifies a converted copy: the GGUF file's size and SHA-256, not its path, so environments that install
+    the same package file in different places share one converted copy instead of re-converting in turn."""
+    return {"format": _CACHE_FORMAT, "size": gguf_path.stat().st_size, "sha256": _file_sha256(gguf_path)}
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) in the cache so that a load hashes a file only once."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index_path = cache_dir() / "models" / "sha256.json"
+    index = _read_json(index_path) or {}
+    if key not in index:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        index[key] = h.hexdigest()
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(f".sha256.{os.getpid()}.json")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)  # atomic: concurrent loads never read a half-written index
+    return index[key]
 
 
 def _read_json(path: Path):
