@@ -14,7 +14,8 @@ a mismatch is reported with the reference's top-two logit gap (a near-tie below 
 With ``--trees static,prune,dynamic`` (and ``--prune-layer``) it adds token-tree rows (``batched_tree_speculative``
 drafting at ``--layer``: a static tree, the static tree with early pruning, pruning + dynamic size), the chain rows
 beside them; ``--methods`` keeps only some rows. ``make bench`` runs it twice: chains at layer 22, trees at 15.
-Writes docs/benchmarks/<name>.{json,md,png} and <name>_cost_model.json (name: batching by default).
+Writes <name>.{json,md,png} and <name>_cost_model.json under outputs/bench/<name>/ (name: batching by
+default); ``--publish`` copies them to docs/benchmarks/.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 from bench_decode import NEAR_TIE, cpu_name, top2_gap
+
+from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +63,7 @@ def main() -> None:
                    help="only these chain rows, comma-separated (hf_generate, self_speculative, adaptive); "
                         "batched_greedy (the reference) and the --trees rows always run")
     p.add_argument("--cost-model", default=None, help="a saved cost model; default: profile it now")
-    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
-    p.add_argument("--name", default="batching")
+    add_output_args(p, "batching")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -100,8 +102,7 @@ def main() -> None:
         print(report)
     prompts = interleave(sets)[:max(max(sizes), a.min_prompts)]
 
-    docs = Path(a.docs)
-    docs.mkdir(parents=True, exist_ok=True)
+    docs = output_dir(a)
     cost_path = Path(a.cost_model) if a.cost_model else docs / f"{a.name}_cost_model.json"
     if a.cost_model:
         cost = CostModel.load(cost_path)
@@ -205,6 +206,7 @@ def main() -> None:
     write_markdown(out, docs / f"{a.name}.md")
     plot(out, docs / f"{a.name}.png")
     print((docs / f"{a.name}.md").read_text())
+    finish(a, docs)
 
 
 def write_markdown(out: dict, path: Path) -> None:

@@ -9,7 +9,8 @@ time; a method's tokens/s = mean over prompts. Methods take turns prompt by prom
 machine's speed is shared by all of them; the whole measurement is repeated (--runs) and reported as mean and
 standard deviation over runs; speedups are against greedy measured in the same run with 1 and with 2 threads.
 Every output is compared token for token with greedy; a mismatch is reported with the reference's top-two logit
-gap at the first differing position (a near-tie when below 1e-4). Writes docs/benchmarks/decode.{json,md,png}.
+gap at the first differing position (a near-tie when below 1e-4). Writes <name>.{json,md,png}
+under outputs/bench/<name>/ (name: decode by default); ``--publish`` copies them to docs/benchmarks/.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 NEAR_TIE = 1e-4
@@ -266,8 +269,7 @@ def main() -> None:
     p.add_argument("--prune-layer", type=int, default=None, help="the layer whose head prunes the tree")
     p.add_argument("--branching", default="2,2,1,1", help="static tree: children per node at each depth")
     p.add_argument("--methods", default=None, help="comma list of registry names to run (the baselines always run)")
-    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
-    p.add_argument("--name", default="decode")
+    add_output_args(p, "decode")
     a = p.parse_args()
 
     import transformers
@@ -471,8 +473,7 @@ def main() -> None:
                        "torch": torch.__version__, "transformers": transformers.__version__},
            "prompt_sets": {s: len(v) for s, v in prompts.items()}, "methods": methods,
            "date": time.strftime("%Y-%m-%d")}
-    docs = Path(a.docs)
-    docs.mkdir(parents=True, exist_ok=True)
+    docs = output_dir(a)
     (docs / f"{a.name}.json").write_text(json.dumps(out, indent=1))
     lines = [f"{a.model} ({out['dtype']}), {sum(out['prompt_sets'].values())} prompts "
              f"({', '.join(f'{k} {v}' for k, v in out['prompt_sets'].items())}), {a.max_new_tokens} new tokens, "
@@ -508,6 +509,7 @@ def main() -> None:
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_speedups(methods, g1, g2, docs / f"{a.name}.png")
+    finish(a, docs)
 
 
 if __name__ == "__main__":

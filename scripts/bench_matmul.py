@@ -3,7 +3,8 @@
 Every nn.Linear of every decoder layer, called in layer order as one forward calls them, over 1..16 rows, one thread
 by default: the plain module (MKL on the row-major weight) against the same module inside ``packed_linears`` (oneDNN
 on a copy packed once). The two take turns repeat by repeat; medians are reported, with the packed results'
-largest relative difference from the plain ones. Writes a markdown table and JSON under docs/benchmarks/.
+largest relative difference from the plain ones. Writes a markdown table and JSON under
+outputs/bench/<name>/; ``--publish`` copies them to docs/benchmarks/.
 
     python scripts/bench_matmul.py [--model smollm2-135m] [--rows 1,2,3,4,8,16] [--repeats 15] [--threads 1]
 """
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,8 +30,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,3,4,8,16")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
-    p.add_argument("--name", default="matmul_packing")
+    add_output_args(p, "matmul_packing")
     a = p.parse_args()
 
     from ppd_decode.models.loading import load_model
@@ -77,12 +79,12 @@ def main() -> None:
         rel1 = f"{x['plain_ms'] / one:.2f}x | {x['packed_ms'] / one:.2f}x" if one else "- | -"
         lines.append(f"| {x['rows']} | {x['plain_ms']:.2f} | {x['packed_ms']:.2f} | {x['speedup']:.2f}x | {rel1} | "
                      f"{x['max_rel_diff']:.1e} |")
-    out = Path(a.docs)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(a)
     (out / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{a.name}.json").write_text(json.dumps({"model": a.model, "threads": a.threads, "repeats": a.repeats,
                                                     "matmuls": len(mods), "weights_mb": mb, "rows": rows}, indent=1))
     print("\n".join(lines))
+    finish(a, out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Each setup (``--setups``: name=overrides;...; by default own heads with the full
 softmax over 4,096 frequent tokens + the batch's targets, heads that share the model's frozen LM head with a
 rank-256 adapter, and the default frequent-rows heads in fp32 and under bf16 autocast) gets its three rows; costs are relative to one head of the same setup, and to one head of the first setup.
 ``--append`` adds this run's setups to the existing JSON (then the second ratio compares across runs).
-Writes docs/benchmarks/train.{json,md}. Target (issue 3): five heads in one pass cost at most 1.3x one head.
+Writes train.{json,md} under outputs/bench/<name>/; ``--publish`` copies them to docs/benchmarks/.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,10 +60,10 @@ def main() -> None:
         "frequent rows 4096 (default)=head.projection=frequent head.train_vocab=4096 trainer.autocast=null",
         "frequent rows 4096 + bf16 autocast=head.projection=frequent head.train_vocab=4096 trainer.autocast=bf16"]),
                    help="name=space-separated overrides;... (the first is the reference)")
-    p.add_argument("--append", action="store_true", help="add to docs/benchmarks/train.json instead of replacing it")
+    p.add_argument("--append", action="store_true", help="add to the run's train.json instead of replacing it")
     p.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,
                    help="also time five separate single-head runs")
-    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
+    add_output_args(p, "train")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     import torch
@@ -92,7 +94,7 @@ def main() -> None:
                 r["setup"], r["overrides"] = loss, extra.split()
                 r["cost_vs_one_head"] = group[0]["tokens_per_s"] / r["tokens_per_s"]
             rows += group
-    docs = Path(a.docs)
+    docs = output_dir(a)
     if a.append and (docs / "train.json").is_file():
         rows = json.loads((docs / "train.json").read_text())["rows"] + rows
     ref = rows[0]["tokens_per_s"]
@@ -111,6 +113,7 @@ def main() -> None:
               f"{r['cost_vs_first_setup_one_head']:.2f}x |" for r in rows]
     (docs / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    finish(a, docs)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ with each objective (one `python -m ppd_train` run each), then tabulates validat
 
     python scripts/compare_objectives.py --layers 8,15,22 --tokens 100000
 
-Writes docs/benchmarks/objectives.{json,md,png}. Runs resume: an interrupted comparison picks up where it stopped.
+Writes objectives.{json,md,png} under outputs/bench/<name>/ (``--publish`` copies them to docs/benchmarks/).
+Runs resume: an interrupted comparison picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # Each run pins its whole head recipe, so the table stays reproducible when the defaults change.
@@ -42,13 +45,13 @@ def main() -> None:
     p.add_argument("--layers", default="8,15,22")
     p.add_argument("--tokens", type=int, default=102_400, help="training tokens per run (data.max_train_tokens)")
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
-    p.add_argument("--out", default=str(REPO / "outputs" / "compare_objectives"))
-    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
+    p.add_argument("--runs", default=str(REPO / "outputs" / "compare_objectives"), help="the training runs' folder")
+    add_output_args(p, "objectives")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     a = p.parse_args()
     results = {}
     for name in a.objectives.split(","):
-        run_dir = Path(a.out) / name
+        run_dir = Path(a.runs) / name
         if not (run_dir / "metrics.json").is_file():
             cmd = [sys.executable, "-m", "ppd_train", f"model={a.model}", f"head.layers=[{a.layers}]",
                    f"data.max_train_tokens={a.tokens}", f"output_dir={run_dir}", *OBJECTIVES[name], *a.overrides]
@@ -61,8 +64,7 @@ def main() -> None:
         for d in layers:
             rows.append({"objective": name, "layer": d, "top1": m["final"][f"val/top1_agree/layer{d}"],
                          "top5": m["final"][f"val/top5_agree/layer{d}"], "steps": m["steps"]})
-    docs = Path(a.docs)
-    docs.mkdir(parents=True, exist_ok=True)
+    docs = output_dir(a)
     (docs / "objectives.json").write_text(json.dumps(
         {"model": a.model, "layers": layers, "train_tokens": a.tokens, "overrides": a.overrides, "rows": rows,
          "recipes": {n: OBJECTIVES[n] for n in results}},
@@ -95,6 +97,7 @@ def main() -> None:
         fig.savefig(docs / "objectives.png", dpi=120)
     except ImportError:
         pass
+    finish(a, docs)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """How often each guess source holds the greedy token: an early head's top k (over the whole vocabulary or its shortlist
 of trained frequent rows), prompt lookup alone, and the two together as PPD combines them (lookup first, the head
 fills the rest), and how the head's confidence (its top-1 probability over the shortlist) sorts right guesses from
-wrong ones: what self-speculation's ``min_confidence`` stop relies on. Writes docs/benchmarks/guess_sources.{json,md}.
+wrong ones: what self-speculation's ``min_confidence`` stop relies on. Writes <name>.{json,md}
+under outputs/bench/<name>/; ``--publish`` copies them to docs/benchmarks/.
 
     python scripts/guess_sources.py --heads outputs/train/freq-null/heads --layers 11,15,22 --per-set 20
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,8 +30,7 @@ def main() -> None:
     p.add_argument("--per-set", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4, help="guesses per token (PPD's k)")
-    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks"))
-    p.add_argument("--name", default="guess_sources")
+    add_output_args(p, "guess_sources")
     a = p.parse_args()
 
     from tqdm import tqdm
@@ -91,8 +93,7 @@ def main() -> None:
                                                 for t, (n, r) in sure[d].items()} for d in layers}}
         print(s, positions, "positions", flush=True)
 
-    docs = Path(a.docs)
-    docs.mkdir(parents=True, exist_ok=True)
+    docs = output_dir(a)
     (docs / f"{a.name}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# Guess sources: how often the greedy token is among the guesses ({a.model}, {a.per_set} prompts per set, "
              f"up to {a.max_new_tokens} greedy tokens, heads {a.heads})", "",
@@ -114,6 +115,7 @@ def main() -> None:
                                                         for t in thresholds) + " |")
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    finish(a, docs)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""Where benchmark and report files go: a run writes under ``outputs/bench/<name>/`` (never a tracked file);
+``--publish`` then copies that run's files into ``docs/benchmarks/``, the folder the README cites."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs" / "benchmarks"
+
+
+def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--name", default=name, help="the run's name: its folder and its files' stem")
+    parser.add_argument("--out", default=None, help="where the run's files go (default: outputs/bench/<name>/)")
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy the run's files to docs/benchmarks/ (what the README cites)")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.out) if args.out else REPO / "outputs" / "bench" / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def publish(out_dir: Path, docs: Path | None = None) -> list[Path]:
+    """Copy every file of a finished run into ``docs`` (default docs/benchmarks/; flat, same names)."""
+    docs = docs or DOCS
+    docs.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for f in sorted(p for p in Path(out_dir).iterdir() if p.is_file()):
+        copies.append(Path(shutil.copy2(f, docs / f.name)))
+    return copies
+
+
+def finish(args: argparse.Namespace, out_dir: Path) -> None:
+    """Say where the run went, and publish it when asked."""
+    print(f"[bench] wrote {out_dir}")
+    if args.publish:
+        for c in publish(out_dir):
+            print(f"[bench] published {c.relative_to(REPO) if c.is_relative_to(REPO) else c}")
