@@ -31,7 +31,7 @@ class DataConfig:
     split: str = "train"
     max_examples: int | None = None
     val_examples: int = 200
-    max_train_tokens: int | None = None  # the data budget: blocks beyond it are dropped
+    max_train_tokens: int | None = 100_000  # the data budget: blocks beyond it are dropped (None: all)
     seed: int = 0
     self_distill: bool = False
     sd_max_new_tokens: int = 128

@@ -26,6 +26,7 @@ from ppd_decode.models.features import FrozenBackbone
 from ppd_decode.models.heads import EarlyExitHead, check_layer, save_heads
 from ppd_decode.models.loading import load_model
 
+from .config import typed
 from .data import DataConfig, build_training_data
 from .objectives import (
     agreement,
@@ -164,15 +165,16 @@ def deepspeed_config(name_or_path: str, *, micro_batch: int, grad_accum: int, wo
 # ----------------------------------------------------------------------------------------------------- train
 def validate(cfg, model=None) -> None:
     """Bad input fails here, before any compute is spent."""
-    check_objective(cfg.head.objective, cfg.head.get("distill_kind", "kl"))
+    cfg = typed(cfg)
+    check_objective(cfg.head.objective, cfg.head.distill_kind)
     from ppd_decode.models.heads import PROJECTIONS
 
-    if cfg.head.get("projection", "own") not in PROJECTIONS:
+    if cfg.head.projection not in PROJECTIONS:
         raise PPDError(f"unknown head.projection {cfg.head.projection!r}; use one of {list(PROJECTIONS)}")
-    if cfg.head.get("projection", "own") == "frequent" and not int(cfg.head.get("train_vocab") or 0):
+    if cfg.head.projection == "frequent" and not int(cfg.head.train_vocab or 0):
         raise PPDError("head.projection=frequent trains own rows for the head.train_vocab most frequent tokens; "
                        "set head.train_vocab to a positive number (e.g. 4096)")
-    if cfg.trainer.get("autocast") not in (None, "bf16"):
+    if cfg.trainer.autocast not in (None, "bf16"):
         raise PPDError(f"unknown trainer.autocast {cfg.trainer.autocast!r}; use bf16 or null")
     layers = list(cfg.head.layers)
     if not layers:
@@ -217,6 +219,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     """Run (or resume) one training job described by a Hydra config. Returns the final metrics."""
     import deepspeed
 
+    cfg = typed(cfg)
     validate(cfg)
     run_dir = Path(run_dir or cfg.output_dir)
     device, rank, world = init_distributed()
@@ -224,14 +227,14 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     if device.type == "cpu":
         # torchrun pins every rank to one thread; share this node's cores between its ranks instead.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(int(cfg.trainer.get("threads") or max(1, (os.cpu_count() or 1) // local_world)))
+        torch.set_num_threads(int(cfg.trainer.threads or max(1, (os.cpu_count() or 1) // local_world)))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=device)
     validate(cfg, model)
     layers = sorted(set(int(d) for d in cfg.head.layers))
-    objective, kind = cfg.head.objective, cfg.head.get("distill_kind", "kl")
+    objective, kind = cfg.head.objective, cfg.head.distill_kind
     seq_len, micro, accum = int(cfg.trainer.seq_len), int(cfg.trainer.micro_batch), int(cfg.trainer.grad_accum)
 
     data_cfg = DataConfig.from_cfg(cfg.data)
@@ -247,8 +250,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     total_steps = int(cfg.trainer.max_steps or 0) or int(cfg.trainer.epochs) * steps_per_epoch
     warmup = max(1, int(round(float(cfg.trainer.warmup_ratio) * total_steps)))  # DeepSpeed needs >= 1
 
-    projection = cfg.head.get("projection", "own")
-    train_vocab = int(cfg.head.get("train_vocab") or 0)
+    projection = cfg.head.projection
+    train_vocab = int(cfg.head.train_vocab or 0)
     frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
     heads = {}
     for d in layers:  # each head's random init (the adapter's) depends on its layer only, not on the other heads
@@ -256,7 +259,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             torch.manual_seed(cfg.seed * 1000 + d)
             heads[d] = EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection,
                                                 rows=frequent if projection == "frequent" else None).float_trainable()
-    bank = HeadBank(heads, objective, kind, float(cfg.head.get("temperature", 1.0)), frequent).to(device)
+    bank = HeadBank(heads, objective, kind, float(cfg.head.temperature), frequent).to(device)
     ds_cfg = deepspeed_config(cfg.trainer.deepspeed, micro_batch=micro, grad_accum=accum, world=world,
                               lr=float(cfg.trainer.lr), weight_decay=float(cfg.trainer.weight_decay),
                               betas=cfg.trainer.betas, warmup_steps=warmup, total_steps=total_steps)
@@ -264,7 +267,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     engine, _, _, scheduler = deepspeed.initialize(model=bank, model_parameters=trainable, config=ds_cfg)
     backbone = FrozenBackbone(model, layers)
     need_teacher = needs_final_layer(objective)
-    autocast = cfg.trainer.get("autocast") == "bf16"
+    autocast = cfg.trainer.autocast == "bf16"
 
     ckpt_dir = run_dir / "checkpoints"
     step = 0
@@ -318,7 +321,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
                                    client_state={"step": step, "torch_rng": torch.get_rng_state()})
             if is_main:
                 _prune_checkpoints(ckpt_dir, keep=int(cfg.trainer.keep_checkpoints))
-        if cfg.trainer.get("debug_kill_at_step") == step:  # fault injection: the resume test's SIGKILL
+        if cfg.trainer.debug_kill_at_step == step:  # fault injection: the resume test's SIGKILL
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
@@ -346,7 +349,7 @@ def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 
 def _export(run_dir: Path, bank: HeadBank, model, cfg, data, final: dict) -> None:
     heads = {int(d): h for d, h in bank.heads.items()}
-    meta = {"objective": cfg.head.objective, "distill_kind": cfg.head.get("distill_kind", "kl"),
+    meta = {"objective": cfg.head.objective, "distill_kind": cfg.head.distill_kind,
             "data": data.source, "model_spec": cfg.model.spec}
     per_head = {d: {"metrics": {k.split("/layer")[0].replace("val/", "val_"): v for k, v in final.items()
                                 if k.endswith(f"/layer{d}")}} for d in heads}
@@ -364,5 +367,5 @@ def _init_wandb(cfg, run_dir: Path, data, total_steps: int):
     id_file.write_text(run_id)
     config = OmegaConf.to_container(cfg, resolve=True)
     config.update(data_source=data.source, train_blocks=len(data.train), total_steps=total_steps)
-    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.get("entity"), name=cfg.run_name, id=run_id,
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.run_name, id=run_id,
                       resume="allow", dir=str(run_dir), mode=cfg.wandb.mode, config=config)
