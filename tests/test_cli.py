@@ -6,13 +6,30 @@ from ppd_decode.apps.cli import main
 
 
 def test_set_fields_of_the_methods_config(capsys):
-    main(["--model", "tiny-random", "--method", "self_speculative", "--layer", "2", "--set", "lookup=true",
-          "--set", "min_confidence=0.01", "--max-new-tokens", "8", "--check"])
+    main(["--model", "tiny-random", "--method", "self_speculative", "--layer", "2", "decode.self_speculative.lookup=true",
+          "decode.self_speculative.min_confidence=0.01", "--max-new-tokens", "8", "--check"])
     out = capsys.readouterr().out
     assert "[self_speculative] 8 tokens" in out and "identical to greedy: yes" in out
 
 
 def test_an_unknown_field_is_refused_with_the_fields_there_are(capsys):
     with pytest.raises(SystemExit):
-        main(["--model", "tiny-random", "--method", "self_speculative", "--layer", "2", "--set", "lookup2=1"])
+        main(["--model", "tiny-random", "--method", "self_speculative", "--layer", "2",
+              "decode.self_speculative.lookup2=1"])
     assert "has no field 'lookup2' (it has: layer, draft_tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, fix", [
+    (["--heads", "/nonexistent/heads"], "/nonexistent/heads"),
+    (["--method", "self_speculative", "--layer", "2", "decode.self_speculative.draft_tokens=0"], "draft_tokens"),
+    (["--method", "ppd", "--layer", "2", "decode.ppd.k=0"], "k must be >= 1"),
+    (["--method", "greedy", "--max-new-tokens", "100000"], "Fix: shorten the prompt or lower max_new_tokens"),
+    (["--method", "nope"], "no decoding row 'nope'"),
+    (["decode.ppd"], "is not a decoding override"),
+])
+def test_a_users_mistake_is_one_line_naming_the_fix(capsys, args, fix):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tiny-random", "--max-new-tokens", "4", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and fix in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err

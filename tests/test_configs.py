@@ -50,3 +50,24 @@ def test_data_yaml_matches_data_config():
         merged = {**base, **{k: v for k, v in _yaml(path).items() if k != "defaults"}}
         merged["self_distill"] = {**base["self_distill"], **(_yaml(path).get("self_distill") or {})}
         DataConfig.from_cfg(merged)  # an unknown key raises TypeError
+
+
+def test_every_decoding_row_names_a_method_and_its_fields():
+    from ppd_decode.strategies.configs import load_rows, make_row
+
+    table = load_rows()
+    for name, spec in table.items():
+        make_row(name, spec)  # an unknown method or field raises
+    assert set(_yaml(CONFIGS / "demo.yaml")["methods"]) <= set(table)
+
+
+def test_decoding_overrides_change_a_row_or_add_one():
+    from ppd_decode.errors import PPDError
+    from ppd_decode.strategies.configs import rows
+
+    ppd, new = rows(["ppd", "d15"], ["decode.ppd.k=2", "decode.d15.method=ppd", "decode.d15.layer=15"], layer=13)
+    assert (ppd.config.k, ppd.config.layer, new.config.layer, new.cls.name) == (2, 13, 15, "ppd")
+    tree = rows(["tree_static"], ["decode.tree_static.branching=[3,1]"])[0]
+    assert tree.config.branching == (3, 1) and tree.label == "branching=(3, 1)"
+    with pytest.raises(PPDError, match=r"config has no field 'kk' \(it has: layer, k"):
+        rows(["ppd"], ["decode.ppd.kk=2"])

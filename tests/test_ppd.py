@@ -60,7 +60,7 @@ def test_token_identical_to_greedy(engines, which, prompt, n):
     m, eng = engines[which]
     r = eng.generate(prompt, n)
     assert r.tokens == reference(m, prompt, n)
-    assert "fallback" not in r.extra  # the workers did the work
+    assert r.stats.fallback is None  # the workers did the work
 
 
 def test_round_trip_probe(engines):
@@ -76,13 +76,13 @@ def test_matches_are_used_when_the_head_is_good(engines):
     assert r.tokens == reference(m, list(range(10, 30)), 40)
     assert r.accepted > 0.5 * r.drafted > 0
     # where the time went: each worker's parts add up to its time on the request, which fits in the wall time
-    a, b = r.extra["a_time_s"], r.extra["b_time_s"]
+    a, b = r.stats.a_time_s, r.stats.b_time_s
     assert set(a) == set(A_PARTS) and set(b) == set(B_PARTS) and min(a.values()) >= 0 and min(b.values()) >= 0
     assert 0 < sum(a.values()) <= r.seconds and 0 < sum(b.values()) <= r.seconds
     assert a["prefill"] > 0 and a["guess_block"] > 0 and a["rank_guesses"] > 0 and b["layers"] > 0
     assert a["miss_rerun"] < a["guess_block"]  # mostly matches: few re-runs
-    assert r.extra["a_busy_s"] == pytest.approx(sum(a.values()) - a["prefill"] - a["wait"])
-    assert r.extra["b_wait_s"] == b["wait"]
+    assert r.stats.a_busy_s == pytest.approx(sum(a.values()) - a["prefill"] - a["wait"])
+    assert r.stats.b_wait_s == b["wait"]
 
 
 def test_lookup_guesses_match_where_the_head_cannot(engines):
@@ -102,22 +102,22 @@ def test_text_chains_decide_several_tokens_per_b_step(engines):
     prompt = [9, 8, 7, 6] * 5
     r = eng.generate(prompt, 48)
     assert r.tokens == reference(m, prompt, 48)
-    assert 5 <= r.extra["chain_accepted"] <= r.extra["chain_drafted"]
+    assert 5 <= r.stats.chain_accepted <= r.stats.chain_drafted
     # one B block per token it decided on its own: all but the accepted chain tokens (the last block ends the request)
-    assert r.drafted == len(r.tokens) - 1 - r.extra["chain_accepted"] == r.steps - 1
+    assert r.drafted == len(r.tokens) - 1 - r.stats.chain_accepted == r.steps - 1
     # (B's chain, A's chain beside it) for every B block, which the latency model times blocks by: they add up to the
     # counts
-    pairs = r.extra["block_pairs"]
+    pairs = r.stats.block_pairs
     assert sum(pairs.values()) == r.steps
-    assert sum(c for (b, a), c in pairs.items() if b) == r.extra["chains_sent"]
-    assert sum(b * c for (b, a), c in pairs.items()) == r.extra["chain_drafted"]
-    assert sum(c for (b, a), c in pairs.items() if a > 0) == r.extra["chain_blocks"]
-    assert sum(c for (b, a), c in pairs.items() if a >= 0) == r.extra["guess_blocks"]
+    assert sum(c for (b, a), c in pairs.items() if b) == r.stats.chains_sent
+    assert sum(b * c for (b, a), c in pairs.items()) == r.stats.chain_drafted
+    assert sum(c for (b, a), c in pairs.items() if a > 0) == r.stats.chain_blocks
+    assert sum(c for (b, a), c in pairs.items() if a >= 0) == r.stats.guess_blocks
     assert {b for b, a in pairs} <= {0, 1, 2, 3} and {a for b, a in pairs} <= {-1, 0, 1, 2, 3}
     seed, damp, d, k, noise, lookup, short, chunk, _ = ENGINES[1]
     with PPDEngine(m, _head(m, d, noise), PPDConfig(k=k, lookup=lookup, prefill_chunk=chunk, chain=0)) as plain:
         p = plain.generate(prompt, 48)
-    assert p.tokens == r.tokens and "chain_accepted" not in p.extra
+    assert p.tokens == r.tokens and p.stats.chain_drafted == 0
     assert p.drafted == len(p.tokens) - 1 > r.drafted  # without chains, one B block per token
 
 
@@ -129,7 +129,7 @@ def test_split_without_speculation_is_exact_too():
     with PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=2, speculate=False)) as eng:
         r = eng.generate([7, 8, 9], 30)
     assert r.tokens == reference(m, [7, 8, 9], 30) and r.accepted == 0
-    a = r.extra["a_time_s"]  # every token is a "miss": A runs it after B's answer, and no time goes to guess blocks
+    a = r.stats.a_time_s  # every token is a "miss": A runs it after B's answer, and no time goes to guess blocks
     assert a["guess_block"] == a["cache"] == 0 and a["miss_rerun"] > 0
     assert len(m(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states) == LAYERS + 1
 
@@ -178,11 +178,11 @@ def test_a_worker_killed_mid_generation_never_costs_a_wrong_token(stage):
     r = eng.generate(prompt, 60, on_token=kill_after_five)
     assert killed and r.tokens == reference(m, prompt, 60)
     # the reason is reported: the dead worker's exit, or its peer's error about the broken connection
-    assert any(w in r.extra["fallback"] for w in ("exited", "hung", "worker A", "worker B"))
+    assert any(w in r.stats.fallback for w in ("exited", "hung", "worker A", "worker B"))
     assert all(_gone(p) for p in pids)  # both workers stopped, none orphaned
     # the next request starts fresh workers
     r2 = eng.generate(prompt, 10)
-    assert r2.tokens == reference(m, prompt, 10) and "fallback" not in r2.extra
+    assert r2.tokens == reference(m, prompt, 10) and r2.stats.fallback is None
     new = _pids(eng)
     eng.close()
     time.sleep(0.2)

@@ -101,8 +101,7 @@ def test_real_model_token_identical_to_greedy(smollm2, trained_head, prompts, na
                 pos = next(j for j, (a, b) in enumerate(zip(ref + [None], got + [None])) if a != b)
                 assert _near_tie(model, ids, ref, pos), f"{name} differs from greedy on a {task} prompt at {pos}"
     finally:
-        if hasattr(strategy, "close"):
-            strategy.close()
+        strategy.close()
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ prompts = st.lists(st.integers(4, 259), min_size=1, max_size=40)
 models = st.tuples(st.integers(0, 2), st.sampled_from([1.0, 0.3, 0.05]))
 
 
-IN_PROCESS = sorted(n for n, c in REGISTRY.items() if not getattr(c, "spawns_workers", False))
+IN_PROCESS = sorted(n for n, c in REGISTRY.items() if not c.spawns_workers)
 
 
 @pytest.mark.parametrize("name", IN_PROCESS)
@@ -89,9 +89,9 @@ def test_self_speculative_settings(prompt, mdl, layer, gamma, adaptive, lookup, 
     assert r.tokens == reference(m, prompt, n)
     assert r.accepted <= r.drafted and len(r.tokens) <= n
     if lookup:
-        assert r.extra["lookup_accepted"] <= r.extra["lookup_drafted"] <= r.drafted
+        assert r.stats.lookup_accepted <= r.stats.lookup_drafted <= r.drafted
     if confidence > 1:  # the head never drafts: only the text's drafts remain
-        assert r.drafted == r.extra.get("lookup_drafted", 0)
+        assert r.drafted == r.stats.lookup_drafted
 
 
 def test_padded_blocks_leave_the_real_rows_and_the_cache_alone():
@@ -189,7 +189,7 @@ def test_self_speculative_fills_padding_with_copied_drafts():
     runs = {b: build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, lookup=True, draft_tokens=1,
                      adaptive=False, min_block=b).generate(prompt, 60) for b in (1, 4)}
     assert runs[1].tokens == runs[4].tokens == ref
-    assert runs[4].extra["lookup_drafted"] > runs[1].extra["lookup_drafted"]
+    assert runs[4].stats.lookup_drafted > runs[1].stats.lookup_drafted
     assert runs[4].steps < runs[1].steps
     with pytest.raises(ValueError, match="min_block"):
         build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, min_block=0)
@@ -216,7 +216,7 @@ def test_self_speculative_copies_drafts_from_the_text():
     s = build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, lookup=True)
     r = s.generate(prompt, 60)
     assert r.tokens == plain.tokens == ref
-    assert r.extra["lookup_accepted"] >= 20 and r.steps < plain.steps
+    assert r.stats.lookup_accepted >= 20 and r.steps < plain.steps
 
 
 def test_self_speculative_verifies_several_text_continuations_as_a_tree():
@@ -233,8 +233,8 @@ def test_self_speculative_verifies_several_text_continuations_as_a_tree():
         r = build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, lookup=True, lookup_candidates=3,
                   min_confidence=1.01).generate(prompt, 40)
         assert r.tokens == reference(m, prompt, 40)
-        trees += r.extra.get("lookup_trees", 0)
-        wins += r.extra.get("lookup_branch_wins", 0)
+        trees += r.stats.lookup_trees
+        wins += r.stats.lookup_branch_wins
     assert trees >= 3 and wins >= 1
     for bad in ({"lookup_min_match": 0}, {"lookup_tokens": -1}, {"lookup_candidates": 0}, {"lookup_tree_rows": 1}):
         with pytest.raises(ValueError, match="lookup"):
@@ -311,7 +311,7 @@ def test_lookahead_accepts_ngrams():
         r = build("lookahead", m, None, window=window, ngram=4, max_candidates=3, key_tokens=key,
                   seed_from_prompt=seeded).generate(prompt, 60)
         assert r.tokens == want
-        assert r.extra["ngram_hits"] > 0 and r.accepted > 0 and r.mean_accepted_tokens > 1
+        assert r.stats.ngram_hits > 0 and r.accepted > 0 and r.mean_accepted_tokens > 1
 
 
 def test_lookahead_mask_gives_each_row_a_contiguous_run():
@@ -349,3 +349,40 @@ def test_ngram_pool_with_a_two_token_key_needs_the_context_to_match():
     assert pool.candidates([0, 9, 1]) == [(4, 5)]
     assert pool.candidates([7, 1]) == []  # the key token alone is not enough
     assert pool.candidates([1]) == []  # nor a context shorter than the key
+
+
+def test_the_interface_is_declared_not_discovered(tiny):
+    """Every strategy has the lifecycle, capabilities and typed statistics of the base class."""
+    from ppd_decode.strategies.base import DecodingStrategy, Stats
+
+    for name, cls in REGISTRY.items():
+        assert issubclass(cls, DecodingStrategy) and issubclass(cls.Stats, Stats), name
+        assert isinstance(cls.spawns_workers, bool) and isinstance(cls.batched, bool), name
+        assert callable(cls.close) and hasattr(cls, "__enter__"), name
+    assert {n for n, c in REGISTRY.items() if c.spawns_workers} == {"ppd"}
+    assert {n for n, c in REGISTRY.items() if c.batched} == {"batched_greedy", "batched_self_speculative",
+                                                           "batched_tree_speculative"}
+    closed = []
+    with get_strategy("greedy")(tiny[0]) as s:
+        s.close = lambda: closed.append(True)
+        with pytest.raises(PPDError, match="one prompt at a time; the batched methods"):
+            s.generate_batch([[1, 2]], 3)
+    assert closed == [True]
+
+
+def test_stats_merge_adds_requests_up():
+    from dataclasses import dataclass, field
+
+    from ppd_decode.strategies.base import Stats
+
+    @dataclass
+    class S(Stats):
+        n: int = 0
+        t: float = 0.0
+        xs: list = field(default_factory=list)
+        parts: dict = field(default_factory=dict)
+        why: str | None = None
+
+    a, b = S(1, 0.5, [1], {"x": 1.0, (1, 2): 3}, None), S(2, 0.25, [2, 3], {"x": 2.0, "y": 1.0, (1, 2): 1}, "dead")
+    a.merge(b)
+    assert a == S(3, 0.75, [1, 2, 3], {"x": 3.0, "y": 1.0, (1, 2): 4}, "dead")

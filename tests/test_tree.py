@@ -55,8 +55,8 @@ def test_good_drafts_give_deep_accepted_paths_and_pruning_drops_rows():
     a, b = full.generate(prompt, 40), pruned.generate(prompt, 40)
     assert a.tokens == want and b.tokens == want
     assert a.accepted / (a.steps - 1) > 2  # most steps accept several drafted tokens
-    assert sum(b.extra["survivors"]) < sum(b.extra["tree_nodes"])  # pruning removed rows before the last layers
-    assert sum(a.extra["survivors"]) == sum(a.extra["tree_nodes"])
+    assert sum(b.stats.survivors) < sum(b.stats.tree_nodes)  # pruning removed rows before the last layers
+    assert sum(a.stats.survivors) == sum(a.stats.tree_nodes)
 
 
 def test_dynamic_size_follows_the_cost_of_verification():
@@ -68,7 +68,7 @@ def test_dynamic_size_follows_the_cost_of_verification():
     dear.costs = TreeCosts([1, 32], [0.5, 16.0], [1.0, 40.0])  # each node costs as much as a step: stay small
     a, b = cheap.generate([5, 6, 7], 30), dear.generate([5, 6, 7], 30)
     assert a.tokens == b.tokens == reference(m, [5, 6, 7], 30)
-    mean = lambda r: sum(r.extra["tree_nodes"]) / len(r.extra["tree_nodes"])  # noqa: E731
+    mean = lambda r: sum(r.stats.tree_nodes) / len(r.stats.tree_nodes)  # noqa: E731
     assert mean(a) > mean(b)
 
 
@@ -106,8 +106,8 @@ def test_shortlist_pruning_keeps_every_node_full_pruning_keeps():
         short = tree_strategy(m, heads, layer=1, branching=(3, 2), prune_layer=2, prune_top=2, prune_shortlist=4)
         a, b = full.generate(prompt, 12), short.generate(prompt, 12)
         assert a.tokens == b.tokens == reference(m, prompt, 12)
-        if a.extra["tree_nodes"] == b.extra["tree_nodes"]:  # same trees drafted: compare the survivors step by step
-            assert all(x <= y for x, y in zip(a.extra["survivors"], b.extra["survivors"]))
+        if a.stats.tree_nodes == b.stats.tree_nodes:  # same trees drafted: compare the survivors step by step
+            assert all(x <= y for x, y in zip(a.stats.survivors, b.stats.survivors))
 
 
 # ------------------------------------------------------------------------------------------- batched trees
@@ -160,12 +160,12 @@ def test_batched_trees_accept_deep_paths_prune_rows_and_go_ragged():
     assert [r.tokens for r in full] == want and [r.tokens for r in pruned] == want
     assert all(r.accepted / (r.steps - 1) > 1.5 for r in full)
     assert len({r.accepted for r in full}) > 1  # rows accepted different lengths: the cache went ragged
-    assert sum(sum(r.extra["survivors"]) for r in pruned) < sum(sum(r.extra["tree_nodes"]) for r in pruned)
+    assert sum(sum(r.stats.survivors) for r in pruned) < sum(sum(r.stats.tree_nodes) for r in pruned)
     cheap = batched_tree(m, heads, layer=2, max_nodes=16)
     cheap.config.dynamic, cheap.costs = True, _made_up_costs(0.0)
     dear = batched_tree(m, heads, layer=2, max_nodes=16)
     dear.config.dynamic, dear.costs = True, BatchTreeCosts([1, 16], [1, 32], [[0.5, 16.0]] * 2, [[1.0, 40.0]] * 2)
     a, b = cheap.generate_batch(prompts, 30), dear.generate_batch(prompts, 30)
     assert [r.tokens for r in a] == [r.tokens for r in b] == [w[:30] for w in want]
-    mean = lambda rs: sum(sum(r.extra["tree_nodes"]) for r in rs) / sum(len(r.extra["tree_nodes"]) for r in rs)  # noqa: E731
+    mean = lambda rs: sum(sum(r.stats.tree_nodes) for r in rs) / sum(len(r.stats.tree_nodes) for r in rs)  # noqa: E731
     assert mean(a) > mean(b)

@@ -17,9 +17,10 @@ from omegaconf import DictConfig
 
 from ppd_decode.data.prompts import build_prompts, context_length
 from ppd_decode.data.tasks import TaskConfig, load_task
+from ppd_decode.errors import PPDError
 from ppd_decode.models.heads import load_heads
 from ppd_decode.models.loading import load_model
-from ppd_decode.strategies import get_strategy
+from ppd_decode.strategies.configs import rows as decode_rows
 
 
 @hydra.main(config_path="../../configs", config_name="demo", version_base="1.3")
@@ -30,22 +31,30 @@ def main(cfg: DictConfig) -> None:
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=cfg.model.device)
     print(f"model {cfg.model.spec}: {model.config.num_hidden_layers} layers, {model.dtype}, "
           f"loaded in {time.time() - t0:.1f}s")
-    methods = {"greedy": get_strategy("greedy")(model)}
+    # the rows of configs/decode.yaml (with this run's decode.ROW.FIELD=VALUE overrides) named by `methods`
+    from omegaconf import OmegaConf
+
+    table = OmegaConf.to_container(cfg.decode, resolve=True)
+    heads, layer = {}, None
     if cfg.heads:
         heads = load_heads(cfg.heads, model, [cfg.layer] if cfg.layer else None)
-        cls = get_strategy("self_speculative")
         layer = cfg.layer or max(heads)
-        methods["self_speculative"] = cls(model, cls.Config(layer=layer, lookup=cfg.self_spec_lookup,
-                                                             min_confidence=cfg.self_spec_min_confidence),
-                                           heads={layer: heads[layer]})
-        ppd = get_strategy("ppd")
-        methods["ppd"] = ppd(model, ppd.Config(layer=layer, k=cfg.k, chain=cfg.ppd_chain), heads={layer: heads[layer]})
-        methods["ppd"].engine.start()  # two worker processes, started once for all prompts
-        print(f"self-speculative decoding drafts from the text"
-              f"{'' if cfg.self_spec_lookup else ' (off)'} and with layers 1..{layer} + the trained head from "
-              f"{cfg.heads} (where it is at least {cfg.self_spec_min_confidence} sure); "
-              f"PPD splits the model at layer {layer} over two worker processes and guesses k={cfg.k} tokens"
-              f"{f', the text guess with a chain of up to {cfg.ppd_chain}' if cfg.ppd_chain else ''}")
+    chosen = decode_rows(list(cfg.methods), base=table, layer=layer)
+    if chosen[0].cls.name != "greedy":
+        raise PPDError(f"the demo's first method is its reference: methods=[greedy, ...], not {cfg.methods[0]!r}")
+    methods = {}
+    for row in chosen:
+        if row.cls.needs_heads and not heads:
+            continue  # drafting methods need heads=
+        methods[row.name] = row.build(model, {row.config.layer: heads[row.config.layer]} if row.cls.needs_heads
+                                      else None)
+        if row.name != chosen[0].name:
+            print(f"{row.name}: {row.cls.name}" + (f" ({row.label})" if row.label else ""))
+        engine = getattr(methods[row.name], "engine", None)
+        if engine is not None:
+            engine.start()  # two worker processes, started once for all prompts
+    if cfg.heads:
+        print(f"drafting with layers 1..{layer} + the trained head from {cfg.heads}")
     warm = tok("Hello", return_tensors="pt").input_ids[0].tolist()
     for s in methods.values():  # one short untimed run each: first calls pay one-off setup, not decoding
         s.generate(warm, 4)
@@ -60,7 +69,7 @@ def main(cfg: DictConfig) -> None:
         print(f"\n=== {name} ({rows.source}) — {report}")
         for p in prompts:
             results = {m: s.generate(p.input_ids, cfg.max_new_tokens) for m, s in methods.items()}
-            ref = results["greedy"]
+            ref = results[chosen[0].name]
             ref_text = p.reference[0] if isinstance(p.reference, list) else p.reference
             print(f"\n[{p.id}] {len(p.input_ids)} prompt tokens")
             print(f"  output:    {tok.decode(ref.tokens, skip_special_tokens=True).strip()!r}")
@@ -68,7 +77,7 @@ def main(cfg: DictConfig) -> None:
             for m, r in results.items():
                 speeds[m].append(len(r.tokens) / r.seconds)
                 extra = ""
-                if m != "greedy":
+                if m != chosen[0].name:
                     same = r.tokens == ref.tokens
                     identical += same
                     total += 1
@@ -76,13 +85,13 @@ def main(cfg: DictConfig) -> None:
                              f"{'yes' if same else 'NO'}")
                 print(f"  {m:17s} {len(r.tokens)} tokens in {r.seconds:.2f}s ({len(r.tokens) / r.seconds:.1f} tok/s{extra})")
     for s in methods.values():
-        if hasattr(s, "close"):
-            s.close()
+        s.close()
     print("\n=== summary")
     for m, v in speeds.items():
         print(f"  {m:17s} mean {statistics.mean(v):.1f} tok/s over {len(v)} prompts")
     if total:
-        print(f"  self-speculative and PPD outputs identical to greedy on {identical}/{total} runs")
+        print(f"  {', '.join(m for m in methods if m != chosen[0].name)}: outputs identical to greedy on "
+              f"{identical}/{total} runs")
 
 
 if __name__ == "__main__":

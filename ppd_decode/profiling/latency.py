@@ -47,7 +47,7 @@ def stage_pipelined(p: float, t1k: float, t1: float, t2: float, t_greedy: float,
         t1k = (1 - chains["a_share"]) * t1k + chains["a_share"] * chains["t1k_chain"]
         per_block = chains["tokens_per_block"]
         # with ``block_max``: the mean over blocks of max(B's block, A's guess block beside it), which the max of the
-        # two means understates when chained and plain blocks meet (a 60 ms chained B block beside a 31 ms A block)
+        # two means understates when chained and plain blocks meet (a long chained B block beside a short A block)
         side_by_side = chains.get("block_max")
     latency = ((side_by_side if side_by_side is not None else max(t2, t1k)) + (1 - p) * t1) / per_block
     compute = (t1k + (1 - p) * t1 + t2) / per_block

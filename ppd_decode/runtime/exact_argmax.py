@@ -1,11 +1,11 @@
 """The final layer's greedy token without reading the whole fp32 LM head: an exact argmax.
 
-On a CPU, one decoding step's LM head (vocabulary x hidden, fp32) is a matrix-vector product bound by memory: for
-SmolLM2-135M it reads 113 MB and costs ~13 ms, a sixth of a step. Greedy decoding needs only its argmax, so:
+On a CPU, one decoding step's LM head (vocabulary x hidden, fp32) is a matrix-vector product bound by memory, and
+on a small model with a large vocabulary a sizeable share of a step. Greedy decoding needs only its argmax, so:
 
 1. **Screen** with a half-size copy of the matrix, giving approximate logits ``a`` at a fraction of the cost: bf16
-   packed once for oneDNN where it runs bf16 (1.4 / 1.9 ms for 1 / 4 rows of SmolLM2's head, fp32 accumulation),
-   else unpacked fp16 for one or two rows and bf16 for more (whichever this CPU runs faster at that shape).
+   packed once for oneDNN where it runs bf16 (fp32 accumulation), else unpacked fp16 for one or two rows and bf16
+   for more (whichever AVX-512 CPUs run faster at that shape).
 2. Every approximate logit is within ``beta`` of the exact one (a rigorous bound from the rounding of the matrix,
    the hidden state, the fp32 accumulation and the output). Only tokens whose ``a`` is within ``2 beta`` (plus the
    fp32 rounding ``2 gamma``) of the best can be the argmax of the fp32 head: usually one or two.
@@ -27,8 +27,8 @@ from ppd_decode.runtime.packed_linear import switched_on, weight_key
 
 _U32 = 2.0 ** -24  # unit roundoff of fp32
 _UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-_FP16_MAX_ROWS = 2  # fp16 is the faster screen up to here on AVX-512 CPUs; bf16 beyond (measured: 1 row 4.7 vs
-#                     8.9 ms, 5 rows 16.9 vs 10.8 ms, 16 rows 54 vs 12 ms; fp32: 12.5 / 24 / 27 ms)
+_FP16_MAX_ROWS = 2  # unpacked, fp16 is the faster screen up to here on AVX-512 CPUs and bf16 beyond: fp16 has
+#                     no matrix kernel there, so its cost grows with the rows
 
 
 def _fp16_reduction_is_exact() -> bool:
@@ -67,8 +67,8 @@ class ExactArgmax:
 
     def _packed_bf16(self):
         """The bf16 screen packed once for oneDNN (like the decoder's matmuls, packed_linear.py), or None where oneDNN
-        cannot or may not: 1.4 / 1.9 ms for 1 / 4 rows of SmolLM2's head against 2.5 (fp16) / 3.6 ms (bf16) unpacked.
-        oneDNN accumulates bf16 products in fp32 by default (its "strict" accumulation mode), which the bound needs."""
+        cannot or may not; packed, it is cheaper than either unpacked screen at every row count. oneDNN accumulates
+        bf16 products in fp32 by default (its "strict" accumulation mode), which the bound needs."""
         if "_packed" not in self.__dict__:
             self._packed = None
             if switched_on() and torch.backends.mkldnn.is_available():

@@ -1,12 +1,11 @@
 """Decoder-layer matmuls on a CPU with weights packed once for oneDNN, inside ppd's own stack only.
 
 On a CPU, ``nn.Linear`` hands MKL a row-major weight on every call. For one row MKL runs a matrix-vector product that
-streams the weight at ~16 GB/s; for 2-16 rows it re-packs the weight into its kernel's layout on every call, so a
-4-row verification block costs ~1.4x a one-row step. Packing each weight once into oneDNN's blocked layout (what
-inductor's weight freezing and IPEX's ``optimize`` do) removes that: on SmolLM2-135M's 210 decoder matmuls, 1 / 4 / 16
-rows took 28 / 38 / 63 ms with the plain weights and 17 / 19 / 30 ms packed (one core;
-``scripts/bench_matmul.py``, docs/benchmarks/matmul_packing.md). Speculative methods gain twice: every step is
-cheaper, and checking several drafted tokens costs about what one token does.
+streams the weight; for 2-16 rows it re-packs the weight into its kernel's layout on every call, so a verification
+block costs well over a one-row step. Packing each weight once into oneDNN's blocked layout (what inductor's weight
+freezing and IPEX's ``optimize`` do) removes that re-packing (measured by ``scripts/bench_matmul.py``; the numbers
+are in the README's results). Speculative methods gain twice: every step is cheaper, and checking several drafted tokens costs
+about what one token does.
 
 Scoped: ``packed_linears(model)`` turns the packed path on for the calling thread while ppd's stack runs layers
 (``stack.run_layers``, ``stack.prefill``); outside it every linear is the model's own (``model.generate`` as loaded,

@@ -34,9 +34,8 @@ _SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attentio
 def gqa_attention(device: torch.device):
     """On a CPU, let SDPA attend with grouped key/value heads even under an explicit mask, instead of transformers'
     default of copying every cached key and value once per query head group (``repeat_kv``) whenever a mask is given.
-    Every block run_layers runs has a mask. On SmolLM2-135M (9 query heads, 3 key/value heads) a 4-token block timed
-    alone over and over lost a quarter of its time, but whole decodes only ~1% (README); the outputs are bitwise
-    the same (tested). transformers reads this switch at each call. Not on GPUs, where a masked grouped SDPA falls
+    Every block run_layers runs has a mask. It saves the copies, which matter more to a block timed alone than to a
+    whole decode (docs/results.md); the outputs are bitwise the same (tested). transformers reads this switch at each call. Not on GPUs, where a masked grouped SDPA falls
     back to the slow math kernel."""
     if device.type != "cpu" or not _SDPA_HAS_GQA:
         yield
@@ -184,9 +183,9 @@ def pad_block(hidden: torch.Tensor, min_rows: int) -> torch.Tensor:
     """``hidden`` [B, q, H] with copies of its last row appended up to ``min_rows`` rows when 1 < q < min_rows.
 
     With MKL on the plain row-major weights (``PPD_PACKED_LINEAR=0``, or no oneDNN), a matmul over 2 or 3 rows
-    runs as that many matrix-vector products (each reads the whole weight) while 4 rows get a real matrix kernel: on
-    SmolLM2-135M, 30 layers over 2 / 3 / 4 new tokens took 80 / 91 / 74 ms. With the packed weights the stack uses by
-    default on a CPU (packed_linear.py) 2-4 rows cost about the same, so the padding neither helps nor hurts there.
+    runs as that many matrix-vector products (each reads the whole weight) while 4 rows get a real matrix kernel, so
+    a padded block costs less than the unpadded one. With the packed weights the stack uses by default on a CPU
+    (packed_linear.py) 2-4 rows cost about the same, so the padding neither helps nor hurts there.
     The padding rows sit after the real ones, so the causal mask keeps them out of every real row; callers ignore
     their outputs and crop their cache entries. One row stays one row."""
     q = hidden.shape[1]

@@ -9,7 +9,7 @@ the registry, so registering a method is all it takes to have it tested and meas
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -48,13 +48,46 @@ def pick_head(strategy: "DecodingStrategy", layer: int | None):
 
 
 @dataclass
+class Stats:
+    """A method's own per-request statistics; each strategy declares its subclass (``Strategy.Stats``) with typed
+    fields. ``merge`` adds requests up field by field: numbers add, lists extend, dicts of numbers add key by key,
+    anything else keeps the latest value that is not None."""
+
+    def merge(self, other: "Stats") -> None:
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, bool) or not isinstance(mine, (int, float, list, dict)):
+                if theirs is not None:
+                    setattr(self, f.name, theirs)
+            elif isinstance(mine, list):
+                mine.extend(theirs)
+            elif isinstance(mine, dict):
+                for k, v in theirs.items():
+                    mine[k] = _add(mine[k], v) if k in mine else (dict(v) if isinstance(v, dict) else v)
+            else:
+                setattr(self, f.name, mine + theirs)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _add(a, b):
+    if isinstance(a, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = _add(out[k], v) if k in out else v
+        return out
+    return a + b
+
+
+@dataclass
 class DecodeResult:
     tokens: list[int]  # the new tokens only (EOS included when generation stopped on it)
     steps: int = 0  # forward passes of the full model (verification steps for drafting methods)
     drafted: int = 0
     accepted: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)  # the method's own statistics (its ``Stats`` subclass)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -62,10 +95,41 @@ class DecodeResult:
         return len(self.tokens) / self.steps if self.steps else 0.0
 
 
+@dataclass
+class Totals:
+    """One benchmark row's decodes added up (what ``DecodingStrategy.summary`` reads)."""
+
+    tokens: int = 0
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    wall_s: float = 0.0
+    prompts: int = 0
+    stats: Stats | None = None
+    tokens_per_s: float = 0.0  # the row's measured speed (mean over runs)
+
+    def add(self, res: DecodeResult) -> None:
+        self.tokens += len(res.tokens)
+        self.steps += res.steps
+        self.drafted += res.drafted
+        self.accepted += res.accepted
+        self.wall_s += res.seconds
+        self.prompts += 1
+        if self.stats is None:
+            self.stats = type(res.stats)()
+        self.stats.merge(res.stats)
+
+
 class DecodingStrategy:
+    """Build once for a model (and its heads), then ``generate`` many prompts; ``close()`` (or a ``with`` block)
+    releases what the strategy holds (worker processes). What a method can do is declared, not discovered."""
+
     name: ClassVar[str]
     Config: ClassVar[type] = None  # a dataclass
-    needs_heads: ClassVar[bool] = False
+    Stats: ClassVar[type[Stats]] = Stats  # the typed statistics every DecodeResult of this method carries
+    needs_heads: ClassVar[bool] = False  # drafts with early-exit heads: pass heads={layer: head}
+    spawns_workers: ClassVar[bool] = False  # runs worker processes (released by close())
+    batched: ClassVar[bool] = False  # also decodes several prompts together: generate_batch(prompts, n)
 
     def __init__(self, model, config=None, heads: dict | None = None, tokenizer=None):
         self.model = model
@@ -103,6 +167,31 @@ class DecodingStrategy:
 
     def _generate(self, ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
         raise NotImplementedError
+
+    def generate_batch(self, prompts: list, max_new_tokens: int) -> list[DecodeResult]:
+        raise PPDError(f"{self.name} decodes one prompt at a time; the batched methods: "
+                       f"{sorted(n for n, c in REGISTRY.items() if c.batched)}")
+
+    def new_result(self, tokens: list[int], **kw) -> DecodeResult:
+        """An empty result carrying this method's statistics."""
+        return DecodeResult(tokens, stats=self.Stats(), **kw)
+
+    def probe(self, prompt_len: int, max_new_tokens: int) -> None:
+        """A measurement the benchmark lets the method take between prompts (none by default)."""
+
+    def summary(self, totals: "Totals") -> dict:
+        """What the benchmark reports for the method beyond its speed, from its probes and its first run's totals:
+        ``predicted_speedup`` (and ``_beside``) for a latency model, ``lines`` of text, any JSON-able details."""
+        return {}
+
+    def close(self) -> None:
+        """Release worker processes or other resources; the strategy may not be used afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def finish(self, out: list[int], new: list[int], max_new_tokens: int) -> bool:
         """Append ``new`` to ``out`` under generate's stopping rules; True when generation is over."""

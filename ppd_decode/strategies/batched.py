@@ -29,6 +29,8 @@ from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head
 class BatchedDecoding(DecodingStrategy):
     """Common loop: subclasses say how many tokens to draft for the live batch (0: a plain greedy step)."""
 
+    batched = True
+
     layer: int | None = None
     head = None
 
@@ -63,7 +65,7 @@ class BatchedDecoding(DecodingStrategy):
     def _decode(self, prompts: list[list[int]], max_new_tokens: int) -> list[DecodeResult]:
         m, L = self.model, num_layers(self.model)
         batch = RaggedBatch(m, prompts, self.pad)
-        results = [DecodeResult([], steps=1) for _ in prompts]
+        results = [self.new_result([], steps=1) for _ in prompts]
         self._finish_rows(batch, results, [[t] for t in batch.cur.tolist()], max_new_tokens)
         while batch.size:
             g = self.gamma_for(batch.size)

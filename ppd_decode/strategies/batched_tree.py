@@ -29,7 +29,12 @@ from ppd_decode.runtime.stack import crop_cache, embed, final_argmax, num_layers
 from ppd_decode.runtime.token_tree import Tree, accepted_path
 from ppd_decode.strategies.base import DecodeResult, register
 from ppd_decode.strategies.batched import BatchedDecoding
-from ppd_decode.strategies.tree_speculative import TreeSpeculative, TreeSpeculativeConfig, updated_calibration
+from ppd_decode.strategies.tree_speculative import (
+    TreeSpeculative,
+    TreeSpeculativeConfig,
+    TreeStats,
+    updated_calibration,
+)
 
 
 @dataclass
@@ -101,6 +106,7 @@ def _visibility(trees: list[Tree], col: list[list[int]], nodes: list[list[int]],
 @register
 class BatchedTreeSpeculative(BatchedDecoding):
     name = "batched_tree_speculative"
+    Stats = TreeStats
     Config = BatchedTreeConfig
     needs_heads = True
 
@@ -239,7 +245,7 @@ class BatchedTreeSpeculative(BatchedDecoding):
     # ------------------------------------------------------------------------------------------------ the loop
     def _decode(self, prompts: list[list[int]], max_new_tokens: int) -> list[DecodeResult]:
         batch = RaggedBatch(self.model, prompts, self.pad)
-        results = [DecodeResult([], steps=1) for _ in prompts]
+        results = [self.new_result([], steps=1) for _ in prompts]
         self._finish_rows(batch, results, [[t] for t in batch.cur.tolist()], max_new_tokens)
         while batch.size:
             trees = []
@@ -262,9 +268,9 @@ class BatchedTreeSpeculative(BatchedDecoding):
                 res.steps += 1
                 res.drafted += len(tree.tokens) - 1
                 res.accepted += len(path) - 1
-                res.extra.setdefault("tree_nodes", []).append(len(tree.tokens) - 1)
-                res.extra.setdefault("survivors", []).append(len(alive[b]) - 1)
-                res.extra.setdefault("verify_seconds", []).append(verify_s)
+                res.stats.tree_nodes.append(len(tree.tokens) - 1)
+                res.stats.survivors.append(len(alive[b]) - 1)
+                res.stats.verify_seconds.append(verify_s)
                 predicted += sum(tree.prob[1:]) * self.calibration
                 got += len(path) - 1
                 new.append([tree.tokens[i] for i in path[1:]] + [target[b][path[-1]]])

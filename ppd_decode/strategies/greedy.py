@@ -9,7 +9,7 @@ import torch
 
 from ppd_decode.runtime.packed_linear import packed_linears
 from ppd_decode.runtime.stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers
-from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, register
+from ppd_decode.strategies.base import DecodingStrategy, register
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Greedy(DecodingStrategy):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=self.pad)
         new = out[0, ids.shape[1]:].tolist()
-        return DecodeResult(new, steps=len(new))
+        return self.new_result(new, steps=len(new))
 
 
 @dataclass
@@ -52,7 +52,7 @@ class StackGreedy(DecodingStrategy):
         cache = new_cache(m)
         cur = int(prefill(m, ids, cache).argmax())
         out: list[int] = []
-        res = DecodeResult(out, steps=1)
+        res = self.new_result(out, steps=1)
         n = ids.numel()
         while not self.finish(out, [cur], max_new_tokens):
             h = run_layers(m, embed(m, torch.tensor([[cur]], device=ids.device)), 0, L, cache, past=n)

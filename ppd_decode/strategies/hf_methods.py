@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
+from ppd_decode.strategies.base import DecodingStrategy, pick_head, register
 
 
 class _HFGenerate(DecodingStrategy):
@@ -17,7 +17,7 @@ class _HFGenerate(DecodingStrategy):
         ids = ids[None]
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=self.pad, **self.generate_kwargs())
-        return DecodeResult(out[0, ids.shape[1]:].tolist())
+        return self.new_result(out[0, ids.shape[1]:].tolist())
 
 
 @dataclass

@@ -27,16 +27,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ppd_decode.errors import ConfigError
 from ppd_decode.runtime.stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers, select_cache
-from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, register
+from ppd_decode.strategies.base import DecodingStrategy, Stats, register
 
 
 @dataclass
 class LookaheadConfig:
-    # Defaults from the W/N/G/K sweeps on 2 CPU cores (README): every extra row costs here (a forward over 2-8 tokens
-    # costs ~1.5x one), so the best setting runs no Jacobi branch and verifies one 7-token pool n-gram only when the
-    # last two tokens match its key; otherwise a step is a plain one-token forward. On GPUs try window=5, ngram=5,
-    # max_candidates=5, key_tokens=1 (the reference).
+    # Defaults from the W/N/G/K sweeps on 2 CPU cores (docs/results.md): where every extra row of a forward costs,
+    # the best setting runs no Jacobi branch and verifies one 7-token pool n-gram only when the last two tokens
+    # match its key; otherwise a step is a plain one-token forward. Where extra rows are nearly free (GPUs) try
+    # window=5, ngram=5, max_candidates=5, key_tokens=1 (the reference implementation's).
     window: int = 0  # W: Jacobi columns (0: no lookahead branch, only the pool: prompt and generated n-grams)
     ngram: int = 8  # N: n-gram size (N-1 window levels)
     max_candidates: int = 1  # G: n-grams kept per key, and verified per step
@@ -110,9 +111,15 @@ def lookahead_layout(p: int, level0: int, levels: int, width: int, cands: int, n
     return torch.tensor(pos), see, rows
 
 
+@dataclass
+class LookaheadStats(Stats):
+    ngram_hits: int = 0  # steps that accepted at least one token of a verified n-gram
+
+
 @register
 class Lookahead(DecodingStrategy):
     name = "lookahead"
+    Stats = LookaheadStats
     Config = LookaheadConfig
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
@@ -120,8 +127,8 @@ class Lookahead(DecodingStrategy):
         c = self.config
         if (c.window < 0 or c.ngram < 2 or c.max_candidates < 0 or c.key_tokens < 1
                 or (c.window == 0 and c.max_candidates == 0)):
-            raise ValueError(f"lookahead needs window >= 0, ngram >= 2, max_candidates >= 0, key_tokens >= 1 and one "
-                             f"of W, G > 0; got W={c.window}, N={c.ngram}, G={c.max_candidates}, K={c.key_tokens}")
+            raise ConfigError(f"lookahead needs window >= 0, ngram >= 2, max_candidates >= 0, key_tokens >= 1 and one "
+                              f"of W, G > 0; got W={c.window}, N={c.ngram}, G={c.max_candidates}, K={c.key_tokens}")
 
     def _generate(self, ids, max_new_tokens):
         m, c, L = self.model, self.config, num_layers(self.model)
@@ -131,7 +138,7 @@ class Lookahead(DecodingStrategy):
         logits = prefill(m, ids, cache)
         cur = int(logits.argmax())
         out: list[int] = []
-        res = DecodeResult(out, steps=1, extra={"ngram_hits": 0})
+        res = self.new_result(out, steps=1)
         if self.finish(out, [cur], max_new_tokens):
             return res
         pool = NgramPool(N, G, K)
@@ -169,7 +176,7 @@ class Lookahead(DecodingStrategy):
                 base = cand_start + best * (N - 1)
                 emitted = list(cands[best][:best_len]) + [pred[base + best_len - 1]]
                 moved = [n + base + j for j in range(best_len)]  # the accepted candidate's cache entries
-                res.extra["ngram_hits"] += 1
+                res.stats.ngram_hits += 1
             res.steps += 1
             res.drafted += len(cands) * (N - 1)
             res.accepted += best_len

@@ -12,14 +12,14 @@ verified by one forward of the whole model over the current token and the draft;
 head drafts as above. Each source keeps its own adaptive draft length and its own counts.
 
 Text drafts are tuned by three settings: ``lookup_min_match`` (draft only where the text's match is at least this many
-tokens long: a one-token match is often a poor guess, and on a CPU a verification block costs ~1.4x a one-token
+tokens long: a one-token match is often a poor guess, and a verification block costs more than a one-token
 step), ``lookup_tokens`` (a fixed draft length instead of the adaptive one) and ``lookup_candidates`` (up to this many
 different continuations, one per matching suffix length, verified together as a token tree in one forward:
 ``token_tree``; the longest root path equal to the final layer's argmax chain is accepted).
 
 A verification block of 2 or 3 rows is padded to ``min_block`` rows (``stack.pad_block``): on a CPU with MKL's plain
-weights that is cheaper than the block itself (with the stack's packed weights, the default, it makes no difference:
-8 prompts interleaved, 42.3 against 42.2 tok/s). Text drafts fill the padding with more copied tokens where the text
+weights that is cheaper than the block itself (with the stack's packed weights, the default, it measured no
+different). Text drafts fill the padding with more copied tokens where the text
 has them (they are free to make); the head's drafts are not extended (each costs layers 1..d), so theirs is padded
 with rows that are cropped.
 """
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ppd_decode.errors import ConfigError
 from ppd_decode.runtime.stack import (
     crop_cache,
     embed,
@@ -43,7 +44,7 @@ from ppd_decode.runtime.stack import (
 )
 from ppd_decode.runtime.text_guesses import NextTokenLookup
 from ppd_decode.runtime.token_tree import Tree, accepted_path, accepted_prefix, tree_mask
-from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
+from ppd_decode.strategies.base import DecodingStrategy, Stats, pick_head, register
 
 
 @dataclass
@@ -64,10 +65,19 @@ class SelfSpeculativeConfig:
     lookup_tree_rows: int = 8  # such a tree's rows at most (cur included): later continuations are cut short
 
 
+@dataclass
+class SelfSpeculativeStats(Stats):
+    lookup_drafted: int = 0  # drafted tokens copied from the text (the rest came from the head)
+    lookup_accepted: int = 0
+    lookup_trees: int = 0  # steps whose text drafts were verified as a token tree of continuations
+    lookup_branch_wins: int = 0  # ... where a continuation other than the first was accepted
+
+
 @register
 class SelfSpeculative(DecodingStrategy):
     name = "self_speculative"
     Config = SelfSpeculativeConfig
+    Stats = SelfSpeculativeStats
     needs_heads = True
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
@@ -75,12 +85,12 @@ class SelfSpeculative(DecodingStrategy):
         c = self.config
         self.layer, self.head = pick_head(self, c.layer)
         if c.draft_tokens < 1 or c.max_draft_tokens < c.draft_tokens:
-            raise ValueError("need 1 <= draft_tokens <= max_draft_tokens")
+            raise ConfigError(f"need 1 <= draft_tokens <= max_draft_tokens, got {c.draft_tokens} and {c.max_draft_tokens}")
         if c.min_block < 1:
-            raise ValueError("min_block must be >= 1 (1: no padding)")
+            raise ConfigError("min_block must be >= 1 (1: no padding)")
         if c.lookup_min_match < 1 or c.lookup_tokens < 0 or c.lookup_candidates < 1 or c.lookup_tree_rows < 2:
-            raise ValueError("need lookup_min_match >= 1, lookup_tokens >= 0, lookup_candidates >= 1 and "
-                             "lookup_tree_rows >= 2")
+            raise ConfigError("need lookup_min_match >= 1, lookup_tokens >= 0, lookup_candidates >= 1 and "
+                              "lookup_tree_rows >= 2")
 
     def _generate(self, ids, max_new_tokens):
         m, L, c = self.model, num_layers(self.model), self.config
@@ -88,9 +98,7 @@ class SelfSpeculative(DecodingStrategy):
         logits = prefill(m, ids, cache)
         cur = int(logits.argmax())
         out: list[int] = []
-        res = DecodeResult(out, steps=1)
-        if c.lookup:  # (trees: steps verified as a token tree; branch wins: those a later continuation won)
-            res.extra.update(lookup_drafted=0, lookup_accepted=0, lookup_trees=0, lookup_branch_wins=0)
+        res = self.new_result(out, steps=1)
         if self.finish(out, [cur], max_new_tokens):
             return res
         n = ids.numel()  # every layer caches positions 0..n-1; `cur` sits at position n
@@ -107,8 +115,8 @@ class SelfSpeculative(DecodingStrategy):
             if copied and len(conts) > 1:
                 drafts, new, g = self._verify_tree(cache, cur, conts, n, ids.device)
                 a = len(drafts)
-                res.extra["lookup_trees"] += 1
-                res.extra["lookup_branch_wins"] += bool(a and drafts != conts[0][:a])
+                res.stats.lookup_trees += 1
+                res.stats.lookup_branch_wins += bool(a and drafts != conts[0][:a])
             else:
                 if copied:
                     drafts = conts[0]
@@ -125,8 +133,8 @@ class SelfSpeculative(DecodingStrategy):
             res.drafted += g
             res.accepted += a
             if copied:
-                res.extra["lookup_drafted"] += g
-                res.extra["lookup_accepted"] += a
+                res.stats.lookup_drafted += g
+                res.stats.lookup_accepted += a
             n += a + 1  # cur and the accepted drafts are now in the cache, in every layer
             if self.finish(out, new, max_new_tokens):
                 return res

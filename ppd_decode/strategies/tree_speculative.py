@@ -21,7 +21,7 @@ One step:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.functional import linear as nn_linear
@@ -41,7 +41,7 @@ from ppd_decode.runtime.stack import (
     select_cache,
 )
 from ppd_decode.runtime.token_tree import Tree, accepted_path, tree_mask
-from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
+from ppd_decode.strategies.base import DecodingStrategy, Stats, pick_head, register
 
 
 @dataclass
@@ -108,9 +108,17 @@ def updated_calibration(calibration: float, predicted: float, accepted: int) -> 
     return min(2.0, max(0.05, 0.9 * calibration + 0.1 * calibration * (accepted + 0.5) / (predicted + 0.5)))
 
 
+@dataclass
+class TreeStats(Stats):
+    tree_nodes: list[int] = field(default_factory=list)  # drafted nodes per step
+    survivors: list[int] = field(default_factory=list)  # ... left after early pruning
+    verify_seconds: list[float] = field(default_factory=list)  # each verification pass (pruning's saving)
+
+
 @register
 class TreeSpeculative(DecodingStrategy):
     name = "tree_speculative"
+    Stats = TreeStats
     Config = TreeSpeculativeConfig
     needs_heads = True
 
@@ -245,7 +253,7 @@ class TreeSpeculative(DecodingStrategy):
         cache = new_cache(m)
         cur = int(prefill(m, ids, cache).argmax())
         out: list[int] = []
-        res = DecodeResult(out, steps=1)
+        res = self.new_result(out, steps=1)
         if self.finish(out, [cur], max_new_tokens):
             return res
         n = ids.numel()
@@ -255,7 +263,7 @@ class TreeSpeculative(DecodingStrategy):
             tree, states = self._draft(cur, n, max_new_tokens - len(out) - 1, cache, dev)
             t0 = time.perf_counter()
             alive, target = self._verify(tree, states, n, cache, dev)
-            res.extra.setdefault("verify_seconds", []).append(time.perf_counter() - t0)  # pruning's saving
+            res.stats.verify_seconds.append(time.perf_counter() - t0)  # pruning's saving
             path = accepted_path(tree, alive, target)
             nxt_token = target[path[-1]]
             # Layers 1..p hold every node (drafting order); layers p+1..L only the survivors (their order).
@@ -266,8 +274,8 @@ class TreeSpeculative(DecodingStrategy):
             res.steps += 1
             res.drafted += len(tree.tokens) - 1
             res.accepted += len(path) - 1
-            res.extra.setdefault("tree_nodes", []).append(len(tree.tokens) - 1)
-            res.extra.setdefault("survivors", []).append(len(alive) - 1)
+            res.stats.tree_nodes.append(len(tree.tokens) - 1)
+            res.stats.survivors.append(len(alive) - 1)
             if self.config.dynamic:  # keep the path-probability estimate honest on this head and data
                 self.calibration = updated_calibration(self.calibration, sum(tree.prob[1:]) * self.calibration,
                                                        len(path) - 1)

@@ -22,8 +22,8 @@ Layout: ``config`` (settings), ``wire`` (what crosses between the workers), ``wo
 (the engine and the registered ``ppd`` strategy).
 """
 
-from ppd_decode.strategies.ppd.config import PPDConfig, WorkerError
+from ppd_decode.strategies.ppd.config import PPDConfig, PPDStats, WorkerError
 from ppd_decode.strategies.ppd.driver import PPD, PPDEngine
 from ppd_decode.strategies.ppd.workers import A_PARTS, B_PARTS
 
-__all__ = ["A_PARTS", "B_PARTS", "PPD", "PPDConfig", "PPDEngine", "WorkerError"]
+__all__ = ["A_PARTS", "B_PARTS", "PPD", "PPDConfig", "PPDStats", "PPDEngine", "WorkerError"]

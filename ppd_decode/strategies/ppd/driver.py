@@ -18,7 +18,8 @@ from ppd_decode.models.heads import check_layer
 from ppd_decode.runtime.procs import Managed, share_with_spawned
 from ppd_decode.runtime.stack import eos_ids, num_layers
 from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
-from ppd_decode.strategies.ppd.config import PPDConfig, WorkerError
+from ppd_decode.strategies.ppd import report
+from ppd_decode.strategies.ppd.config import PPDConfig, PPDStats, WorkerError
 from ppd_decode.strategies.ppd.wire import free_port
 from ppd_decode.strategies.ppd.workers import worker_a, worker_b
 
@@ -130,7 +131,7 @@ class PPDEngine(Managed):
     def generate(self, ids: list[int], max_new_tokens: int, on_token=None) -> DecodeResult:
         ids = [int(t) for t in ids]
         out: list[int] = []
-        res = DecodeResult(out)
+        res = DecodeResult(out, stats=PPDStats())
         times = []
         t0 = time.perf_counter()
         failure = None
@@ -146,25 +147,23 @@ class PPDEngine(Managed):
                         on_token(msg)
                 elif kind == "done":
                     res.accepted, res.drafted = msg["matches"], msg["guessed"]
-                    if self.cfg.chain:
-                        res.extra.update({k: msg[k] for k in ("chain_drafted", "chain_accepted", "chains_sent",
-                                                              "chain_blocks", "guess_blocks", "block_pairs")})
-                    # Where each worker's time went: computing, or waiting on the other one.
-                    res.extra.update({k: msg[k] for k in ("a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s",
-                                                          "a_time_s", "b_time_s")})
+                    # the chains, and where each worker's time went: computing, or waiting on the other one
+                    for k in ("chain_drafted", "chain_accepted", "chains_sent", "chain_blocks", "guess_blocks",
+                              "block_pairs", "a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s", "a_time_s", "b_time_s"):
+                        setattr(res.stats, k, msg[k])
                     break
                 else:
                     failure = msg
                     break
         except WorkerError as e:
             failure = str(e)
-        res.steps = len(out) - res.extra.get("chain_accepted", 0)  # B's blocks: one per token bar accepted chains
-        res.extra["token_times"] = times
+        res.steps = len(out) - res.stats.chain_accepted  # B's blocks: one per token bar accepted chains
+        res.stats.token_times = times
         if failure is not None:
             self.close()  # never reuse a pipeline in an unknown state
             if not self.cfg.fallback:
                 raise WorkerError(f"PPD pipeline failed after {len(out)} tokens: {failure}")
-            res.extra["fallback"] = failure
+            res.stats.fallback = failure
             self._finish_sequentially(ids, out, max_new_tokens, on_token)
         res.seconds = time.perf_counter() - t0
         return res
@@ -187,18 +186,29 @@ class PPD(DecodingStrategy):
 
     name = "ppd"
     Config = PPDConfig
+    Stats = PPDStats
     needs_heads = True
     spawns_workers = True
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
-        
         layer, head = pick_head(self, self.config.layer)
         self.config.layer = layer
         self.engine = PPDEngine(model, head, self.config)  # validates before any worker starts
+        self._stage_times: list = []  # the benchmark's probes (report.probe)
+        self._load = None  # the other stage's work while a stage is timed (profiling.stage_load), made on demand
 
     def _generate(self, ids, max_new_tokens):
         return self.engine.generate(ids.tolist(), max_new_tokens)
 
+    def probe(self, prompt_len: int, max_new_tokens: int) -> None:
+        report.probe(self, prompt_len, max_new_tokens)
+
+    def summary(self, totals) -> dict:
+        return report.summary(self, totals)
+
     def close(self):
         self.engine.close()
+        if self._load is not None:
+            self._load.close()
+            self._load = None
