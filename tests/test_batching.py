@@ -11,6 +11,7 @@ from test_strategies import LAYERS, heads_for, model, reference
 
 from ppd_decode import PPDError, PromptTooLongError, load_model
 from ppd_decode.profiling.gamma import CostModel, expected_tokens, interpolate
+from ppd_decode.profiling.step_cost import StepCosts
 from ppd_decode.runtime.ragged import RaggedBatch
 from ppd_decode.strategies import get_strategy
 from ppd_decode.strategies.batched import BatchedSelfSpeculative
@@ -103,8 +104,10 @@ def test_bad_batches_are_refused_before_any_work():
 def synthetic(lower=1.0, head=0.1, upper_per_token=0.0, upper_fixed=1.0, layer=2) -> CostModel:
     """Step pieces in made-up seconds: upper(b, q) = upper_fixed + upper_per_token * b * q."""
     bs, qs = [1, 2, 4, 8, 16], [1, 2, 3, 5, 9]
-    return CostModel(layer=layer, context=64, batch_sizes=bs, query_lengths=qs, lower=[lower * (1 + b / 16) for b in bs],
-                     head=[head] * len(bs), upper=[[upper_fixed + upper_per_token * b * q for q in qs] for b in bs])
+    return CostModel(StepCosts(layer=layer, context=64, batches=bs, lower_rows=[1],
+                               lower=[[lower * (1 + b / 16)] for b in bs], upper_rows=qs,
+                               upper=[[upper_fixed + upper_per_token * b * q for q in qs] for b in bs],
+                               head=[head] * len(bs), head_in_lower=False))
 
 
 def test_expected_tokens_is_the_geometric_sum():
@@ -172,8 +175,36 @@ def test_profiled_cost_model_on_a_tiny_model(tmp_path):
     m = model(0, 1.0)
     head = heads_for(m, 0, 0.0)[2]
     cm = profile(m, head, 2, batch_sizes=(1, 2), query_lengths=(1, 3), context=16, repeats=1)
-    assert cm.layer == 2 and len(cm.upper) == 2 and len(cm.upper[0]) == 2
-    assert all(t > 0 for t in cm.lower + cm.head + [x for row in cm.upper for x in row])
+    c = cm.costs
+    assert cm.layer == 2 and len(c.upper) == 2 and len(c.upper[0]) == 2
+    assert all(t > 0 for t in [x for row in c.lower for x in row] + c.head + [x for row in c.upper for x in row])
     assert 0 <= cm.best_gamma(2, 0.5) <= 8
     with pytest.raises(PPDError, match="profiled for layer 2"):
         spec(m, heads_for(m, 0, 0.0), layer=1, draft_tokens="adaptive", cost_model=str(cm.save(tmp_path / "cm.json")))
+
+
+def test_one_step_profiler_caches_per_model_and_grid(monkeypatch):
+    """profile_steps is timed once per model, head shape and grid; another model (even at a reused address) is
+    profiled anew; StepCosts round-trips and interpolates on its grid."""
+    import gc
+
+    from ppd_decode.profiling import step_cost
+
+    calls = []
+    real = step_cost.median_time
+    monkeypatch.setattr(step_cost, "median_time", lambda fn, r, dev=None: calls.append(1) or real(fn, r, dev))
+    fresh = lambda: load_model("tiny-random:layers=4,seed=0", dtype="float64")[0]  # noqa: E731  (never cached)
+    m = fresh()
+    head = heads_for(m, 0, 0.0)[2]
+    a = step_cost.profile_steps(m, head, 2, batches=(1, 2), lower_rows=(1, 2), upper_rows=(1,), context=8, repeats=1)
+    n = len(calls)
+    assert n == 2 * 2 + 2 * 1  # lower (head inside) at 2 row counts, upper at 1, for each batch size
+    assert step_cost.profile_steps(m, head, 2, batches=(1, 2), lower_rows=(1, 2), upper_rows=(1,), context=8,
+                                   repeats=1) is a and len(calls) == n
+    assert a.lower_time(1, 2) == a.lower[0][1] and a.upper_time(2, 1) == a.upper[1][0]
+    del m, head
+    gc.collect()
+    m2 = fresh()
+    step_cost.profile_steps(m2, heads_for(m2, 0, 0.0)[2], 2, batches=(1, 2), lower_rows=(1, 2), upper_rows=(1,),
+                            context=8, repeats=1)
+    assert len(calls) == 2 * n

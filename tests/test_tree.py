@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from test_strategies import LAYERS, heads_for, model, reference
 
 from ppd_decode import HeadMismatchError, PPDError
-from ppd_decode.strategies.tree_speculative import Tree, TreeCosts, TreeSpeculative, tree_mask
+from ppd_decode.profiling.step_cost import StepCosts
+from ppd_decode.strategies.tree_speculative import Tree, TreeSpeculative, tree_mask
 
 prompts = st.lists(st.integers(4, 259), min_size=1, max_size=40)
 models = st.tuples(st.integers(0, 2), st.sampled_from([1.0, 0.3, 0.05]))
@@ -41,7 +42,7 @@ def test_dynamic_trees_equal_greedy(prompt, mdl, noise, n, verify_slope):
     m = model(*mdl)
     s = tree_strategy(m, heads_for(m, mdl[0], noise), layer=1, dynamic=True, prune_layer=3, max_nodes=12)
     # Made-up costs: cheap drafting; verification from free to expensive per row, so the trees' sizes vary.
-    s.costs = TreeCosts([1, 32], [0.01, 0.02], [1.0, 1.0 + 31 * verify_slope])
+    s.costs = StepCosts.grid([1, 32], [0.01, 0.02], [1.0, 1.0 + 31 * verify_slope])
     assert s.generate(prompt, n).tokens == reference(m, prompt, n)
 
 
@@ -63,9 +64,9 @@ def test_dynamic_size_follows_the_cost_of_verification():
     m = model(0, 0.05)
     heads = heads_for(m, 0, 0.0)
     cheap = tree_strategy(m, heads, layer=2, dynamic=True, max_nodes=16)
-    cheap.costs = TreeCosts([1, 32], [0.001, 0.001], [1.0, 1.0])  # every extra node is free: grow the tree
+    cheap.costs = StepCosts.grid([1, 32], [0.001, 0.001], [1.0, 1.0])  # every extra node is free: grow the tree
     dear = tree_strategy(m, heads, layer=2, dynamic=True, max_nodes=16)
-    dear.costs = TreeCosts([1, 32], [0.5, 16.0], [1.0, 40.0])  # each node costs as much as a step: stay small
+    dear.costs = StepCosts.grid([1, 32], [0.5, 16.0], [1.0, 40.0])  # each node costs as much as a step: stay small
     a, b = cheap.generate([5, 6, 7], 30), dear.generate([5, 6, 7], 30)
     assert a.tokens == b.tokens == reference(m, [5, 6, 7], 30)
     mean = lambda r: sum(r.stats.tree_nodes) / len(r.stats.tree_nodes)  # noqa: E731
@@ -111,7 +112,7 @@ def test_shortlist_pruning_keeps_every_node_full_pruning_keeps():
 
 
 # ------------------------------------------------------------------------------------------- batched trees
-from ppd_decode.strategies.batched_tree import BatchedTreeSpeculative, BatchTreeCosts  # noqa: E402
+from ppd_decode.strategies.batched_tree import BatchedTreeSpeculative  # noqa: E402
 
 batches = st.lists(st.lists(st.integers(4, 259), min_size=1, max_size=30), min_size=1, max_size=5)
 
@@ -133,9 +134,9 @@ def test_batched_trees_rows_equal_greedy_alone(prompts, mdl, noise, branching, m
     assert [r.tokens for r in out] == [reference(m, p, n) for p in prompts]
 
 
-def _made_up_costs(verify_slope: float) -> BatchTreeCosts:
-    return BatchTreeCosts([1, 16], [1, 32], [[0.01, 0.02], [0.02, 0.04]],
-                          [[1.0, 1.0 + 31 * verify_slope], [2.0, 2.0 + 31 * verify_slope]])
+def _made_up_costs(verify_slope: float) -> StepCosts:
+    return StepCosts.grid([1, 32], [[0.01, 0.02], [0.02, 0.04]],
+                          [[1.0, 1.0 + 31 * verify_slope], [2.0, 2.0 + 31 * verify_slope]], batches=[1, 16])
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -164,7 +165,8 @@ def test_batched_trees_accept_deep_paths_prune_rows_and_go_ragged():
     cheap = batched_tree(m, heads, layer=2, max_nodes=16)
     cheap.config.dynamic, cheap.costs = True, _made_up_costs(0.0)
     dear = batched_tree(m, heads, layer=2, max_nodes=16)
-    dear.config.dynamic, dear.costs = True, BatchTreeCosts([1, 16], [1, 32], [[0.5, 16.0]] * 2, [[1.0, 40.0]] * 2)
+    dear.config.dynamic, dear.costs = True, StepCosts.grid([1, 32], [[0.5, 16.0]] * 2, [[1.0, 40.0]] * 2,
+                                                                    batches=[1, 16])
     a, b = cheap.generate_batch(prompts, 30), dear.generate_batch(prompts, 30)
     assert [r.tokens for r in a] == [r.tokens for r in b] == [w[:30] for w in want]
     mean = lambda rs: sum(sum(r.stats.tree_nodes) for r in rs) / sum(len(r.stats.tree_nodes) for r in rs)  # noqa: E731

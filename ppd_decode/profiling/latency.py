@@ -18,21 +18,16 @@ closed forms (tests check within 2%).
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
+from ppd_decode.profiling.step_cost import CachedContext, median_time
 from ppd_decode.runtime.packed_linear import unpacked
 from ppd_decode.runtime.stack import (
-    crop_cache,
-    embed,
     final_argmax,
     final_logits,
     num_layers,
-    random_context,
-    run_layers,
 )
 
 
@@ -159,21 +154,11 @@ def side_by_side_block_time(st: StageTimes, k: int, min_block: int, pairs: dict[
     return sum(c * max(b_time(cb), a_time(ca)) for (cb, ca), c in pairs.items()) / n if n else 0.0
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def greedy_step_time(step, repeats: int) -> float:
+def greedy_step_time(step, repeats: int, device=None) -> float:
     """Plain greedy's step as ``generate`` runs it: the model's own linears, not the stack's packed ones
     (packed_linear.py), so that predictions are speed-ups over the benchmark's reference, greedy with ``generate``."""
     with unpacked():
-        return median_time(step, repeats)
+        return median_time(step, repeats, device)
 
 
 @torch.no_grad()
@@ -185,38 +170,25 @@ def measure_stage_times(model, head, d: int, ks=(1, 2, 3, 5, 10), context: int =
     beside A's timings; A's guess block of ``load_rows`` tokens beside B's)."""
     L = num_layers(model)
     dev = model.device
-    cache = random_context(model, context, high=model.config.vocab_size)
+    ctx = CachedContext(model, context, high=model.config.vocab_size)  # the step-cost profiler's cached context
 
-    def layers_only(start, end, q):
-        def fn():
-            h = embed(model, torch.randint(10, 100, (1, q), device=dev))
-            out = run_layers(model, h, start, end, cache, past=context)
-            crop_cache(cache, context)
-            return out
-        return fn
+    def timed(fn) -> float:
+        return median_time(fn, repeats, dev)
 
     # What worker A does per token: the k guesses through layers 1..d, and the early head once (for the token B
     # works on). On a miss only the real token's layers sit on the critical path (the head runs after the hand-off).
     def a_stage() -> dict[int, float]:
-        def fn(k):
-            h = layers_only(0, d, k)()
-            head.guess(h[:, -1], k)
-        return {k: median_time(lambda k=k: fn(k), repeats) for k in ks}
-
-    def t2_fn(rows=1):
-        h = torch.randn(1, rows, model.config.hidden_size, device=dev, dtype=model.dtype)
-        final_argmax(model, run_layers(model, h, d, L, cache, past=context))
-        crop_cache(cache, context)
+        return {k: timed(ctx.step(0, d, k, lambda h, k=k: head.guess(h[:, -1], k))) for k in ks}
 
     def b_stage() -> tuple[float, dict[int, float] | None]:
-        return median_time(t2_fn, repeats), {r: median_time(lambda r=r: t2_fn(r), repeats) for r in t2_rows} or None
+        final = (lambda h: final_argmax(model, h))
+        return timed(ctx.step(d, L, 1, final)), {r: timed(ctx.step(d, L, r, final)) for r in t2_rows} or None
 
     h1 = torch.randn(1, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
     t2, t2r = b_stage()
-    st = StageTimes(d=d, t1=a_stage(), t1_miss=median_time(layers_only(0, d, 1), repeats), t2=t2,
-                    greedy=greedy_step_time(lambda: final_logits(model, layers_only(0, L, 1)()), repeats),
-                    head=median_time(lambda: head.guess(h1[:, -1], 1), repeats),
-                    layer=median_time(layers_only(0, 1, 1), repeats), t2_rows=t2r)
+    st = StageTimes(d=d, t1=a_stage(), t1_miss=timed(ctx.step(0, d, 1)), t2=t2,
+                    greedy=greedy_step_time(ctx.step(0, L, 1, lambda h: final_logits(model, h)), repeats, dev),
+                    head=timed(lambda: head.guess(h1[:, -1], 1)), layer=timed(ctx.step(0, 1, 1)), t2_rows=t2r)
     if load is not None:
         load.run(d, L, 1, context)  # B's block beside A's guess blocks
         t1 = a_stage()

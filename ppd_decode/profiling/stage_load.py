@@ -5,7 +5,7 @@ they share the memory bus and the last-level cache: both stream their layers' we
 by memory), so each runs slower beside the other than alone (measured on SmolLM2-135M: 14-28% slower). Stage
 timings taken with the other core idle therefore make the latency model optimistic. ``StageLoad`` is a helper
 process (one thread) that runs decoder layers ``start..end-1`` over a block of ``rows`` tokens in a loop, against a
-cached prefix of ``context`` tokens, until told to stop: ``theory.measure_stage_times(..., load=StageLoad(model))``
+cached prefix of ``context`` tokens, until told to stop: ``latency.measure_stage_times(..., load=StageLoad(model))``
 times A's guess blocks beside B's work and B's blocks beside A's, as the pipeline runs them.
 
 Start it once and switch its work between timings; it exits when closed or when its parent process disappears.

@@ -8,7 +8,7 @@ single-prompt exactness tests and benchmark.
 Self-speculation drafts the same number of tokens gamma in every row (each row its own tokens), verifies all rows'
 blocks in one forward of layers d+1..L that reuses the drafts' cache of layers 1..d, and lets each row keep its
 own longest matching prefix. gamma is fixed, or (``draft_tokens="adaptive"``) looked up each step for the live
-batch size from a profiled cost model (``cost_model.py``) and the acceptance observed so far, with 0 (plain
+batch size from a profiled cost model (``profiling/gamma.py``) and the acceptance observed so far, with 0 (plain
 greedy) allowed: speculation turns itself off where it does not pay.
 """
 
@@ -124,15 +124,6 @@ class BatchedGreedy(BatchedDecoding):
         return 0
 
 
-_PROFILES: dict[tuple[int, int], CostModel] = {}
-
-
-def _profiled(model, head, layer: int) -> CostModel:
-    """Profile once per (model, layer) in this process: strategies are cheap to build after the first."""
-    key = (id(model), layer)
-    if key not in _PROFILES:
-        _PROFILES[key] = profile(model, head, layer)
-    return _PROFILES[key]
 
 
 @dataclass
@@ -168,7 +159,7 @@ class BatchedSelfSpeculative(BatchedDecoding):
         self.hits, self.trials = prior * c.prior_weight, c.prior_weight
         self.cost: CostModel | None = None
         if c.draft_tokens == "adaptive":
-            self.cost = CostModel.load(c.cost_model) if c.cost_model else _profiled(model, self.head, self.layer)
+            self.cost = CostModel.load(c.cost_model) if c.cost_model else profile(model, self.head, self.layer)
             if self.cost.layer != self.layer:
                 raise PPDError(f"the cost model was profiled for layer {self.cost.layer}, not {self.layer}; "
                                f"profile one for this layer (ppd_decode.profiling.gamma.profile)")

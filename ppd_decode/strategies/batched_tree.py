@@ -22,14 +22,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ppd_decode.profiling.gamma import interpolate
-from ppd_decode.profiling.latency import median_time
+from ppd_decode.profiling.step_cost import StepCosts, profile_steps
 from ppd_decode.runtime.ragged import RaggedBatch
-from ppd_decode.runtime.stack import crop_cache, embed, final_argmax, num_layers, random_context, run_layers
+from ppd_decode.runtime.stack import embed, final_argmax, num_layers
 from ppd_decode.runtime.token_tree import Tree, accepted_path
 from ppd_decode.strategies.base import DecodeResult, register
 from ppd_decode.strategies.batched import BatchedDecoding
 from ppd_decode.strategies.tree_speculative import (
+    TREE_ROWS,
     TreeSpeculative,
     TreeSpeculativeConfig,
     TreeStats,
@@ -42,56 +42,11 @@ class BatchedTreeConfig(TreeSpeculativeConfig):
     max_batch_size: int = 16
 
 
-@dataclass
-class BatchTreeCosts:
-    """Seconds by live batch size b and rows per row q: one drafting level (layers 1..d + head) and verification
-    (layers d+1..L + final head), both over [b, q] on a cached context."""
-
-    batches: list[int]
-    rows: list[int]
-    level: list[list[float]]  # [batch][rows]
-    verify: list[list[float]]
-
-    def _at(self, table, b: int, q: int) -> float:
-        per_batch = [interpolate(self.rows, t, q) for t in table]
-        return interpolate(self.batches, per_batch, b)
-
-    def level_time(self, b: int, q: int) -> float:
-        return self._at(self.level, b, q)
-
-    def verify_time(self, b: int, q: int) -> float:
-        return self._at(self.verify, b, q)
-
-
-_BATCH_COSTS: dict[tuple[int, int, tuple[int, ...]], BatchTreeCosts] = {}
-
-
-@torch.no_grad()
-def profile_batch_tree_costs(model, head, d: int, batches=(1, 2, 4, 8, 16), rows=(1, 2, 4, 8, 16, 32),
-                             context: int = 256, repeats: int = 3) -> BatchTreeCosts:
-    """Profile once per (model, layer, batch sizes) in this process."""
-    key = (id(model), d, tuple(batches))
-    if key in _BATCH_COSTS:
-        return _BATCH_COSTS[key]
-    L, dev = num_layers(model), model.device
-    level, verify = [], []
-    for b in batches:
-        cache = random_context(model, context, batch=b)
-        def lower(q):
-            h = run_layers(model, embed(model, torch.randint(10, 100, (b, q), device=dev)), 0, d, cache, past=context)
-            head(h).argmax(-1)
-            crop_cache(cache, context)
-
-        def upper(q):
-            h = torch.randn(b, q, model.config.hidden_size, device=dev, dtype=model.dtype)
-            final_argmax(model, run_layers(model, h, d, L, cache, past=context))
-            crop_cache(cache, context)
-
-        level.append([median_time(lambda q=q: lower(q), repeats) for q in rows])
-        verify.append([median_time(lambda q=q: upper(q), repeats) for q in rows])
-    costs = BatchTreeCosts(list(batches), list(rows), level, verify)
-    _BATCH_COSTS[key] = costs
-    return costs
+def profile_batch_tree_costs(model, head, d: int, batches=(1, 2, 4, 8, 16), rows=TREE_ROWS, context: int = 256,
+                             repeats: int = 3) -> StepCosts:
+    """A drafting level (layers 1..d + head) and verification (layers d+1..L + final head) over [b, q]."""
+    return profile_steps(model, head, d, batches=batches, lower_rows=rows, upper_rows=rows, context=context,
+                         repeats=repeats)
 
 
 def _visibility(trees: list[Tree], col: list[list[int]], nodes: list[list[int]], width: int) -> torch.Tensor:
@@ -151,10 +106,10 @@ class BatchedTreeSpeculative(BatchedDecoding):
             if depth >= max_depth or max(len(t.tokens) for t in trees) - 1 >= c.max_nodes:
                 break
             if c.dynamic:
-                spent += self.costs.level_time(B, W)
+                spent += self.costs.lower_time(B, W)
                 gain = sum(max(t.prob[i] for i in lvl) for t, lvl in zip(trees, levels)) * self.calibration
-                if (expected + gain) / (spent + self.costs.level_time(B, 1) + self.costs.verify_time(B, N + 1)) \
-                        <= expected / (spent + self.costs.verify_time(B, N)):
+                if (expected + gain) / (spent + self.costs.lower_time(B, 1) + self.costs.upper_time(B, N + 1)) \
+                        <= expected / (spent + self.costs.upper_time(B, N)):
                     break  # not even one certain child per row would pay: skip the head too
             width = c.max_children if c.dynamic else c.branching[depth]
             logits = self.head(h)  # [B, W, V]
@@ -169,10 +124,10 @@ class BatchedTreeSpeculative(BatchedDecoding):
                                      for j in range(width)), reverse=True))
             room = c.max_nodes - (max(len(t.tokens) for t in trees) - 1)
             if c.dynamic:
-                best_q, best, gain = 0, expected / (spent + self.costs.verify_time(B, N)), 0.0
+                best_q, best, gain = 0, expected / (spent + self.costs.upper_time(B, N)), 0.0
                 for q in range(1, min([room] + [len(cs) for cs in cands]) + 1):
                     gain += sum(cs[q - 1][0] for cs in cands) * self.calibration
-                    value = (expected + gain) / (spent + self.costs.level_time(B, q) + self.costs.verify_time(B, N + q))
+                    value = (expected + gain) / (spent + self.costs.lower_time(B, q) + self.costs.upper_time(B, N + q))
                     if value > best:
                         best_q, best = q, value
                 take = best_q

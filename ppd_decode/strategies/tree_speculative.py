@@ -28,15 +28,13 @@ from torch.nn.functional import linear as nn_linear
 
 from ppd_decode.errors import HeadMismatchError, PPDError
 from ppd_decode.models.heads import check_layer
-from ppd_decode.profiling.gamma import interpolate
-from ppd_decode.profiling.latency import median_time
+from ppd_decode.profiling.step_cost import StepCosts, profile_steps
 from ppd_decode.runtime.stack import (
     embed,
     final_argmax,
     new_cache,
     num_layers,
     prefill,
-    random_context,
     run_layers,
     select_cache,
 )
@@ -57,47 +55,13 @@ class TreeSpeculativeConfig:
     max_children: int = 4  # dynamic trees: candidates per node considered
 
 
-@dataclass
-class TreeCosts:
-    """Seconds on this machine, by rows: a drafting level (layers 1..d + head) and verification (layers d+1..L)."""
-
-    rows: list[int]
-    level: list[float]
-    verify: list[float]
-
-    def level_time(self, q: int) -> float:
-        return interpolate(self.rows, self.level, q)
-
-    def verify_time(self, q: int) -> float:
-        return interpolate(self.rows, self.verify, q)
+TREE_ROWS = (1, 2, 4, 8, 16, 32)
 
 
-_COSTS: dict[tuple[int, int], TreeCosts] = {}
-
-
-@torch.no_grad()
-def profile_tree_costs(model, head, d: int, rows=(1, 2, 4, 8, 16, 32), context: int = 256,
-                       repeats: int = 3) -> TreeCosts:
-    key = (id(model), d)
-    if key in _COSTS:
-        return _COSTS[key]
-    L, dev = num_layers(model), model.device
-    cache = random_context(model, context)
-
-    def level(q):
-        h = run_layers(model, embed(model, torch.randint(10, 100, (1, q), device=dev)), 0, d, cache, past=context)
-        head(h).argmax(-1)
-        select_cache(cache, context, [])
-
-    def verify(q):
-        h = torch.randn(1, q, model.config.hidden_size, device=dev, dtype=model.dtype)
-        final_argmax(model, run_layers(model, h, d, L, cache, past=context))
-        select_cache(cache, context, [])
-
-    costs = TreeCosts(list(rows), [median_time(lambda q=q: level(q), repeats) for q in rows],
-                      [median_time(lambda q=q: verify(q), repeats) for q in rows])
-    _COSTS[key] = costs
-    return costs
+def profile_tree_costs(model, head, d: int, rows=TREE_ROWS, context: int = 256, repeats: int = 3) -> StepCosts:
+    """A drafting level (layers 1..d + the head) and verification (layers d+1..L) by rows, at batch size 1."""
+    return profile_steps(model, head, d, batches=(1,), lower_rows=rows, upper_rows=rows, context=context,
+                         repeats=repeats)
 
 
 def updated_calibration(calibration: float, predicted: float, accepted: int) -> float:
@@ -154,8 +118,8 @@ class TreeSpeculative(DecodingStrategy):
         ``spent``: predicted seconds of the drafting levels run so far, this one included."""
         N = len(tree.tokens)
         gain = max(tree.prob[i] for i in level) * self.calibration
-        return ((expected + gain) / (spent + self.costs.level_time(1) + self.costs.verify_time(N + 1))
-                > expected / (spent + self.costs.verify_time(N)))
+        return ((expected + gain) / (spent + self.costs.lower_time(1, 1) + self.costs.upper_time(1, N + 1))
+                > expected / (spent + self.costs.upper_time(1, N)))
 
     def _draft(self, cur: int, n: int, budget_depth: int, cache, dev):
         """Build the tree level by level; returns it and every node's layer-d state [1, N, H] in node order."""
@@ -176,7 +140,7 @@ class TreeSpeculative(DecodingStrategy):
             if depth >= depth_limit or len(tree.tokens) - 1 >= c.max_nodes:
                 break
             if c.dynamic:
-                spent += self.costs.level_time(len(level))
+                spent += self.costs.lower_time(1, len(level))
                 if not self._child_could_pay(tree, level, spent, expected):
                     break  # not even a certain child would pay for its cost: skip the head too
             width = c.max_children if c.dynamic else c.branching[depth]
@@ -191,10 +155,10 @@ class TreeSpeculative(DecodingStrategy):
                 # Keep the q most probable children that maximise expected tokens per predicted second of the
                 # step (drafting levels so far + their lower pass + verification of the grown tree); q = 0 stops.
                 N = len(tree.tokens)
-                best_q, best, gain = 0, expected / (spent + self.costs.verify_time(N)), 0.0
+                best_q, best, gain = 0, expected / (spent + self.costs.upper_time(1, N)), 0.0
                 for q, (prob, _, _) in enumerate(cands[:room], 1):
                     gain += prob * self.calibration
-                    value = (expected + gain) / (spent + self.costs.level_time(q) + self.costs.verify_time(N + q))
+                    value = (expected + gain) / (spent + self.costs.lower_time(1, q) + self.costs.upper_time(1, N + q))
                     if value > best:
                         best_q, best = q, value
                 chosen = cands[:best_q]

@@ -90,7 +90,7 @@ def summary(strategy, totals) -> dict:
 
 
 def median_stage_times(samples: list):
-    """The median of each stage timing over samples taken between prompts (``theory.StageTimes``), the timings
+    """The median of each stage timing over samples taken between prompts (``profiling.latency.StageTimes``), the timings
     beside the other stage's work (``.beside``) too."""
     med = statistics.median
     first = samples[0]
