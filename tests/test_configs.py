@@ -71,3 +71,17 @@ def test_decoding_overrides_change_a_row_or_add_one():
     assert tree.config.branching == (3, 1) and tree.label == "branching=(3, 1)"
     with pytest.raises(PPDError, match=r"config has no field 'kk' \(it has: layer, k"):
         rows(["ppd"], ["decode.ppd.kk=2"])
+
+
+def test_the_demo_reads_the_decoding_rows_with_hydra_overrides():
+    from hydra import compose, initialize_config_dir
+
+    from ppd_decode.strategies.configs import rows
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="demo", overrides=["++decode.ppd.k=2", "+decode.ppd15.method=ppd"])
+    table = OmegaConf.to_container(cfg.decode, resolve=True)
+    ppd, ppd15 = rows(["ppd", "ppd15"], base=table, layer=15)
+    assert (ppd.config.k, ppd15.cls.name, ppd15.config.layer) == (2, "ppd", 15)
+    assert list(cfg.methods)[0] == "greedy"
+    assert rows(["ppd"], ["++decode.ppd.k=2"])[0].config.k == 2  # the CLI and the benchmark take the same form

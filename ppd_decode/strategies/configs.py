@@ -1,7 +1,8 @@
 """One config language for decoding: the rows of ``configs/decode.yaml`` plus dotted overrides.
 
 A row names a registered method and sets fields of its config dataclass; ``decode.ROW.FIELD=VALUE`` overrides a
-field (values parsed as YAML, as Hydra parses them) or adds a row. ``ppd-generate``, the benchmark and the demo all
+field (values parsed as YAML, as Hydra parses them) or adds a row. Hydra's ``++decode.ROW.FIELD=VALUE`` ("add or
+override", what a Hydra app such as the demo needs for a field its row leaves out) is accepted too. ``ppd-generate``, the benchmark and the demo all
 read their methods this way, so a setting is written the same everywhere.
 """
 
@@ -50,6 +51,7 @@ def load_rows(overrides: list[str] | tuple = (), base: dict | None = None) -> di
 
     if base is None:
         base = OmegaConf.to_container(OmegaConf.load(DECODE_YAML), resolve=True)["decode"]
+    overrides = [o.lstrip("+") for o in overrides]  # Hydra's "add" and "add or override" forms mean the same here
     bad = [o for o in overrides if not o.startswith("decode.") or "=" not in o or o.split("=")[0].count(".") != 2]
     if bad:
         raise PPDError(f"{bad[0]!r} is not a decoding override. Fix: write decode.ROW.FIELD=VALUE, e.g. "
