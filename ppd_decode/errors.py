@@ -23,3 +23,15 @@ class HeadMismatchError(PPDError):
 
 class ConfigError(PPDError, ValueError):
     """A setting out of its range (a ValueError too, as the standard library would raise)."""
+
+
+def run_cli(main, prog: str, *args, **kwargs):
+    """Run a command-line tool's ``main``: a user's mistake (a ``PPDError``, whose message names the fix) becomes
+    one line on stderr and exit code 2; any other error keeps its traceback."""
+    import sys
+
+    try:
+        return main(*args, **kwargs)
+    except PPDError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

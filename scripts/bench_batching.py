@@ -256,4 +256,6 @@ def plot(out: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ppd_decode.errors import run_cli
+
+    run_cli(main, "bench_batching")

@@ -263,24 +263,20 @@ def main() -> None:
     a = parse_args()
     import transformers
 
-    from ppd_decode.errors import PPDError
     from ppd_decode.models.loading import load_model
     from ppd_decode.strategies.configs import rows as decode_rows
 
     names = list(BASELINES) + [n for n in a.rows.split(",") if n and n not in BASELINES]
-    try:
-        chosen = decode_rows(names, a.overrides)  # bad settings fail before the model loads
-        model, tok = load_model(a.model)
-        heads, head_kind = load_heads_for(a, model)
-        layer = a.layer or max(heads)
-        for row in chosen:
-            if row.cls.needs_heads and getattr(row.config, "layer", 0) is None:
-                row.config.layer = layer
-        prompts = load_prompt_sets(a, tok, model)
-        rows = [{"row": row, "strategy": row.build(model, heads), "runs": [], "mismatches": 0, "near_ties": 0,
-                 "mismatch_detail": [], "totals": Totals()} for row in chosen]
-    except PPDError as e:
-        sys.exit(f"bench_decode: error: {e}")
+    chosen = decode_rows(names, a.overrides)  # bad settings fail before the model loads
+    model, tok = load_model(a.model)
+    heads, head_kind = load_heads_for(a, model)
+    layer = a.layer or max(heads)
+    for row in chosen:
+        if row.cls.needs_heads and getattr(row.config, "layer", 0) is None:
+            row.config.layer = layer
+    prompts = load_prompt_sets(a, tok, model)
+    rows = [{"row": row, "strategy": row.build(model, heads), "runs": [], "mismatches": 0, "near_ties": 0,
+             "mismatch_detail": [], "totals": Totals()} for row in chosen]
     try:
         measure(rows, prompts, a, model)
         methods = summarise(rows, prompts, head_kind)
@@ -304,4 +300,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ppd_decode.errors import run_cli
+
+    run_cli(main, "bench_decode")

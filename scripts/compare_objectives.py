@@ -101,4 +101,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ppd_decode.errors import run_cli
+
+    run_cli(main, "compare_objectives")

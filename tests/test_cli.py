@@ -33,3 +33,12 @@ def test_a_users_mistake_is_one_line_naming_the_fix(capsys, args, fix):
     err = capsys.readouterr().err
     assert e.value.code == 2 and fix in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_ppd_load_reports_a_bad_spec_in_one_line(capsys):
+    from ppd_decode.apps.load import main as load_main
+
+    with pytest.raises(SystemExit) as e:
+        load_main(["--model", "/nonexistent/model-dir"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("ppd-load: error: ") and len(err.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from ppd_decode.errors import PPDError
+from ppd_decode.errors import PPDError, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,10 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--check", action="store_true", help="compare with plain greedy, token for token")
     a = p.parse_args(argv)
-    try:
-        run(a)
-    except PPDError as e:  # a user's mistake: one line that names the fix, not a traceback
-        p.exit(2, f"ppd-generate: error: {e}\n")
+    run_cli(run, "ppd-generate", a)  # a user's mistake: one line that names the fix, not a traceback
 
 
 def run(a: argparse.Namespace) -> None:

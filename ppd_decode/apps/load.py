@@ -8,11 +8,17 @@ import time
 import torch
 
 from ppd_decode.data.prompts import encode_chat
+from ppd_decode.errors import run_cli
 from ppd_decode.models.loading import DEFAULT_MODEL, load_model
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``ppd-load``: load a model spec and greedy-answer one question (a smoke test of the whole loading path)."""
+    """``ppd-load``: load a model spec and greedy-answer one question (a smoke test of the loading path)."""
+    run_cli(_main, "ppd-load", argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """Load a model spec and greedy-answer one question (a smoke test of the whole loading path)."""
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
