@@ -83,12 +83,12 @@ def main(cfg: DictConfig) -> None:
                     total += 1
                     extra = (f", {r.accepted}/{r.drafted} guesses matched, identical to greedy: "
                              f"{'yes' if same else 'NO'}")
-                print(f"  {m:17s} {len(r.tokens)} tokens in {r.seconds:.2f}s ({len(r.tokens) / r.seconds:.1f} tok/s{extra})")
+                print(f"  {m:24s} {len(r.tokens)} tokens in {r.seconds:.2f}s ({len(r.tokens) / r.seconds:.1f} tok/s{extra})")
     for s in methods.values():
         s.close()
     print("\n=== summary")
     for m, v in speeds.items():
-        print(f"  {m:17s} mean {statistics.mean(v):.1f} tok/s over {len(v)} prompts")
+        print(f"  {m:24s} mean {statistics.mean(v):.1f} tok/s over {len(v)} prompts")
     if total:
         print(f"  {', '.join(m for m in methods if m != chosen[0].name)}: outputs identical to greedy on "
               f"{identical}/{total} runs")
