@@ -85,3 +85,16 @@ def test_the_demo_reads_the_decoding_rows_with_hydra_overrides():
     assert (ppd.config.k, ppd15.cls.name, ppd15.config.layer) == (2, "ppd", 15)
     assert list(cfg.methods)[0] == "greedy"
     assert rows(["ppd"], ["++decode.ppd.k=2"])[0].config.k == 2  # the CLI and the benchmark take the same form
+
+
+@pytest.mark.parametrize("module, key", [("ppd_decode.evaluation", "lens_layers"), ("ppd_decode.apps.demo", "methods"),
+                                         ("ppd_train", "head")])
+def test_the_hydra_apps_find_their_configs(module, key):
+    """Each app's documented entry point composes its config (Hydra resolves config_path from the __main__ file)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", module, "--cfg", "job"], capture_output=True, text=True, timeout=300,
+                         cwd=CONFIGS.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"\n{key}:" in "\n" + out.stdout

@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -339,12 +338,8 @@ def log_wandb(report: dict, out_dir: Path, cfg) -> None:
     run.finish()
 
 
-@hydra.main(config_path="../../configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    """The Hydra job (``python -m ppd_decode.evaluation``, whose ``__main__`` holds the ``hydra.main`` entry)."""
     from hydra.core.hydra_config import HydraConfig
 
     run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-
-if __name__ == "__main__":
-    main()
