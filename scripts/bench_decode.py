@@ -264,16 +264,14 @@ def main() -> None:
     import transformers
 
     from ppd_decode.models.loading import load_model
+    from ppd_decode.strategies.configs import fill_layer
     from ppd_decode.strategies.configs import rows as decode_rows
 
     names = list(BASELINES) + [n for n in a.rows.split(",") if n and n not in BASELINES]
     chosen = decode_rows(names, a.overrides)  # bad settings fail before the model loads
     model, tok = load_model(a.model)
     heads, head_kind = load_heads_for(a, model)
-    layer = a.layer or max(heads)
-    for row in chosen:
-        if row.cls.needs_heads and getattr(row.config, "layer", 0) is None:
-            row.config.layer = layer
+    fill_layer(chosen, a.layer or max(heads))
     prompts = load_prompt_sets(a, tok, model)
     rows = [{"row": row, "strategy": row.build(model, heads), "runs": [], "mismatches": 0, "near_ties": 0,
              "mismatch_detail": [], "totals": Totals()} for row in chosen]

@@ -23,6 +23,7 @@ def test_an_unknown_field_is_refused_with_the_fields_there_are(capsys):
     (["--heads", "/nonexistent/heads"], "/nonexistent/heads"),
     (["--method", "self_speculative", "--layer", "2", "decode.self_speculative.draft_tokens=0"], "draft_tokens"),
     (["--method", "ppd", "--layer", "2", "decode.ppd.k=0"], "k must be >= 1"),
+    (["--method", "ppd", "--layer", "2", "decode.ppd.layer=3"], "no head for layer 3; heads given: [2]. Fix:"),
     (["--method", "greedy", "--max-new-tokens", "100000"], "Fix: shorten the prompt or lower max_new_tokens"),
     (["--method", "nope"], "no decoding row 'nope'"),
     (["decode.ppd"], "is not a decoding override"),

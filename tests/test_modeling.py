@@ -104,6 +104,21 @@ def test_missing_embedded_package_names_pip_command(monkeypatch):
         load_model("smollm2-135m")
 
 
+def _fake_conversion(monkeypatch, tiny) -> list:
+    """A stand-in converter that writes the tiny model as the cached copy; returns its calls (source, target)."""
+    calls = []
+
+    def fake_convert(gguf_path, target, stamp):
+        calls.append((gguf_path, target))
+        target.mkdir(parents=True, exist_ok=True)
+        tiny[0].save_pretrained(target)
+        tiny[1].save_pretrained(target)
+        (target / "ppd_cache.json").write_text(json.dumps(stamp))
+
+    monkeypatch.setattr(modeling, "convert_gguf", fake_convert)
+    return calls
+
+
 def test_embedded_conversion_runs_once_then_reads_cache(monkeypatch, tmp_path, tiny):
     """The cache logic, with a stand-in GGUF file and converter (the real conversion is in the slow test)."""
     monkeypatch.setenv("PPD_CACHE", str(tmp_path / "cache"))
@@ -111,20 +126,11 @@ def test_embedded_conversion_runs_once_then_reads_cache(monkeypatch, tmp_path, t
     fake_gguf.parent.mkdir()
     fake_gguf.write_bytes(b"GGUF" * 10)
     monkeypatch.setattr(modeling, "_find_package_file", lambda emb: fake_gguf)
-    calls = []
-
-    def fake_convert(gguf_path, target, stamp):
-        calls.append(target)
-        target.mkdir(parents=True, exist_ok=True)
-        tiny[0].save_pretrained(target)
-        tiny[1].save_pretrained(target)
-        (target / "ppd_cache.json").write_text(json.dumps(stamp))
-
-    monkeypatch.setattr(modeling, "convert_gguf", fake_convert)
+    calls = _fake_conversion(monkeypatch, tiny)
     load_model("smollm2-135m")
     load_model("smollm2-135m")
     assert len(calls) == 1
-    assert calls[0] == tmp_path / "cache" / "models" / "smollm2-135m"
+    assert calls[0][1] == tmp_path / "cache" / "models" / "smollm2-135m"
     fake_gguf.write_bytes(b"GGUF" * 11)  # another file (a package upgrade): the stale cache is rebuilt
     load_model("smollm2-135m")
     assert len(calls) == 2
@@ -137,23 +143,14 @@ def test_embedded_cache_is_keyed_by_content_not_path(monkeypatch, tmp_path, tiny
     for g in ggufs:
         g.parent.mkdir()
         g.write_bytes(b"GGUF" * 10)
-    calls = []
-
-    def fake_convert(gguf_path, target, stamp):
-        calls.append(gguf_path)
-        target.mkdir(parents=True, exist_ok=True)
-        tiny[0].save_pretrained(target)
-        tiny[1].save_pretrained(target)
-        (target / "ppd_cache.json").write_text(json.dumps(stamp))
-
-    monkeypatch.setattr(modeling, "convert_gguf", fake_convert)
+    calls = _fake_conversion(monkeypatch, tiny)
     for g in ggufs + ggufs:
         monkeypatch.setattr(modeling, "_find_package_file", lambda emb, g=g: g)
         load_model("smollm2-135m")
-    assert calls == [ggufs[0]]
+    assert [src for src, _ in calls] == [ggufs[0]]
     ggufs[1].write_bytes(b"GGUF" * 9 + b"GGUX")  # same size, other content: converted again
     load_model("smollm2-135m")
-    assert calls == [ggufs[0], ggufs[1]]
+    assert [src for src, _ in calls] == [ggufs[0], ggufs[1]]
 
 
 def test_unreadable_cache_names_the_fix(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from ppd_decode.errors import PPDError, run_cli
+from ppd_decode.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +35,7 @@ def run(a: argparse.Namespace) -> None:
     from ppd_decode.models.heads import EarlyExitHead, load_heads
     from ppd_decode.models.loading import load_model
     from ppd_decode.strategies import get_strategy
-    from ppd_decode.strategies.configs import rows
+    from ppd_decode.strategies.configs import fill_layer, rows
 
     row = rows([a.method], a.overrides)[0]  # bad settings fail before the model loads
     model, tok = load_model(a.model)
@@ -46,12 +46,7 @@ def run(a: argparse.Namespace) -> None:
         else:
             d = a.layer or model.config.num_hidden_layers // 2
             heads = {d: EarlyExitHead.from_model(model, d)}
-        if getattr(row.config, "layer", None) is None:
-            row.config.layer = a.layer or max(heads)
-        if row.config.layer not in heads:
-            raise PPDError(f"no head for layer {row.config.layer} in {a.heads}; it has {sorted(heads)}. Fix: "
-                           f"--layer {max(heads)}, or train one with `make train LAYER={row.config.layer}`")
-        heads = {row.config.layer: heads[row.config.layer]}
+        fill_layer([row], a.layer or max(heads))  # a head for another layer is refused by the strategy
     ids = encode_chat(tok, a.prompt)
     with row.build(model, heads) as strategy:
         strategy.check_request(ids, a.max_new_tokens)

@@ -13,7 +13,7 @@ import time
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ppd_decode.data.prompts import build_prompts, context_length
 from ppd_decode.data.tasks import TaskConfig, load_task
@@ -32,8 +32,6 @@ def main(cfg: DictConfig) -> None:
     print(f"model {cfg.model.spec}: {model.config.num_hidden_layers} layers, {model.dtype}, "
           f"loaded in {time.time() - t0:.1f}s")
     # the rows of configs/decode.yaml (with this run's decode.ROW.FIELD=VALUE overrides) named by `methods`
-    from omegaconf import OmegaConf
-
     table = OmegaConf.to_container(cfg.decode, resolve=True)
     heads, layer = {}, None
     if cfg.heads:
@@ -46,8 +44,7 @@ def main(cfg: DictConfig) -> None:
     for row in chosen:
         if row.cls.needs_heads and not heads:
             continue  # drafting methods need heads=
-        methods[row.name] = row.build(model, {row.config.layer: heads[row.config.layer]} if row.cls.needs_heads
-                                      else None)
+        methods[row.name] = row.build(model, heads)
         if row.name != chosen[0].name:
             print(f"{row.name}: {row.cls.name}" + (f" ({row.label})" if row.label else ""))
         engine = getattr(methods[row.name], "engine", None)

@@ -24,11 +24,7 @@ import torch
 
 from ppd_decode.profiling.step_cost import CachedContext, median_time
 from ppd_decode.runtime.packed_linear import unpacked
-from ppd_decode.runtime.stack import (
-    final_argmax,
-    final_logits,
-    num_layers,
-)
+from ppd_decode.runtime.stack import final_argmax, final_logits, num_layers
 
 
 # ------------------------------------------------------------------------------------------- closed forms

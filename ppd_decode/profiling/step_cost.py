@@ -187,6 +187,7 @@ def profile_steps(model, head, layer: int, batches=(1,), lower_rows=(1,), upper_
 
 def _shape_of(head) -> tuple:
     """What a head's cost depends on: its kind and the shapes of its weights (heads alike in both cost alike)."""
-    params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in head.named_parameters()) if head is not None else ()
-    return (type(head).__name__, params, tuple(sorted((n, tuple(b.shape)) for n, b in head.named_buffers()))
-            if head is not None else ())
+    if head is None:
+        return ()
+    params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in head.named_parameters())
+    return type(head).__name__, params, tuple((n, tuple(b.shape)) for n, b in head.named_buffers())

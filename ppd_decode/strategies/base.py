@@ -42,7 +42,8 @@ def pick_head(strategy: "DecodingStrategy", layer: int | None):
             raise HeadMismatchError(f"several heads given ({sorted(strategy.heads)}): set config.layer to one of them")
         layer = next(iter(strategy.heads))
     if layer not in strategy.heads:
-        raise HeadMismatchError(f"no head for layer {layer}; heads given: {sorted(strategy.heads)}")
+        raise HeadMismatchError(f"no head for layer {layer}; heads given: {sorted(strategy.heads)}. Fix: set the "
+                                f"method's layer to one of them, or train one with `make train LAYER={layer}`")
     check_layer(strategy.model, layer)
     return layer, strategy.heads[layer]
 
@@ -61,17 +62,15 @@ class Stats:
                     setattr(self, f.name, theirs)
             elif isinstance(mine, list):
                 mine.extend(theirs)
-            elif isinstance(mine, dict):
-                for k, v in theirs.items():
-                    mine[k] = _add(mine[k], v) if k in mine else (dict(v) if isinstance(v, dict) else v)
             else:
-                setattr(self, f.name, mine + theirs)
+                setattr(self, f.name, _add(mine, theirs))
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _add(a, b):
+    """a + b, key by key for (nested) dicts of numbers; never changes either argument."""
     if isinstance(a, dict):
         out = dict(a)
         for k, v in b.items():

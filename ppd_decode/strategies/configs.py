@@ -2,8 +2,9 @@
 
 A row names a registered method and sets fields of its config dataclass; ``decode.ROW.FIELD=VALUE`` overrides a
 field (values parsed as YAML, as Hydra parses them) or adds a row. Hydra's ``++decode.ROW.FIELD=VALUE`` ("add or
-override", what a Hydra app such as the demo needs for a field its row leaves out) is accepted too. ``ppd-generate``, the benchmark and the demo all
-read their methods this way, so a setting is written the same everywhere.
+override", what a Hydra app such as the demo needs for a field its row leaves out) is accepted too.
+``ppd-generate``, the benchmark and the demo all read their methods this way, so a setting is written the same
+everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from ppd_decode.errors import PPDError
 from ppd_decode.strategies.base import REGISTRY, get_strategy
 
 DECODE_YAML = Path(__file__).resolve().parents[2] / "configs" / "decode.yaml"
-ROW_KEYS = ("method", "threads")  # what a row may set besides its method's config fields
 
 
 @dataclass
@@ -88,11 +88,15 @@ def rows(names: list[str], overrides: list[str] | tuple = (), base: dict | None 
     if missing:
         raise PPDError(f"no decoding row {missing[0]!r}. Fix: use one of {', '.join(table)}, or add it with "
                        f"decode.{missing[0]}.method=<method>")
-    out = [make_row(n, table[n]) for n in names]
-    for r in out:
+    return fill_layer([make_row(n, table[n]) for n in names], layer)
+
+
+def fill_layer(rows: list[Row], layer: int | None) -> list[Row]:
+    """Give every drafting row that names no layer ``layer`` (None: leave them as they are)."""
+    for r in rows:
         if layer is not None and r.cls.needs_heads and getattr(r.config, "layer", 0) is None:
             r.config.layer = layer
-    return out
+    return rows
 
 
 def _default(f: dataclasses.Field):

@@ -3,6 +3,7 @@ from the observed match rate, and where each worker's time went (docs/method.md,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 
@@ -17,6 +18,17 @@ from ppd_decode.profiling.latency import (
 )
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Time as each worker runs: one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def probe(strategy, prompt_len: int, max_new_tokens: int) -> None:
     """Time PPD's stages now (between prompts, so the latency model sees the machine at the speed the decodes saw):
     alone, and beside the other stage's work kept running on the other core (not for the split without guessing,
@@ -26,16 +38,12 @@ def probe(strategy, prompt_len: int, max_new_tokens: int) -> None:
     cfg, model = strategy.config, strategy.model
     if cfg.speculate and strategy._load is None:
         strategy._load = StageLoad(model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what each worker has
-    try:
-        chain_ks, chain_rows = chain_timings(cfg.k, cfg.chain, cfg.min_block)
+    chain_ks, chain_rows = chain_timings(cfg.k, cfg.chain, cfg.min_block)
+    with _one_thread():
         strategy._stage_times.append(measure_stage_times(
             model, strategy.engine.head, cfg.layer, ks=(1, cfg.k) + chain_ks, repeats=3,
             context=prompt_len + max_new_tokens // 2, t2_rows=chain_rows,
             load=strategy._load if cfg.speculate else None, load_rows=cfg.k))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def summary(strategy, totals) -> dict:
@@ -44,22 +52,13 @@ def summary(strategy, totals) -> dict:
     if not strategy._stage_times:
         return {}
     cfg = strategy.config
-    s = totals.stats
-    r = {"tokens": totals.tokens, "prompts": totals.prompts, "drafted": totals.drafted, "accepted": totals.accepted,
-         "wall_s": totals.wall_s, "chain_accepted": s.chain_accepted, "chains_sent": s.chains_sent,
-         "chain_blocks": s.chain_blocks, "guess_blocks": s.guess_blocks, "block_pairs": s.block_pairs,
-         "a_time_s": s.a_time_s, "b_time_s": s.b_time_s}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        st = median_stage_times(strategy._stage_times)
-        p = totals.accepted / totals.drafted if totals.drafted else 0.0
-        pred, chains = ppd_prediction(st, cfg, r, p)
-        sb = st.beside if cfg.speculate else st
-        pred_b, chains_b = ppd_prediction(sb, cfg, r, p)
+    st = median_stage_times(strategy._stage_times)
+    p = totals.accepted / totals.drafted if totals.drafted else 0.0
+    pred, chains = ppd_prediction(st, cfg, totals, p)
+    sb = st.beside if cfg.speculate else st
+    pred_b, chains_b = ppd_prediction(sb, cfg, totals, p)
+    with _one_thread():
         rt = strategy.engine.round_trip_seconds()
-    finally:
-        torch.set_num_threads(threads)
     k = cfg.k
     lm = {"predicted_speedup_vs_greedy_1t": pred["speedup"], "extra_compute": pred["extra_compute"],
           "predicted_ms_per_token": 1e3 * pred["latency"],
@@ -74,11 +73,11 @@ def summary(strategy, totals) -> dict:
           **({"chains": {**chains, "t2_chain_ms": 1e3 * chains["t2_chain"], "t1k_chain_ms": 1e3 * chains["t1k_chain"],
                          "block_max_ms": 1e3 * chains["block_max"],
                          "t2_block_ms": 1e3 * pred["t2_block"], "t1k_block_ms": 1e3 * pred["t1k_block"],
-                         "block_pairs": {f"{b},{a}": c for (b, a), c in r["block_pairs"].items()}}}
+                         "block_pairs": {f"{b},{a}": c for (b, a), c in totals.stats.block_pairs.items()}}}
              if chains else {}),
-          "wall_ms_per_token": 1e3 * r["wall_s"] / r["tokens"]}
-    if r["a_time_s"]:
-        lm["breakdown"] = where_the_time_went(r, cfg.speculate)
+          "wall_ms_per_token": 1e3 * totals.wall_s / totals.tokens}
+    if totals.stats.a_time_s:
+        lm["breakdown"] = where_the_time_went(totals, cfg.speculate)
     tps = totals.tokens_per_s
     lines = [f"T1(1) {lm['t1_1_ms']:.1f} ms, T1(k) {lm['t1_k_ms']:.1f} ms, T2 {lm['t2_ms']:.1f} ms, greedy step "
              f"{lm['greedy_step_ms']:.1f} ms, early head {lm['early_head_ms']:.1f} ms; worker round trip "
@@ -90,8 +89,8 @@ def summary(strategy, totals) -> dict:
 
 
 def median_stage_times(samples: list):
-    """The median of each stage timing over samples taken between prompts (``profiling.latency.StageTimes``), the timings
-    beside the other stage's work (``.beside``) too."""
+    """The median of each stage timing over samples taken between prompts (``profiling.latency.StageTimes``), the
+    timings beside the other stage's work (``.beside``) too."""
     med = statistics.median
     first = samples[0]
     return dataclasses.replace(first, t1={k: med(x.t1[k] for x in samples) for k in first.t1},
@@ -101,34 +100,34 @@ def median_stage_times(samples: list):
                                                                                     "layer")})
 
 
-def ppd_prediction(st, cfg, r: dict, p: float) -> tuple[dict, dict | None]:
+def ppd_prediction(st, cfg, t, p: float) -> tuple[dict, dict | None]:
     """The latency model's prediction for a PPD row from stage timings ``st``, the observed match rate ``p`` and,
-    with text chains, the chains the engine reported; and the chain mix it used."""
-    k = cfg.k
+    with text chains, the chains the engine reported (``t``: the row's ``Totals``); and the chain mix it used."""
+    k, s = cfg.k, t.stats
     chains = None
     if cfg.chain:  # (the engine keeps a chain only where it guesses from the text)
-        blocks = r["tokens"] - r["chain_accepted"]
-        t1k_chain, t2_chain = chained_block_times(st, k, cfg.min_block, r.get("block_pairs", {}))
-        chains = {"b_share": r["chains_sent"] / blocks, "a_share": r["chain_blocks"] / max(1, r["guess_blocks"]),
-                  "t2_chain": t2_chain, "t1k_chain": t1k_chain, "tokens_per_block": r["tokens"] / blocks}
+        blocks = t.tokens - s.chain_accepted
+        t1k_chain, t2_chain = chained_block_times(st, k, cfg.min_block, s.block_pairs)
+        chains = {"b_share": s.chains_sent / blocks, "a_share": s.chain_blocks / max(1, s.guess_blocks),
+                  "t2_chain": t2_chain, "t1k_chain": t1k_chain, "tokens_per_block": t.tokens / blocks}
         # the earlier form, max(mean B block, mean A block), kept beside it for comparison
         means_only = stage_pipelined(p, st.t1[k], st.t1_miss, st.t2, st.greedy, chains)
-        chains["block_max"] = side_by_side_block_time(st, k, cfg.min_block, r.get("block_pairs", {}))
+        chains["block_max"] = side_by_side_block_time(st, k, cfg.min_block, s.block_pairs)
         chains["predicted_speedup_max_of_means"] = means_only["speedup"]
     spec = cfg.speculate
     return stage_pipelined(p if spec else 0.0, st.t1[k] if spec else 0.0, st.t1_miss, st.t2, st.greedy, chains), chains
 
 
-def where_the_time_went(r: dict, spec: bool) -> dict:
-    """A PPD row's worker times (summed part by part over the first run's prompts) per generated token, and the
-    in-pipeline cost of each kind of work next to the same work timed alone (the latency model's inputs)."""
-    a, b, n = r["a_time_s"], r["b_time_s"], r["tokens"]
-    decoded = n - r["prompts"]  # tokens after each prompt's first: the decoding phase
-    blocks = decoded - r.get("chain_accepted", 0)  # B's blocks (with text chains, one decides several tokens)
-    misses = (r["drafted"] - r["accepted"]) if spec else decoded
+def where_the_time_went(t, spec: bool) -> dict:
+    """A PPD row's worker times (``t``: its ``Totals``, summed part by part over the first run's prompts) per
+    generated token, and the in-pipeline cost of each kind of work next to the same work timed alone."""
+    a, b, n = t.stats.a_time_s, t.stats.b_time_s, t.tokens
+    decoded = n - t.prompts  # tokens after each prompt's first: the decoding phase
+    blocks = decoded - t.stats.chain_accepted  # B's blocks (with text chains, one decides several tokens)
+    misses = (t.drafted - t.accepted) if spec else decoded
     per_token = lambda parts: {k: 1e3 * v / n for k, v in parts.items()}  # noqa: E731
     return {"a_ms_per_token": per_token(a), "b_ms_per_token": per_token(b),
-            "decoding_ms_per_token": 1e3 * (r["wall_s"] - max(a["prefill"], b["prefill"])) / max(1, decoded),
+            "decoding_ms_per_token": 1e3 * (t.wall_s - max(a["prefill"], b["prefill"])) / max(1, decoded),
             "prefill_ms_per_token": 1e3 * max(a["prefill"], b["prefill"]) / n,
             "in_pipeline_ms": {"guess_block": 1e3 * a["guess_block"] / max(1, blocks) if spec else None,
                                "miss_rerun": 1e3 * a["miss_rerun"] / max(1, misses),
