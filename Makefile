@@ -13,7 +13,8 @@ LAYER ?=
 LAYERS ?= $(LAYER)
 NPROC ?= 1
 
-# `make bench HEADS=outputs/train/<run>/heads` (without HEADS: the untrained logit lens at layer 15).
+# `make bench HEADS=outputs/train/<run>/heads` (without HEADS: the heads shipped in ppd_decode/models/shipped_heads/;
+# HEADS=lens: the untrained logit lens).
 HEADS ?=
 
 .PHONY: install demo test test-slow train eval bench bench-train clean-cache

@@ -128,8 +128,10 @@ def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- self-distillation
 def self_distill_cache_path(cfg: DataConfig, model_spec: str, cache_root: Path) -> Path:
+    # The prompt order depends only on the seed, so the first n answers are the same for any num_prompts >= n: the
+    # key leaves num_prompts out, and asking for more prompts later extends the same file instead of starting over.
     key = json.dumps([model_spec, cfg.files, cfg.hub, cfg.max_examples, cfg.seed, cfg.sd_max_new_tokens,
-                      cfg.sd_max_prompt_tokens, cfg.sd_num_prompts], sort_keys=True)
+                      cfg.sd_max_prompt_tokens], sort_keys=True)
     h = hashlib.sha1(key.encode()).hexdigest()[:12]
     return cache_root / "self_distill" / f"{cfg.name}-{h}.jsonl"
 
@@ -158,6 +160,9 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
                 break  # a line cut by a kill: regenerate from here
         cache.write_text("".join(json.dumps(r) + "\n" for r in done))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if any(r["prompt"] != p for r, p in zip(done, prompts)):
+        raise TaskDataError(f"{cache} holds answers to other prompts than this configuration's (the data files "
+                            f"changed under the same names?). Fix: delete {cache} to generate them again.")
     todo = prompts[len(done):]
     bs = cfg.sd_batch_size
     with cache.open("a") as f:
@@ -174,9 +179,11 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
             f.flush()
 
 
-def read_self_distilled(cache: Path) -> list[list[dict]]:
+def read_self_distilled(cache: Path, limit: int | None = None) -> list[list[dict]]:
+    """The first ``limit`` (all, if None) cached conversations."""
+    rows = cache.read_text().splitlines()[:limit]
     return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
-            for r in map(json.loads, cache.read_text().splitlines())]
+            for r in map(json.loads, rows)]
 
 
 @dataclass
@@ -200,7 +207,7 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
             self_distill(train_c, model, tokenizer, cfg, cache)
         if barrier:
             barrier()  # other ranks read what rank 0 generated
-        train_c = read_self_distilled(cache)
+        train_c = read_self_distilled(cache, cfg.sd_num_prompts)
         source += " (self-distilled)"
     train = pack([render(tokenizer, c) for c in train_c], seq_len)
     val = pack([render(tokenizer, c) for c in val_c], seq_len)

@@ -44,7 +44,9 @@ def interleave(sets: dict[str, list[list[int]]]) -> list[list[int]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--heads", default=None, help="a heads directory (training output); default: the logit lens")
+    p.add_argument("--heads", default="shipped",
+                   help="a heads directory (training output), 'shipped' (default: the heads that come with ppd for "
+                        "this model, else the logit lens) or 'lens'")
     p.add_argument("--layer", type=int, default=22, help="the drafting head's layer d")
     p.add_argument("--sets", default="squad,wmt15,cnn_dailymail,mt_bench")
     p.add_argument("--batch-sizes", default="1,2,4,8,16")
@@ -71,7 +73,7 @@ def main() -> None:
 
     from ppd_decode.data.prompts import load_prompts
     from ppd_decode.evaluation.match_rate import greedy_continuations
-    from ppd_decode.models.heads import EarlyExitHead, load_heads
+    from ppd_decode.models.catalog import choose_heads
     from ppd_decode.models.loading import load_model
     from ppd_decode.profiling.gamma import CostModel, profile
     from ppd_decode.strategies import get_strategy
@@ -84,12 +86,8 @@ def main() -> None:
     if any(t != "static" for t in trees) and a.prune_layer is None:
         raise SystemExit("--trees prune/dynamic need --prune-layer")
     layers = [d] + ([a.prune_layer] if a.prune_layer is not None and trees else [])
-    if a.heads:
-        all_heads = load_heads(a.heads, model, layers)
-        head_kind = "trained"
-    else:
-        all_heads = {x: EarlyExitHead.from_model(model, x) for x in layers}
-        head_kind = "logit lens"
+    choice = choose_heads(a.heads, model, layers)
+    all_heads, head_kind = choice.heads, "logit lens" if choice.path is None else "trained"
     head = all_heads[d]
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     gammas = [int(x) for x in a.gammas.split(",")]
@@ -195,7 +193,7 @@ def main() -> None:
     for b in sizes:
         fixed = [r for r in results if r["batch_size"] == b and r["method"] in ("batched_greedy", "self_speculative")]
         best_fixed[b] = max(fixed, key=lambda r: r["tokens_per_s"])["gamma"]
-    out = {"model": a.model, "head": head_kind, "layer": d, "prune_layer": a.prune_layer if trees else None,
+    out = {"model": a.model, "head": head_kind, "heads": choice.label, "layer": d, "prune_layer": a.prune_layer if trees else None,
            "branching": list(branching) if trees else None, "acceptance_prior": alpha, "cpu": cpu_name(),
            "threads": a.threads, "torch": torch.__version__, "transformers": transformers.__version__,
            "max_new_tokens": a.max_new_tokens, "runs": a.runs, "sets": list(sets), "prompts": len(prompts),

@@ -89,7 +89,9 @@ DEFAULT_ROWS = "prompt_lookup,self_speculative_text,self_speculative_text_2t,ppd
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--heads", default=None, help="a heads directory (training output); default: logit lens")
+    p.add_argument("--heads", default="shipped",
+                   help="a heads directory (training output), 'shipped' (default: the heads that come with ppd for "
+                        "this model, else the logit lens) or 'lens'")
     p.add_argument("--layers", default=None, help="which of the heads to load (default: all in --heads)")
     p.add_argument("--layer", type=int, default=None,
                    help="the head a drafting row uses when it names no layer (default: the deepest loaded)")
@@ -108,13 +110,6 @@ def parse_args():
     return p.parse_args()
 
 
-def load_heads_for(a, model):
-    from ppd_decode.models.heads import EarlyExitHead, load_heads
-
-    if a.heads:
-        return load_heads(a.heads, model, [int(x) for x in a.layers.split(",")] if a.layers else None), "trained"
-    layers = [int(x) for x in (a.layers or str(model.config.num_hidden_layers // 2)).split(",")]
-    return {d: EarlyExitHead.from_model(model, d) for d in layers}, "logit lens"
 
 
 def load_prompt_sets(a, tok, model) -> dict[str, list[list[int]]]:
@@ -263,6 +258,7 @@ def main() -> None:
     a = parse_args()
     import transformers
 
+    from ppd_decode.models.catalog import choose_heads
     from ppd_decode.models.loading import load_model
     from ppd_decode.strategies.configs import fill_layer
     from ppd_decode.strategies.configs import rows as decode_rows
@@ -270,8 +266,9 @@ def main() -> None:
     names = list(BASELINES) + [n for n in a.rows.split(",") if n and n not in BASELINES]
     chosen = decode_rows(names, a.overrides)  # bad settings fail before the model loads
     model, tok = load_model(a.model)
-    heads, head_kind = load_heads_for(a, model)
-    fill_layer(chosen, a.layer or max(heads))
+    choice = choose_heads(a.heads, model, [int(x) for x in a.layers.split(",")] if a.layers else None)
+    heads, head_kind = choice.heads, "logit lens" if choice.path is None else "trained"
+    fill_layer(chosen, a.layer or choice.layer or max(heads), None if a.layer else choice.row_layers)
     prompts = load_prompt_sets(a, tok, model)
     rows = [{"row": row, "strategy": row.build(model, heads), "runs": [], "mismatches": 0, "near_ties": 0,
              "mismatch_detail": [], "totals": Totals()} for row in chosen]
@@ -283,7 +280,7 @@ def main() -> None:
             r["strategy"].close()
     command = "python scripts/bench_decode.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     out = {"command": command, "model": a.model, "dtype": str(model.dtype).replace("torch.", ""),
-           "max_new_tokens": a.max_new_tokens, "runs": a.runs, "warmup": a.warmup, "heads": a.heads or "logit lens",
+           "max_new_tokens": a.max_new_tokens, "runs": a.runs, "warmup": a.warmup, "heads": choice.label,
            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                        "transformers": transformers.__version__},
            "prompt_sets": {s: len(v) for s, v in prompts.items()}, "methods": methods,

@@ -37,6 +37,7 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     assert labels == {("lens", 1), ("lens", 2), ("distill-kl", 2)}
     for r in squad["rates"]:
         assert 0 <= r["p@1"] <= r["p@2"] <= r["p@5"] <= 1
+        assert r["ranking"] == "full" and r["full@1"] == r["p@1"]  # no shortlist: the two rankings are one
     assert squad["measure"] == "capture" and squad["heads_scored"] == 3
     assert squad["measure_cost_vs_generation"] > 0 and squad["seconds_plain_generation"] > 0
     # the trained head alone is charged less than it plus the two lens baselines scored beside it

@@ -60,6 +60,25 @@ def test_scores_match_a_direct_computation(m64):
         assert all(torch.equal(x, y) for x, y in zip(a.outcomes, b.outcomes))
 
 
+def test_a_shortlist_head_is_scored_with_the_ranking_decoding_uses(m64):
+    """A frequent-rows head guesses from its trained rows; the match rate must be the rate of those guesses (what
+    PPD and self-speculation see), with the full-vocabulary ranking kept beside it."""
+    conts, states = greedy_continuations(m64, PROMPTS, 16, batch_size=4, capture_layers=[2])
+    targets = {t for c in conts for t in c}
+    rows = torch.tensor(sorted(set(range(0, 300, 3)) - targets))  # no target among the rows: the shortlist misses
+    head = EarlyExitHead.from_model(m64, 2, projection="frequent", rows=rows).materialize()
+    sc = score_captured(m64, {("h", 2): head}, conts, states)[0]
+    hs = torch.cat([st[2] for st in states])
+    y = torch.tensor([t for c in conts for t in c])
+    with torch.no_grad():
+        guess, full = head.guess(hs, max(KS)), head(hs).topk(max(KS), -1).indices
+    for k in KS:
+        assert sc.hits[k] == int((guess[:, :k] == y[:, None]).any(-1).sum())
+        assert sc.full_hits[k] == int((full[:, :k] == y[:, None]).any(-1).sum())
+    # the two rankings differ on this head, so the test tells them apart
+    assert sc.hits[max(KS)] == 0 < sc.full_hits[max(KS)]
+
+
 def test_captured_states_are_the_teacher_forced_states(m64):
     conts, states = greedy_continuations(m64, PROMPTS, 12, batch_size=4, capture_layers=[2])
     for p, c, st in zip(PROMPTS, conts, states):

@@ -17,7 +17,9 @@ from ppd_decode.errors import run_cli
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--heads", default=None, help="trained heads directory (default: the untrained logit lens)")
+    p.add_argument("--heads", default="shipped",
+                   help="a trained heads directory, 'shipped' (default: the heads that come with ppd for this model, "
+                        "else the logit lens) or 'lens' (the untrained logit lens)")
     p.add_argument("--layer", type=int, default=None,
                    help="the head a drafting row uses when it names no layer (default: the deepest head)")
     p.add_argument("--method", default="ppd", help="a row of configs/decode.yaml (or one added by an override)")
@@ -32,21 +34,20 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(a: argparse.Namespace) -> None:
     from ppd_decode.data.prompts import encode_chat
-    from ppd_decode.models.heads import EarlyExitHead, load_heads
+    from ppd_decode.models.catalog import choose_heads
     from ppd_decode.models.loading import load_model
     from ppd_decode.strategies import get_strategy
     from ppd_decode.strategies.configs import fill_layer, rows
 
     row = rows([a.method], a.overrides)[0]  # bad settings fail before the model loads
     model, tok = load_model(a.model)
-    heads = None
+    heads, heads_label = None, None
     if row.cls.needs_heads:
-        if a.heads:
-            heads = load_heads(a.heads, model, [a.layer] if a.layer else None)
-        else:
-            d = a.layer or model.config.num_hidden_layers // 2
-            heads = {d: EarlyExitHead.from_model(model, d)}
-        fill_layer([row], a.layer or max(heads))  # a head for another layer is refused by the strategy
+        choice = choose_heads(a.heads, model, [a.layer] if a.layer else None)
+        heads = choice.heads
+        # a head for another layer is refused by the strategy
+        fill_layer([row], a.layer or choice.layer or max(heads), None if a.layer else choice.row_layers)
+        heads_label = choice.label
     ids = encode_chat(tok, a.prompt)
     with row.build(model, heads) as strategy:
         strategy.check_request(ids, a.max_new_tokens)
@@ -73,6 +74,8 @@ def run(a: argparse.Namespace) -> None:
                 stream(t)
         dt = time.perf_counter() - t0
         print(f"\n\n[{a.method}] {len(res.tokens)} tokens in {dt:.2f}s ({len(res.tokens) / dt:.1f} tok/s)", end="")
+        if heads_label:
+            print(f"; heads: {heads_label}, layer {row.config.layer}", end="")
         if res.drafted:
             print(f"; {res.accepted}/{res.drafted} guesses matched", end="")
         if getattr(res.stats, "fallback", None):

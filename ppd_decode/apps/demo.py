@@ -1,9 +1,10 @@
 """The decoding step of ``make demo``: greedy next to exact self-speculative decoding and PPD with a trained head.
 
 Loads the model (converting and caching it the first time), builds prompts for each evaluation task from the
-local data (or the hub), decodes a few with plain greedy and, when ``heads=`` names a trained head, with
-self-speculative decoding and the PPD engine on that head; prints the answers, checks they are token-identical and
-shows the speed.
+local data (or the hub), decodes a few with plain greedy and with self-speculative decoding and the PPD engine on
+a head: ``heads=`` names a trained head (``make demo`` passes the one it just trained, and the head shipped with
+ppd for this model runs beside it, rows marked ``@shipped``), and by default the shipped heads; prints the
+answers, checks they are token-identical and shows the speed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppd_decode.data.prompts import build_prompts, context_length
 from ppd_decode.data.tasks import TaskConfig, load_task
 from ppd_decode.errors import PPDError
-from ppd_decode.models.heads import load_heads
+from ppd_decode.models.catalog import choose_heads
 from ppd_decode.models.loading import load_model
 from ppd_decode.strategies.configs import rows as decode_rows
 
@@ -33,25 +34,38 @@ def main(cfg: DictConfig) -> None:
           f"loaded in {time.time() - t0:.1f}s")
     # the rows of configs/decode.yaml (with this run's decode.ROW.FIELD=VALUE overrides) named by `methods`
     table = OmegaConf.to_container(cfg.decode, resolve=True)
-    heads, layer = {}, None
+    heads, layer, label = {}, None, None
     if cfg.heads:
-        heads = load_heads(cfg.heads, model, [cfg.layer] if cfg.layer else None)
-        layer = cfg.layer or max(heads)
+        choice = choose_heads(cfg.heads, model, [cfg.layer] if cfg.layer else None)
+        if choice.path is not None:  # no shipped heads for this model: drafting methods are left out
+            heads, label = choice.heads, choice.label
+            layer = cfg.layer or choice.layer or max(heads)
     chosen = decode_rows(list(cfg.methods), base=table, layer=layer)
     if chosen[0].cls.name != "greedy":
         raise PPDError(f"the demo's first method is its reference: methods=[greedy, ...], not {cfg.methods[0]!r}")
+    # The head this run trained, and beside it the one shipped with ppd for this model (same layer, same rows).
+    shipped = {}
+    if cfg.compare_shipped and heads and str(cfg.heads) not in ("shipped", "lens"):
+        other = choose_heads("shipped", model)
+        if other.path is not None and layer in other.heads:
+            shipped = {layer: other.heads[layer]}
     methods = {}
     for row in chosen:
         if row.cls.needs_heads and not heads:
-            continue  # drafting methods need heads=
-        methods[row.name] = row.build(model, heads)
-        if row.name != chosen[0].name:
-            print(f"{row.name}: {row.cls.name}" + (f" ({row.label})" if row.label else ""))
-        engine = getattr(methods[row.name], "engine", None)
-        if engine is not None:
-            engine.start()  # two worker processes, started once for all prompts
-    if cfg.heads:
-        print(f"drafting with layers 1..{layer} + the trained head from {cfg.heads}")
+            continue  # drafting methods need heads
+        for suffix, bank in (("", heads), ("@shipped", shipped)):
+            if suffix and not (row.cls.needs_heads and bank):
+                continue
+            name = row.name + suffix
+            methods[name] = row.build(model, bank)
+            if name != chosen[0].name:
+                print(f"{name}: {row.cls.name}" + (f" ({row.label})" if row.label else ""))
+            engine = getattr(methods[name], "engine", None)
+            if engine is not None:
+                engine.start()  # two worker processes, started once for all prompts
+    if heads:
+        print(f"drafting with layers 1..{layer} + the head from {label}"
+              + (" (rows marked @shipped: the head shipped with ppd)" if shipped else ""))
     warm = tok("Hello", return_tensors="pt").input_ids[0].tolist()
     for s in methods.values():  # one short untimed run each: first calls pay one-off setup, not decoding
         s.generate(warm, 4)

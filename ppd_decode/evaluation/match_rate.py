@@ -86,7 +86,8 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, b
 class HeadScore:
     label: str  # e.g. "lens", "distill-kl"
     layer: int
-    hits: dict[int, int] = field(default_factory=dict)
+    hits: dict[int, int] = field(default_factory=dict)  # in the ranking decoding uses (a shortlist, if the head has one)
+    full_hits: dict[int, int] = field(default_factory=dict)  # in the full-vocabulary ranking
     positions: int = 0
     seconds: float = 0.0  # time spent scoring this head (its projection, top-k and counts)
     outcomes: list[torch.Tensor] = field(default_factory=list)  # per prompt: bool [n_pos, len(KS)]
@@ -95,6 +96,13 @@ class HeadScore:
 
     def rate(self, k: int) -> float:
         return self.hits.get(k, 0) / self.positions if self.positions else float("nan")
+
+    def full_rate(self, k: int) -> float:
+        return self.full_hits.get(k, 0) / self.positions if self.positions else float("nan")
+
+
+def _has_shortlist(head) -> bool:
+    return getattr(head, "shortlist", None) is not None
 
 
 def _new_scores(model, heads, ks) -> dict:
@@ -111,15 +119,19 @@ def _score_positions(scores: dict, heads: dict, hidden: dict[int, torch.Tensor],
     sizes = sizes or [len(y)]
     for key, head in heads.items():
         t0 = time.perf_counter()
-        logits = head(hidden[key[1]].to(head.lm_head.weight.dtype))
-        top = logits.topk(max(ks), dim=-1).indices
-        del logits
+        h = hidden[key[1]].to(head.lm_head.weight.dtype)
+        full = head(h).topk(max(ks), dim=-1).indices
+        # The ranking decoding uses: a head with a shortlist guesses from it (EarlyExitHead.guess), and that is the
+        # rate PPD and self-speculation see; the full-vocabulary ranking is kept beside it.
+        top = head.guess(h, max(ks)) if _has_shortlist(head) else full
         hit = top == y[:, None]
         out = torch.stack([hit[:, :k].any(-1) for k in ks], dim=1).cpu()
         sc = scores[key]
         sc.positions += len(y)
+        full_hit = full == y[:, None]
         for j, k in enumerate(ks):
             sc.hits[k] += int(out[:, j].sum())
+            sc.full_hits[k] = sc.full_hits.get(k, 0) + int(full_hit[:, :k].any(-1).sum())
         sc.outcomes.extend(out.split(sizes))
         if keep_top:
             sc.top.extend(top.cpu().split(sizes))

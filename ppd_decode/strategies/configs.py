@@ -91,11 +91,13 @@ def rows(names: list[str], overrides: list[str] | tuple = (), base: dict | None 
     return fill_layer([make_row(n, table[n]) for n in names], layer)
 
 
-def fill_layer(rows: list[Row], layer: int | None) -> list[Row]:
-    """Give every drafting row that names no layer ``layer`` (None: leave them as they are)."""
+def fill_layer(rows: list[Row], layer: int | None, by_row: dict[str, int] | None = None) -> list[Row]:
+    """Give every drafting row that names no layer ``by_row[row name]`` if there is one, else ``layer`` (None:
+    leave them as they are)."""
     for r in rows:
-        if layer is not None and r.cls.needs_heads and getattr(r.config, "layer", 0) is None:
-            r.config.layer = layer
+        at = (by_row or {}).get(r.name, layer)
+        if at is not None and r.cls.needs_heads and getattr(r.config, "layer", 0) is None:
+            r.config.layer = at
     return rows
 
 
