@@ -21,6 +21,8 @@ class HeadConfig:
     projection: str = "frequent"  # frequent | own | shared
     adapter_rank: int = 0
     train_vocab: int = 4096
+    reads_prev: bool = False  # the head also reads f(t-1), the final layer's state at the previous position
+    prev_drop: float = 0.25  # fraction of positions trained with f(t-1) unknown (as decoding meets them)
 
 
 @dataclass

@@ -46,6 +46,9 @@ OmegaConf.register_new_resolver("ppd_join", lambda xs: "-".join(str(x) for x in 
 # ... and names the objective: "ce", "distill-kl", "distill-argmax"
 OmegaConf.register_new_resolver("ppd_objective", lambda obj, kind: obj if obj != "distill" else f"{obj}-{kind}",
                                 replace=True)
+# ... and marks heads that read f(t-1), so they never resume another kind's checkpoints: "-prev"
+OmegaConf.register_new_resolver("ppd_prev", lambda reads: "-prev" if str(reads).lower() == "true" else "",
+                                replace=True)
 
 
 class HeadBank(nn.Module):
@@ -64,10 +67,11 @@ class HeadBank(nn.Module):
         self.frequent_rows = frequent is not None and all(
             h.projection == "frequent" and torch.equal(h.rows.cpu(), frequent.cpu()) for h in heads.values())
 
-    def forward(self, hidden: dict[int, torch.Tensor], input_ids, teacher_logits):
+    def forward(self, hidden: dict[int, torch.Tensor], input_ids, teacher_logits, prev=None, known=None):
+        """``prev``/``known``: f(t-1) and where it is known, for heads that read it (see ``previous_final``)."""
         args = (self.objective, self.kind, self.temperature)
         if self.frequent is None:
-            return self._total({int(d): head_loss(h(hidden[int(d)]), input_ids, teacher_logits, *args)
+            return self._total({int(d): head_loss(h(hidden[int(d)], prev, known), input_ids, teacher_logits, *args)
                                 for d, h in self.heads.items()})
         # Everything the heads share is computed once: the candidate set, the targets' places in it and, when the
         # heads share the model's LM head, its candidate rows, applied to all heads' features in one product.
@@ -75,19 +79,19 @@ class HeadBank(nn.Module):
         cands = candidate_set(self.frequent, t if t is not None else teacher_logits.argmax(-1))
         index = torch.searchsorted(cands, t.reshape(-1)) if t is not None else None
         if self.frequent_rows:
-            return self._frequent_rows_loss(hidden, input_ids, teacher_logits, cands, t, args)
+            return self._frequent_rows_loss(hidden, input_ids, teacher_logits, cands, t, args, prev, known)
         if self.shared:
             heads = list(self.heads.items())
             w = heads[0][1].lm_head.weight[cands]
-            feats = torch.cat([h.features(hidden[int(d)].to(h.norm.weight.dtype)) for d, h in heads])
+            feats = torch.cat([h.features(hidden[int(d)].to(h.norm.weight.dtype), prev, known) for d, h in heads])
             logits = nn.functional.linear(feats.to(w.dtype), w).split(input_ids.shape[0])
             return self._total({int(d): candidate_loss(z, input_ids, teacher_logits, cands, *args, target_index=index)
                                 for (d, _), z in zip(heads, logits)})
-        return self._total({int(d): candidate_loss(h.candidate_logits(hidden[int(d)], cands), input_ids,
+        return self._total({int(d): candidate_loss(h.candidate_logits(hidden[int(d)], cands, prev, known), input_ids,
                                                    teacher_logits, cands, *args, target_index=index)
                             for d, h in self.heads.items()})
 
-    def _frequent_rows_loss(self, hidden, input_ids, teacher_logits, cands, t, args):
+    def _frequent_rows_loss(self, hidden, input_ids, teacher_logits, cands, t, args, prev=None, known=None):
         """Frequent-rows heads: the candidate set reordered as [the heads' own rows | the rest]; each head's own
         rows get their own product, the rest (the model's LM head rows, the same for every head) one product for all
         heads' features together. The softmax does not care about the order, only the targets' places must follow."""
@@ -100,7 +104,7 @@ class HeadBank(nn.Module):
             index = place[torch.searchsorted(cands, t.reshape(-1))]
         heads = list(self.heads.items())
         base = heads[0][1].lm_head.weight
-        feats = [h.features(hidden[int(d)].to(h.norm.weight.dtype)) for d, h in heads]
+        feats = [h.features(hidden[int(d)].to(h.norm.weight.dtype), prev, known) for d, h in heads]
         rest_logits = nn.functional.linear(torch.cat(feats).to(base.dtype), base[rest]).split(input_ids.shape[0])
         losses = {}
         for (d, h), f, z_rest in zip(heads, feats, rest_logits):
@@ -188,6 +192,21 @@ def validate(cfg, model=None) -> None:
                            f"Fix: trainer.seq_len={ctx} or less.")
     if cfg.trainer.seq_len < 2:
         raise PPDError("trainer.seq_len must be at least 2")
+    if not 0.0 <= float(cfg.head.prev_drop) < 1.0:
+        raise PPDError(f"head.prev_drop={cfg.head.prev_drop} must be in [0, 1): the fraction of positions trained "
+                       f"without f(t-1)")
+
+
+def previous_final(final: torch.Tensor, drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(t-1) for every position of ``final`` [B, T, H] (the final layer's normed states), and where it counts as
+    known: never at position 0 (nothing before it), and, with ``drop``, not at a random fraction of the others, so a
+    head that reads f(t-1) also learns to guess without it (decoding's second draft tokens)."""
+    prev = torch.cat([torch.zeros_like(final[:, :1]), final[:, :-1]], dim=1)
+    known = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
+    known[:, 0] = False
+    if drop > 0:
+        known &= torch.rand(known.shape, device=final.device) >= drop
+    return prev, known
 
 
 def _batch_rows(perm: torch.Tensor, micro_index: int, micro: int, world: int, rank: int) -> torch.Tensor:
@@ -201,13 +220,22 @@ def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro:
     bank.eval()
     sums: dict[str, float] = {}
     n = 0
+    reads_prev = any(h.reads_prev for h in bank.heads.values())
     for i in range(0, len(val), micro):
         ids = val[i:i + micro].to(device)
-        hidden, teacher = backbone(ids, final_logits=True)
+        if reads_prev:
+            hidden, teacher, final = backbone(ids, final_logits=True, final_hidden=True)
+            prev, known = previous_final(final)
+        else:
+            (hidden, teacher), prev, known = backbone(ids, final_logits=True), None, None
         for d, head in bank.heads.items():
-            logits = head(hidden[int(d)])
+            logits = head(hidden[int(d)], prev, known)
             for k, v in agreement(logits, teacher, ks=(1, 5)).items():
                 sums[f"val/top{k}_agree/layer{d}"] = sums.get(f"val/top{k}_agree/layer{d}", 0.0) + v * len(ids)
+            if head.reads_prev:  # the same head where decoding cannot give it f(t-1)
+                for k, v in agreement(head(hidden[int(d)]), teacher, ks=(1, 5)).items():
+                    key = f"val/top{k}_agree_noprev/layer{d}"
+                    sums[key] = sums.get(key, 0.0) + v * len(ids)
             loss = head_loss(logits, ids, teacher, bank.objective, bank.kind, bank.temperature).item()
             sums[f"val/loss/layer{d}"] = sums.get(f"val/loss/layer{d}", 0.0) + loss * len(ids)
         n += len(ids)
@@ -258,7 +286,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed * 1000 + d)
             heads[d] = EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection,
-                                                rows=frequent if projection == "frequent" else None).float_trainable()
+                                                rows=frequent if projection == "frequent" else None,
+                                                reads_prev=bool(cfg.head.reads_prev)).float_trainable()
     bank = HeadBank(heads, objective, kind, float(cfg.head.temperature), frequent).to(device)
     ds_cfg = deepspeed_config(cfg.trainer.deepspeed, micro_batch=micro, grad_accum=accum, world=world,
                               lr=float(cfg.trainer.lr), weight_decay=float(cfg.trainer.weight_decay),
@@ -292,9 +321,14 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
         losses = {}
         for m in range(accum):
             ids = data.train[_batch_rows(perm, in_epoch * accum + m, micro, world, rank)].to(device)
-            hidden, teacher = backbone(ids, final_logits=need_teacher)
+            prev = known = None
+            if cfg.head.reads_prev:
+                hidden, teacher, final = backbone(ids, final_logits=need_teacher, final_hidden=True)
+                prev, known = previous_final(final, float(cfg.head.prev_drop))
+            else:
+                hidden, teacher = backbone(ids, final_logits=need_teacher)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):  # the heads' products only
-                loss, per_head = engine(hidden, ids, teacher)
+                loss, per_head = engine(hidden, ids, teacher, prev, known)
             engine.backward(loss)
             engine.step()
             for d, v in per_head.items():

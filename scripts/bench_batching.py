@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -76,6 +75,7 @@ def main() -> None:
     from ppd_decode.models.catalog import choose_heads
     from ppd_decode.models.loading import load_model
     from ppd_decode.profiling.gamma import CostModel, profile
+    from ppd_decode.runtime.timing import stopwatch
     from ppd_decode.strategies import get_strategy
 
     model, tok = load_model(a.model)
@@ -144,23 +144,22 @@ def main() -> None:
             row = {**m, "batch_size": b, "prompts": len(plist), "throughput": [], "latency": [], "mismatches": 0,
                    "near_ties": 0, "accepted": 0, "drafted": 0, "steps": 0, "tokens": 0, "gammas": {}}
             for run in range(1, a.runs + 1):
-                t0 = time.perf_counter()
-                if m["method"] == "hf_generate":
-                    outs, lat = [], []
-                    for s in range(0, len(plist), b):
-                        t1 = time.perf_counter()
-                        chunk = greedy_continuations(model, plist[s:s + b], a.max_new_tokens, batch_size=b)
-                        dt = time.perf_counter() - t1
-                        outs += chunk
-                        lat += [dt / max(1, len(c)) for c in chunk]
-                    stats = None
-                else:
-                    s = strategy(m, b)
-                    res = s.generate_batch(plist, a.max_new_tokens)
-                    outs = [r.tokens for r in res]
-                    lat = [r.seconds / max(1, len(r.tokens)) for r in res]
-                    stats = res
-                wall = time.perf_counter() - t0
+                with stopwatch(model.device) as clock:
+                    if m["method"] == "hf_generate":
+                        outs, lat = [], []
+                        for s in range(0, len(plist), b):
+                            with stopwatch(model.device) as t1:
+                                chunk = greedy_continuations(model, plist[s:s + b], a.max_new_tokens, batch_size=b)
+                            outs += chunk
+                            lat += [t1.seconds / max(1, len(c)) for c in chunk]
+                        stats = None
+                    else:
+                        s = strategy(m, b)
+                        res = s.generate_batch(plist, a.max_new_tokens)
+                        outs = [r.tokens for r in res]
+                        lat = [r.seconds / max(1, len(r.tokens)) for r in res]
+                        stats = res
+                wall = clock.seconds
                 row["throughput"].append(sum(map(len, outs)) / wall)
                 row["latency"].append(statistics.mean(lat))
                 if run == 1:

@@ -54,6 +54,20 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     assert saved["tasks"]["squad"]["rates"] == squad["rates"]
 
 
+def test_report_scores_a_head_that_reads_f_prev_with_and_without_it(tmp_path, shared_data):
+    from prev_heads import prev_head
+
+    model, _ = load_model("tiny-random")
+    save_heads(tmp_path / "run" / "heads", {2: prev_head(model, 2, 0, mix=1.0)}, model,
+               meta={"objective": "distill", "distill_kind": "argmax"})
+    report = run(_cfg(f"heads=[{tmp_path / 'run' / 'heads'}]", "timing.enabled=false", "cost_baseline=false"),
+                 tmp_path / "out")
+    rates = {(r["head"], r["layer"]): r for r in report["tasks"]["squad"]["rates"]}
+    mine = rates[("distill-argmax+f_prev", 2)]
+    assert 0 <= mine["noprev@1"] <= 1 and "noprev@1" not in rates[("lens", 2)]
+    assert "p@1 without f(t-1)" in (tmp_path / "out" / "match_rate.md").read_text()
+
+
 def test_teacher_forced_measurement_gives_the_same_rates(tmp_path, shared_data):
     a = run(_cfg("timing.enabled=false", "model.dtype=float64"), tmp_path / "a")
     b = run(_cfg("timing.enabled=false", "model.dtype=float64", "measure=teacher_forced", "cost_baseline=false"),
@@ -102,3 +116,20 @@ def test_timed_generation_takes_turns_and_reassembles_every_prompt():
         assert s.keys() == w.keys() and all(torch.equal(s[d], w[d]) for d in s)
     conts, states, _, plain_sec = timed_generation(model, prompts, 7, 3, None, baseline=False)
     assert conts == want and plain_sec == 0.0 and states == [{}] * len(prompts)
+
+
+def test_rows_without_references_are_counted_never_scored_as_zero():
+    from types import SimpleNamespace
+
+    from ppd_decode.evaluation.report import task_scores
+
+    _, tok = load_model("tiny-random")
+    conts = [tok("a summary", add_special_tokens=False)["input_ids"]] * 3
+    empty = [SimpleNamespace(reference=r) for r in ("", "  ", None)]
+    out = task_scores("cnn_dailymail", tok, empty, conts)
+    assert "rouge1" not in out and out["references_missing"] == 3 and "no row has a reference" in out["unavailable"]
+    some = [SimpleNamespace(reference=r) for r in ("a summary", "", "a summary")]
+    out = task_scores("cnn_dailymail", tok, some, conts)
+    assert out["rouge1"] == pytest.approx(100) and out["references_missing"] == 1
+    squad = [SimpleNamespace(reference=r) for r in (["a summary"], [], [""])]
+    assert task_scores("squad", tok, squad, conts)["references_missing"] == 2

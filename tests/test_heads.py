@@ -92,3 +92,38 @@ def test_missing_layer_and_missing_directory(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HeadMismatchError, match="holds no heads"):
         load_heads(tmp_path / "empty", model)
+
+
+def test_a_head_that_reads_f_prev_starts_as_the_lens_and_round_trips(tiny, tmp_path):
+    model, _ = tiny
+    H = model.config.hidden_size
+    lens = EarlyExitHead.from_model(model, 2)
+    head = EarlyExitHead.from_model(model, 2, reads_prev=True)
+    assert head.inputs == ("h_d", "f_prev") and lens.inputs == ("h_d",)
+    h, f = torch.randn(2, 5, H), torch.randn(2, 5, H)
+    with torch.no_grad():
+        assert torch.equal(head(h, f), lens(h)) and torch.equal(head(h), lens(h))  # zero-initialised: no change
+        head.prev_proj.weight.normal_(0, 0.3)
+        head.prev_null.normal_(0, 0.3)
+    known = torch.rand(2, 5) > 0.5
+    with torch.no_grad():
+        mixed, with_f, without = head(h, f, known), head(h, f), head(h)
+        assert not torch.allclose(with_f, without)  # f(t-1) changes the logits
+        torch.testing.assert_close(mixed[known], with_f[known])  # known positions read f(t-1) ...
+        torch.testing.assert_close(mixed[~known], without[~known])  # ... the others the learned stand-in
+    save_heads(tmp_path, {2: head}, model)
+    assert json.loads((tmp_path / "layer2" / "config.json").read_text())["inputs"] == ["h_d", "f_prev"]
+    back = load_heads(tmp_path, model)[2]
+    assert back.reads_prev
+    with torch.no_grad():
+        torch.testing.assert_close(back(h, f), with_f)
+        torch.testing.assert_close(back.guess(h[:, -1], 3, f[:, -1]), head.guess(h[:, -1], 3, f[:, -1]))
+
+
+def test_a_head_reading_an_unknown_input_is_refused(tiny, tmp_path):
+    model, _ = tiny
+    save_heads(tmp_path, {2: EarlyExitHead.from_model(model, 2)}, model)
+    cfg = tmp_path / "layer2" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "inputs": ["h_d", "f_future"]}))
+    with pytest.raises(HeadMismatchError, match="reads inputs .*f_future.*upgrade ppd"):
+        load_heads(tmp_path, model)

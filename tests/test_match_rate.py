@@ -79,6 +79,34 @@ def test_a_shortlist_head_is_scored_with_the_ranking_decoding_uses(m64):
     assert sc.hits[max(KS)] == 0 < sc.full_hits[max(KS)]
 
 
+def test_a_head_that_reads_f_prev_is_given_it_as_the_pipeline_would(m64):
+    """f(t-1) at each generated position is the final normed state that produced the previous generated token
+    (unknown at the first); captured during generation and from the teacher-forced pass alike."""
+    from prev_heads import prev_head
+
+    head = prev_head(m64, 2, 0, mix=1.0)
+    heads = {("h", 2): head}
+    conts, states = greedy_continuations(m64, PROMPTS, 16, batch_size=3, capture_layers=[2], capture_final=True)
+    captured = score_captured(m64, heads, conts, states)[0]
+    taught, _ = score_heads(m64, heads, PROMPTS, conts, batch_size=3)
+    assert (captured.hits, captured.noprev_hits) == (taught[0].hits, taught[0].noprev_hits)
+    hits = {k: 0 for k in KS}
+    alone = {k: 0 for k in KS}
+    for p, c in zip(PROMPTS, conts):
+        with torch.no_grad():
+            hs = m64(torch.tensor([p + c]), output_hidden_states=True).hidden_states
+            at = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+            known = torch.arange(len(c)) > 0
+            with_f = head(hs[2][0, at], hs[-1][0, at - 1], known).topk(max(KS), -1).indices
+            without = head(hs[2][0, at]).topk(max(KS), -1).indices
+        for k in KS:
+            hits[k] += sum(t in row[:k] for t, row in zip(c, with_f.tolist()))
+            alone[k] += sum(t in row[:k] for t, row in zip(c, without.tolist()))
+    assert captured.hits == hits and captured.noprev_hits == alone and hits != alone
+    with pytest.raises(PPDError, match="capture_final=True"):
+        score_captured(m64, heads, *greedy_continuations(m64, PROMPTS, 4, capture_layers=[2]))
+
+
 def test_captured_states_are_the_teacher_forced_states(m64):
     conts, states = greedy_continuations(m64, PROMPTS, 12, batch_size=4, capture_layers=[2])
     for p, c, st in zip(PROMPTS, conts, states):

@@ -121,6 +121,28 @@ def test_text_chains_decide_several_tokens_per_b_step(engines):
     assert p.drafted == len(p.tokens) - 1 > r.drafted  # without chains, one B block per token
 
 
+@pytest.mark.parametrize("chain, lookup", [(0, 0), (3, 1)])
+def test_a_head_that_reads_f_prev_gets_it_from_b(tmp_path, chain, lookup):
+    """B sends f(t-1) with its token; A's head reads it for its next guesses (never after a chain, whose states B
+    has not finished): exact, and each f(t-1) the head saw is the final normed state before its position."""
+    from prev_heads import SpyHead, check_fed_f_prev, prev_head
+
+    m = model(2, 0.3)
+    head = prev_head(m, 2, 1, cls=SpyHead)
+    head.spy_path = str(tmp_path / "seen.pt")
+    prompts = [[9, 8, 7, 6] * 4, list(range(40, 60))]
+    with PPDEngine(m, head.materialize(), PPDConfig(k=3, lookup=lookup, chain=chain)) as eng:
+        for i, prompt in enumerate(prompts):
+            r = eng.generate(prompt, 40)
+            assert r.tokens == reference(m, prompt, 40) and r.stats.fallback is None
+            assert 0 < r.stats.prev_guesses < len(r.tokens)  # not after the prompt (nor after chains)
+            seen = torch.load(tmp_path / "seen.pt")
+            (tmp_path / "seen.pt").unlink()
+            assert check_fed_f_prev(m, 2, prompt + r.tokens, seen) == r.stats.prev_guesses
+    with PPDEngine(m, _head(m, 2, 0.0), PPDConfig(k=3)) as eng:
+        assert eng.generate(prompts[1], 20).stats.prev_guesses == 0  # a head that does not read it: nothing sent
+
+
 def test_split_without_speculation_is_exact_too():
     m = model(0, 0.3)
     # a model asked for its hidden states carries transformers' capture hooks, which do not pickle: the engine drops

@@ -241,6 +241,46 @@ def test_self_speculative_verifies_several_text_continuations_as_a_tree():
             build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, **bad)
 
 
+READS_PREV = sorted(n for n, c in REGISTRY.items() if c.needs_heads and "f_prev" in c.head_inputs)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in READS_PREV if n in IN_PROCESS))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=prompts, mdl=models, layer=st.integers(1, LAYERS - 1), mix=st.sampled_from([0.0, 0.3, 3.0]),
+       lookup=st.booleans(), n=st.integers(1, 48))
+def test_heads_that_read_f_prev_decode_exactly(name, prompt, mdl, layer, mix, lookup, n):
+    from prev_heads import prev_head
+
+    m = model(*mdl)
+    s = build(name, m, {layer: prev_head(m, layer, mdl[0], mix=mix)}, layer=layer, lookup=lookup)
+    assert s.generate(prompt, n).tokens == reference(m, prompt, n)
+
+
+def test_self_speculation_feeds_f_prev_of_the_verified_row(tmp_path):
+    """The first draft of each step reads f(t-1), the final normed state that produced the token it drafts from."""
+    from prev_heads import SpyHead, check_fed_f_prev, prev_head
+
+    m = model(0, 0.3)
+    head = prev_head(m, 2, 0, cls=SpyHead)
+    head.spy_path = str(tmp_path / "seen.pt")
+    prompt = list(range(10, 30))
+    r = build("self_speculative", m, {2: head}, layer=2, min_confidence=0.0).generate(prompt, 40)
+    assert r.tokens == reference(m, prompt, 40)
+    assert check_fed_f_prev(m, 2, prompt + r.tokens, torch.load(tmp_path / "seen.pt")) >= 5
+
+
+def test_a_strategy_refuses_a_head_it_cannot_feed():
+    from prev_heads import prev_head
+
+    m = model(0, 1.0)
+    heads = {2: prev_head(m, 2, 0)}
+    cannot = sorted(n for n, c in REGISTRY.items() if c.needs_heads and "f_prev" not in c.head_inputs)
+    assert cannot and READS_PREV == ["ppd", "self_speculative"]
+    for name in cannot:
+        with pytest.raises(HeadMismatchError, match=r"reads \['f_prev'\].*Fix: decode with ppd, self_speculative"):
+            build(name, m, heads, layer=2)
+
+
 def test_self_speculative_accepts_drafts_when_the_head_is_good():
     """Guards the tests above against passing vacuously: with damped upper layers most drafts are accepted."""
     m = model(0, 0.05)

@@ -56,7 +56,7 @@ def test_hub_source_calls_load_dataset_with_the_hub_name(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = load_task("wmt15", n=7, source="hub")
-    assert seen == {"path": "wmt/wmt15", "name": "fr-en", "split": "validation[:7]"}
+    assert seen == {"path": "wmt/wmt15", "name": "fr-en", "split": "test[:7]"}  # the paper's split
     assert rows.rows == [{"id": "0", "inputs": {"source": "Hello"}, "reference": "Bonjour"}]
 
 

@@ -15,7 +15,7 @@ from ppd_decode.models.features import FrozenBackbone
 from ppd_decode.models.heads import load_heads
 from ppd_train.data import DataConfig, load_conversations, pack, render, split_train_val
 from ppd_train.objectives import agreement, candidate_loss, candidate_set, frequent_tokens, head_loss, targets
-from ppd_train.trainer import CONFIGS, train
+from ppd_train.trainer import CONFIGS, train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny-random", "trainer.seq_len=32", "trainer.micro_batch=2", "trainer.log_every=1",
@@ -61,6 +61,23 @@ def test_backbone_matches_hidden_states_and_stops_at_the_deepest_layer(tiny):
     for d in (1, 2):
         assert torch.equal(hidden[d], ref.hidden_states[d]) and torch.equal(hidden_full[d], ref.hidden_states[d])
     assert torch.equal(logits, ref.logits)
+
+
+def test_backbone_gives_the_final_normed_state_and_f_prev_is_it_shifted(tiny):
+    from ppd_train.trainer import previous_final
+
+    model, _ = tiny
+    ids = torch.randint(4, 260, (2, 10))
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True)
+    hidden, logits, final = FrozenBackbone(model, [2])(ids, final_logits=True, final_hidden=True)
+    assert torch.equal(final, ref.hidden_states[-1]) and torch.equal(logits, ref.logits)
+    assert FrozenBackbone(model, [2])(ids, final_hidden=True)[1] is None  # no logits asked for
+    prev, known = previous_final(final)
+    assert torch.equal(prev[:, 1:], final[:, :-1]) and not known[:, 0].any() and known[:, 1:].all()
+    torch.manual_seed(0)
+    _, dropped = previous_final(torch.zeros(64, 100, 3), drop=0.25)
+    assert not dropped[:, 0].any() and 0.2 < 1 - dropped[:, 1:].float().mean() < 0.3
 
 
 def test_agreement_and_losses():
@@ -149,9 +166,50 @@ def test_self_distillation_writes_the_models_own_answers_and_resumes(tiny, corpu
     assert read_self_distilled(cache) == rows
 
 
+def test_asking_for_more_self_distilled_prompts_extends_the_same_cache(tiny, corpus, tmp_path):
+    from dataclasses import replace
+
+    from ppd_train.data import read_self_distilled, self_distill, self_distill_cache_path
+
+    model, tok = tiny
+    convs = load_conversations(DataConfig(files=(str(corpus),)))[:6]
+    few = DataConfig(files=(str(corpus),), self_distill=True, sd_max_new_tokens=4, sd_batch_size=2, sd_num_prompts=2)
+    more = replace(few, sd_num_prompts=5)
+    cache = self_distill_cache_path(few, "tiny-random", tmp_path)
+    assert self_distill_cache_path(more, "tiny-random", tmp_path) == cache
+    assert self_distill_cache_path(replace(few, seed=1), "tiny-random", tmp_path) != cache
+    self_distill(convs, model, tok, few, cache, progress=False)
+    first = read_self_distilled(cache)
+    assert len(first) == 2
+    self_distill(convs, model, tok, more, cache, progress=False)
+    assert len(read_self_distilled(cache)) == 5 and read_self_distilled(cache, 2) == first
+    self_distill(convs, model, tok, few, cache, progress=False)  # fewer than cached: nothing generated, nothing lost
+    assert len(read_self_distilled(cache)) == 5
+    # a cache written for other prompts under the same name is refused, not mixed in
+    with pytest.raises(TaskDataError, match="answers to other prompts"):
+        self_distill(convs[::-1], model, tok, more, cache, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ the job
 def _head_params(run_dir: Path, model) -> dict:
     return {d: {k: v.clone() for k, v in h.state_dict().items()} for d, h in load_heads(run_dir / "heads", model).items()}
+
+
+@pytest.mark.parametrize("projection", ["frequent", "own"])
+def test_heads_that_read_f_prev_train_and_export(corpus, tmp_path, projection):
+    out = train(_cfg("head.layers=[1,2]", f"data.files=[{corpus}]", "trainer.max_steps=4", "head.reads_prev=true",
+                     f"head.projection={projection}", *(["head.train_vocab=0"] if projection == "own" else [])),
+                run_dir=tmp_path / "r")
+    model, _ = load_model("tiny-random")
+    heads = load_heads(tmp_path / "r" / "heads", model)
+    for d, h in heads.items():
+        assert h.inputs == ("h_d", "f_prev")
+        assert h.prev_proj.weight.abs().sum() > 0 and h.prev_null.abs().sum() > 0  # both cases trained
+        assert 0 <= out["final"][f"val/top1_agree_noprev/layer{d}"] <= 1
+    cfg = _cfg("head.reads_prev=true")
+    assert cfg.run_name.endswith("-prev")  # never resumes a plain head's checkpoints
+    with pytest.raises(PPDError, match="prev_drop"):
+        validate(_cfg("head.prev_drop=1.0"))
 
 
 def test_one_forward_for_several_heads_equals_training_each_alone(corpus, tmp_path):
@@ -347,6 +405,22 @@ def test_sigkilled_run_resumes_and_ends_like_an_uninterrupted_one(corpus, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("kind", [["head.projection=frequent", "head.reads_prev=true"],
+                                  ["head.projection=shared", "head.adapter_rank=4"],
+                                  ["head.projection=own", "head.train_vocab=0"]])
+def test_bf16_zero2_trains_every_head_kind_and_leaves_the_model_alone(corpus, tmp_path, kind):
+    """DeepSpeed's bf16 engine casts what it trains; the model's own LM head, which frequent-rows and shared heads
+    read, stays out of it (the model keeps its dtype and weights), and the optimizer needs no compiled kernels."""
+    out = train(_cfg("head.layers=[2]", f"data.files=[{corpus}]", "trainer.max_steps=3", "trainer.deepspeed=zero2_bf16",
+                     *kind), run_dir=tmp_path / "r")
+    assert 0 <= out["final"]["val/top1_agree/layer2"] <= 1  # the teacher's fp32 forwards ran after the cast
+    saved = json.loads((tmp_path / "r" / "heads" / "layer2" / "config.json").read_text())
+    if "head.projection=own" not in kind:  # the model's projection, read in training, kept the model's dtype
+        assert saved["dtype"] == "float32"
+    ds = json.loads((CONFIGS / "deepspeed" / "zero2_bf16.json").read_text())
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # portable: no FusedAdam build, no nvcc
 
 
 def test_paper_experiment_config_composes_to_the_papers_recipe():

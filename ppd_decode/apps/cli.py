@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from ppd_decode.errors import run_cli
 
@@ -36,6 +35,7 @@ def run(a: argparse.Namespace) -> None:
     from ppd_decode.data.prompts import encode_chat
     from ppd_decode.models.catalog import choose_heads
     from ppd_decode.models.loading import load_model
+    from ppd_decode.runtime.timing import stopwatch
     from ppd_decode.strategies import get_strategy
     from ppd_decode.strategies.configs import fill_layer, rows
 
@@ -65,14 +65,14 @@ def run(a: argparse.Namespace) -> None:
         engine = getattr(strategy, "engine", None)  # the PPD engine streams tokens as B decides them
         if engine is not None:
             engine.start()  # workers start once (a few seconds); the timing below is generation only
-        t0 = time.perf_counter()
-        if engine is not None:
-            res = engine.generate(ids, a.max_new_tokens, on_token=stream)
-        else:
-            res = strategy.generate(ids, a.max_new_tokens)
-            for t in res.tokens:
-                stream(t)
-        dt = time.perf_counter() - t0
+        with stopwatch(model.device) as clock:
+            if engine is not None:
+                res = engine.generate(ids, a.max_new_tokens, on_token=stream)
+            else:
+                res = strategy.generate(ids, a.max_new_tokens)
+                for t in res.tokens:
+                    stream(t)
+        dt = clock.seconds
         print(f"\n\n[{a.method}] {len(res.tokens)} tokens in {dt:.2f}s ({len(res.tokens) / dt:.1f} tok/s)", end="")
         if heads_label:
             print(f"; heads: {heads_label}, layer {row.config.layer}", end="")

@@ -24,13 +24,18 @@ from ppd_decode.runtime.stack import eos_ids
 KS = (1, 2, 3, 5, 10)
 
 
-class _StepCapture:
-    """Forward hooks on decoder layers that keep the last position's output at every forward of a generation."""
+FINAL = "final"  # the key of the final layer's normed states among captured ones (what f(t-1) is read from)
 
-    def __init__(self, model, layers: list[int]):
+
+class _StepCapture:
+    """Forward hooks on decoder layers (and, with ``final``, the final norm) that keep the last position's output at
+    every forward of a generation."""
+
+    def __init__(self, model, layers: list[int], final: bool = False):
         self.layers = sorted(set(layers))
         self.model = model
-        self.steps: dict[int, list[torch.Tensor]] = {d: [] for d in self.layers}
+        self.final = final
+        self.steps: dict = {d: [] for d in self.layers + ([FINAL] if final else [])}
 
     def __enter__(self):
         from ppd_decode.models.features import _layer_output
@@ -38,6 +43,9 @@ class _StepCapture:
         blocks = self.model.model.layers
         self.handles = [blocks[d - 1].register_forward_hook(
             lambda _m, _a, out, d=d: self.steps[d].append(_layer_output(out)[:, -1])) for d in self.layers]
+        if self.final:
+            self.handles.append(self.model.model.norm.register_forward_hook(
+                lambda _m, _a, out: self.steps[FINAL].append(out[:, -1])))
         return self
 
     def __exit__(self, *exc):
@@ -51,12 +59,13 @@ class _StepCapture:
 
 @torch.no_grad()
 def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-                         progress=None, capture_layers: list[int] | None = None):
+                         progress=None, capture_layers: list[int] | None = None, capture_final: bool = False):
     """Greedy continuations, batched with left padding (longest first to waste little padding); each is cut after
     its first EOS, as generate does for a single prompt.
 
     With ``capture_layers`` it returns ``(continuations, states)`` where ``states[i][d]`` is ``[len(cont_i), H]``:
-    the layer-d hidden state that produced each generated token of prompt i."""
+    the layer-d hidden state that produced each generated token of prompt i; with ``capture_final`` also
+    ``states[i][FINAL]``, the final normed state that produced each one (f(t-1) of the next position)."""
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else next(iter(eos_ids(model)), 0)
     eos = eos_ids(model)
@@ -69,7 +78,7 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, b
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=model.device)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
                             device=model.device)
-        with _StepCapture(model, capture_layers or []) as cap:
+        with _StepCapture(model, capture_layers or [], final=capture_final and bool(capture_layers)) as cap:
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad)[:, width:].tolist()
         captured = cap.stacked() if capture_layers else {}
@@ -88,6 +97,7 @@ class HeadScore:
     layer: int
     hits: dict[int, int] = field(default_factory=dict)  # in the ranking decoding uses (a shortlist, if the head has one)
     full_hits: dict[int, int] = field(default_factory=dict)  # in the full-vocabulary ranking
+    noprev_hits: dict[int, int] = field(default_factory=dict)  # a head that reads f(t-1): the same, never given it
     positions: int = 0
     seconds: float = 0.0  # time spent scoring this head (its projection, top-k and counts)
     outcomes: list[torch.Tensor] = field(default_factory=list)  # per prompt: bool [n_pos, len(KS)]
@@ -99,6 +109,11 @@ class HeadScore:
 
     def full_rate(self, k: int) -> float:
         return self.full_hits.get(k, 0) / self.positions if self.positions else float("nan")
+
+    def noprev_rate(self, k: int) -> float | None:
+        if not self.noprev_hits:
+            return None
+        return self.noprev_hits.get(k, 0) / self.positions if self.positions else float("nan")
 
 
 def _has_shortlist(head) -> bool:
@@ -112,26 +127,49 @@ def _new_scores(model, heads, ks) -> dict:
     return {key: HeadScore(key[0], key[1], {k: 0 for k in ks}) for key in heads}
 
 
-def _score_positions(scores: dict, heads: dict, hidden: dict[int, torch.Tensor], y: torch.Tensor, ks,
+def _previous(final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(t-1) at each of a prompt's generated positions from the final states that produced them [n, H], and where
+    it is known: not at the first (decoding meets that position right after the prompt, without it)."""
+    prev = torch.cat([torch.zeros_like(final[:1]), final[:-1]])
+    return prev, torch.arange(len(final), device=final.device) > 0
+
+
+def _ranked(head, h, kmax: int, prev=None, known=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the ranking decoding uses, the full-vocabulary ranking), top-``kmax`` each. A head with a shortlist guesses
+    from it (EarlyExitHead.guess): that is the rate PPD and self-speculation see."""
+    full = head(h, prev, known).topk(kmax, dim=-1).indices
+    if not _has_shortlist(head):
+        return full, full
+    short = head.shortlist[head.shortlist_logits(h, prev, known).topk(kmax, dim=-1).indices]
+    return short, full
+
+
+def _score_positions(scores: dict, heads: dict, hidden: dict, y: torch.Tensor, ks,
                      keep_top: bool, sizes: list[int] | None = None) -> None:
     """Score positions: ``hidden[d]`` is [n, H], ``y`` the final layer's argmax there [n]; ``sizes`` splits the n
-    positions into prompts (one prompt when omitted) for the per-prompt outcomes the simulator replays."""
+    positions into prompts (one prompt when omitted) for the per-prompt outcomes the simulator replays.
+    ``hidden[FINAL]`` (when a head reads f(t-1)) is ``(prev, known)`` for those positions, as decoding feeds them."""
     sizes = sizes or [len(y)]
+    prev, known = hidden.get(FINAL, (None, None))
     for key, head in heads.items():
         t0 = time.perf_counter()
         h = hidden[key[1]].to(head.lm_head.weight.dtype)
-        full = head(h).topk(max(ks), dim=-1).indices
-        # The ranking decoding uses: a head with a shortlist guesses from it (EarlyExitHead.guess), and that is the
-        # rate PPD and self-speculation see; the full-vocabulary ranking is kept beside it.
-        top = head.guess(h, max(ks)) if _has_shortlist(head) else full
+        reads = getattr(head, "reads_prev", False)
+        if reads and prev is None:
+            raise PPDError(f"the head at layer {key[1]} reads f(t-1): score it from states captured with the final "
+                           f"layer's (capture_final=True)")
+        top, full = _ranked(head, h, max(ks), prev, known) if reads else _ranked(head, h, max(ks))
         hit = top == y[:, None]
         out = torch.stack([hit[:, :k].any(-1) for k in ks], dim=1).cpu()
         sc = scores[key]
         sc.positions += len(y)
         full_hit = full == y[:, None]
+        alone = (_ranked(head, h, max(ks))[0] == y[:, None]) if reads else None
         for j, k in enumerate(ks):
             sc.hits[k] += int(out[:, j].sum())
             sc.full_hits[k] = sc.full_hits.get(k, 0) + int(full_hit[:, :k].any(-1).sum())
+            if alone is not None:
+                sc.noprev_hits[k] = sc.noprev_hits.get(k, 0) + int(alone[:, :k].any(-1).sum())
         sc.outcomes.extend(out.split(sizes))
         if keep_top:
             sc.top.extend(top.cpu().split(sizes))
@@ -156,7 +194,10 @@ def score_captured(model, heads: dict[tuple[str, int], torch.nn.Module], continu
             group.append(items[start])
             rows += len(continuations[items[start]])
             start += 1
-        hidden = {d: torch.cat([states[i][d] for i in group]) for d in states[group[0]]}
+        hidden = {d: torch.cat([states[i][d] for i in group]) for d in states[group[0]] if d != FINAL}
+        if FINAL in states[group[0]]:
+            pairs = [_previous(states[i][FINAL]) for i in group]
+            hidden[FINAL] = (torch.cat([p for p, _ in pairs]), torch.cat([k for _, k in pairs]))
         y = torch.tensor([t for i in group for t in continuations[i]], device=model.device)
         _score_positions(scores, heads, hidden, y, ks, keep_top, sizes=[len(continuations[i]) for i in group])
         if progress is not None:
@@ -191,7 +232,9 @@ def score_heads(model, heads: dict[tuple[str, int], torch.nn.Module], prompts: l
             y = model.lm_head(final[row, pos]).argmax(-1)
             stats["positions"] += n
             stats["teacher_forced_disagreements"] += int((y != torch.tensor(continuations[i], device=y.device)).sum())
-            _score_positions(scores, heads, {d: hidden[d][row, pos] for d in layers}, y, ks, keep_top)
+            at = {d: hidden[d][row, pos] for d in layers}
+            at[FINAL] = _previous(final[row, pos])
+            _score_positions(scores, heads, at, y, ks, keep_top)
         if progress is not None:
             progress.update(len(idx))
     return list(scores.values()), stats

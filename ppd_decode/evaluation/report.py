@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from ppd_decode.profiling.latency import (
     simulate_stage_pipelined,
     stage_pipelined,
 )
+from ppd_decode.runtime.timing import stopwatch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,6 +44,8 @@ def collect_heads(model, dirs: list[str], lens_layers: list[int]) -> dict[tuple[
             label = info.get("objective", "trained")
             if label == "distill":
                 label = f"distill-{info.get('distill_kind', 'kl')}"
+            if "f_prev" in (info.get("inputs") or []):
+                label += "+f_prev"
             if (label, layer) in heads:
                 label = f"{label}:{path.parent.name or path.name}"
             heads[(label, layer)] = load_heads(hdir, model)[layer]
@@ -57,9 +59,28 @@ def _shortlisted(heads, sc) -> bool:
     return getattr(heads[(sc.label, sc.layer)], "shortlist", None) is not None
 
 
+def _has_reference(ref) -> bool:
+    if isinstance(ref, (list, tuple)):
+        return any(_has_reference(r) for r in ref)
+    return isinstance(ref, str) and bool(ref.strip())
+
+
 def task_scores(name: str, tok, prompts, conts) -> dict:
+    """The greedy outputs' task metric. Rows without a reference are left out and counted; with none at all the
+    score is marked unavailable (a 0 would read as a result)."""
     if name not in TASK_METRIC:
         return {}
+    keep = [i for i, p in enumerate(prompts) if _has_reference(p.reference)]
+    missing = len(prompts) - len(keep)
+    if not keep:
+        return {"unavailable": f"no row has a reference ({missing} of {len(prompts)} empty or missing)",
+                "references_missing": missing}
+    prompts, conts = [prompts[i] for i in keep], [conts[i] for i in keep]
+    out = _score(name, tok, prompts, conts)
+    return {**out, "references_missing": missing} if missing else out
+
+
+def _score(name: str, tok, prompts, conts) -> dict:
     metric = load_metric(TASK_METRIC[name])
     preds = [tok.decode(c, skip_special_tokens=True).strip() for c in conts]
     refs = [p.reference for p in prompts]
@@ -72,7 +93,8 @@ def task_scores(name: str, tok, prompts, conts) -> dict:
 
 
 def timed_generation(model, ids: list[list[int]], max_new_tokens: int, batch_size: int,
-                     capture_layers: list[int] | None, baseline: bool = True, progress=None):
+                     capture_layers: list[int] | None, baseline: bool = True, progress=None,
+                     capture_final: bool = False):
     """Greedy continuations of ``ids`` (keeping the states of ``capture_layers`` when given) and, with
     ``baseline``, the plain greedy generation of the same batches, timed beside it.
 
@@ -89,10 +111,11 @@ def timed_generation(model, ids: list[list[int]], max_new_tokens: int, batch_siz
         kinds = ["ours", "plain"] if baseline else ["ours"]
         got, took = {}, {}
         for kind in (kinds if b % 2 == 0 else kinds[::-1]):
-            t0 = time.perf_counter()
-            got[kind] = greedy_continuations(model, batch, max_new_tokens, batch_size=len(batch),
-                                             capture_layers=capture_layers if kind == "ours" else None)
-            took[kind] = time.perf_counter() - t0
+            with stopwatch(model.device) as t:
+                got[kind] = greedy_continuations(model, batch, max_new_tokens, batch_size=len(batch),
+                                                 capture_layers=capture_layers if kind == "ours" else None,
+                                                 capture_final=capture_final)
+            took[kind] = t.seconds
             if progress is not None:
                 progress.update(len(batch))
         seconds += took["ours"]
@@ -130,6 +153,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from tqdm import tqdm
 
     layers = sorted({d for _, d in heads})
+    final = any(getattr(h, "reads_prev", False) for h in heads.values())  # f(t-1) is captured for such heads
     warmed = False
     for name, tcfg in cfg.tasks.items():
         task = TaskConfig.from_dict(tcfg)
@@ -146,24 +170,25 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                    dynamic_ncols=True)
         cost = {}
         if not warmed:  # the first task's timings would otherwise carry one-off start-up costs
-            c, st = greedy_continuations(model, ids[:2], 4, batch_size=2, capture_layers=layers)
+            c, st = greedy_continuations(model, ids[:2], 4, batch_size=2, capture_layers=layers, capture_final=final)
             score_captured(model, heads, c, st, ks=ks)
             warmed = True
         if cfg.measure not in ("capture", "teacher_forced"):
             raise ValueError(f"measure={cfg.measure!r}; use capture or teacher_forced")
         capture = layers if cfg.measure == "capture" else None
         conts, states, t_gen, t_plain = timed_generation(model, ids, cfg.max_new_tokens, cfg.batch_size, capture,
-                                                         baseline=cfg.cost_baseline, progress=bar)
+                                                         baseline=cfg.cost_baseline, progress=bar,
+                                                         capture_final=final)
         if cfg.cost_baseline:
             cost["seconds_plain_generation"] = t_plain
-        t0 = time.perf_counter()
-        if capture:
-            scores = score_captured(model, heads, conts, states, ks=ks, progress=bar, keep_top=True)
-            stats = {"positions": sum(map(len, conts))}
-        else:
-            scores, stats = score_heads(model, heads, ids, conts, ks=ks, batch_size=max(1, cfg.batch_size // 2),
-                                        progress=bar, keep_top=True)
-        t_score = time.perf_counter() - t0
+        with stopwatch(model.device) as t:
+            if capture:
+                scores = score_captured(model, heads, conts, states, ks=ks, progress=bar, keep_top=True)
+                stats = {"positions": sum(map(len, conts))}
+            else:
+                scores, stats = score_heads(model, heads, ids, conts, ks=ks, batch_size=max(1, cfg.batch_size // 2),
+                                            progress=bar, keep_top=True)
+        t_score = t.seconds
         bar.close()
         base = cost.get("seconds_plain_generation", t_gen)
         # The trained heads are what is measured; the logit lens is the baseline scored beside them. Time outside
@@ -184,7 +209,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             rates.append({"head": sc.label, "layer": sc.layer, "positions": sc.positions,
                           "ranking": "shortlist" if _shortlisted(heads, sc) else "full",
                           **{f"p@{k}": res[f"p@{k}"] for k in ks},
-                          **{f"full@{k}": sc.full_rate(k) for k in ks}})
+                          **{f"full@{k}": sc.full_rate(k) for k in ks},
+                          **({f"noprev@{k}": sc.noprev_rate(k) for k in ks} if sc.noprev_hits else {})})
         report["tasks"][name] = {
             "source": rows.source, "prompts": len(ids), "truncation": str(trunc), "positions": stats["positions"],
             "measure": cfg.measure, **{k: v for k, v in stats.items() if k != "positions"}, **cost,
@@ -255,16 +281,26 @@ def write_report(report: dict, out_dir: Path, cfg) -> None:
         if "skipped" in t:
             lines += [f"## {name}: skipped ({t['skipped']})", ""]
             continue
+        ts = t["task_scores"]
+        scored = ", ".join(f"{k} {v:.1f}" for k, v in ts.items() if isinstance(v, float))
+        if "unavailable" in ts:
+            scored = f"unavailable: {ts['unavailable']}"
+        elif ts.get("references_missing"):
+            scored += f"; {ts['references_missing']} rows without a reference left out"
         lines += [f"## {name} ({t['prompts']} prompts, {t['positions']} positions; task scores of the greedy "
-                  f"output: {', '.join(f'{k} {v:.1f}' for k, v in t['task_scores'].items() if isinstance(v, float))})",
+                  f"output: {scored})",
                   "", measuring_cost_line(t), "",
-                  "p@k ranks the way decoding does (a head trained on frequent rows guesses from those rows); "
-                  "the last column is p@1 over the full vocabulary, for comparison.", "",
-                  "| head | layer | ranking | " + " | ".join(f"p@{k}" for k in ks) + " | p@1 full vocab |",
-                  "|---|---|---|" + "---|" * len(ks) + "---|"]
+                  "p@k ranks the way decoding does (a head trained on frequent rows guesses from those rows; a head "
+                  "that reads f(t-1) is given it wherever the stage-pipelined deployment has it: every position but "
+                  "the first); then p@1 over the full vocabulary, and p@1 of a head that reads f(t-1) never given "
+                  "it (as for self-speculation's later draft tokens).", "",
+                  "| head | layer | ranking | " + " | ".join(f"p@{k}" for k in ks) + " | p@1 full vocab | "
+                  "p@1 without f(t-1) |", "|---|---|---|" + "---|" * len(ks) + "---|---|"]
         for r in sorted(t["rates"], key=lambda r: (r["layer"], r["head"] != "lens", r["head"])):
+            alone = f"{r['noprev@1']:.3f}" if "noprev@1" in r else "-"
             lines.append(f"| {r['head']} | {r['layer']} | {r.get('ranking', 'full')} | "
-                         + " | ".join(f"{r[f'p@{k}']:.3f}" for k in ks) + f" | {r.get('full@1', r['p@1']):.3f} |")
+                         + " | ".join(f"{r[f'p@{k}']:.3f}" for k in ks)
+                         + f" | {r.get('full@1', r['p@1']):.3f} | {alone} |")
         best = report.get("theory", {}).get("best", {}).get(name)
         if best:
             lines += ["", f"Best predicted stage-pipelined setting: head {best['head']} at d={best['layer']}, "

@@ -44,17 +44,26 @@ class FrozenBackbone:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 final_logits: bool = False):
-        """``({d: hidden [B, T, H]}, logits [B, T, V] or None)``. Without ``final_logits`` only layers 1..deepest run."""
+                 final_logits: bool = False, final_hidden: bool = False):
+        """``({d: hidden [B, T, H]}, logits [B, T, V] or None)``. Without ``final_logits`` only layers 1..deepest run.
+        With ``final_hidden`` (which implies the full forward) a third item: the final normed hidden [B, T, H]."""
         store: dict[int, torch.Tensor] = {}
         logits = None
-        with self._hooks(store, stop=not final_logits):
-            try:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                logits = out.logits
-            except _StopForward:
-                pass
-        return {d: store[d] for d in self.layers}, logits
+        final = {}
+        handle = (self.model.model.norm.register_forward_hook(lambda m, a, o: final.setdefault("h", o))
+                  if final_hidden else None)
+        try:
+            with self._hooks(store, stop=not (final_logits or final_hidden)):
+                try:
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    logits = out.logits if final_logits else None
+                except _StopForward:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+        hidden = {d: store[d] for d in self.layers}
+        return (hidden, logits, final["h"]) if final_hidden else (hidden, logits)
 
     @torch.no_grad()
     def with_final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):

@@ -19,6 +19,14 @@ candidate softmax's set, ``rows``) and uses the model's own LM head for every ot
 softmax moves anyway, at a tenth of the optimizer state and gradient traffic of a full copy. It stores
 ``rows`` + ``row_weight``; loading materialises it into an ordinary full projection, so decoding sees an "own" head.
 
+A head with ``"inputs": ["h_d", "f_prev"]`` also reads f(t-1), the final layer's normed hidden state at the
+previous position (what produced the token at position t). In the stage-pipelined deployment that state is known
+when the head runs: worker B finished position t-1 while worker A computed layers 1..d of position t. It enters as
+``h + W f(t-1)`` before the adapter and the norm (``W`` zero-initialised, so a fresh head is the logit lens); where
+f(t-1) is unknown (a second draft token, the first token after the prompt) a learned vector takes its place, and
+training shows the head both cases (``head.prev_drop``). A strategy states which inputs it supplies
+(``DecodingStrategy.head_inputs``) and refuses a head that reads more.
+
 A training run exports ``heads/layer{d}/`` for each layer it trained. The model signature (architecture sizes plus a small probe of the embedding matrix) lets ``load_heads`` refuse a
 head trained for another model with an error that says so.
 """
@@ -92,18 +100,31 @@ class ResidualAdapter(nn.Module):
 
 
 PROJECTIONS = ("own", "shared", "frequent")
+H_D, F_PREV = "h_d", "f_prev"  # what a head may read: its layer's state at t, and the final state at t-1
+INPUTS = (H_D, F_PREV)
 
 
 class EarlyExitHead(nn.Module):
     def __init__(self, layer: int, norm: nn.Module, lm_head: nn.Linear, adapter_rank: int = 0,
-                 projection: str = "own", rows: torch.Tensor | None = None):
+                 projection: str = "own", rows: torch.Tensor | None = None, reads_prev: bool = False):
         super().__init__()
         self.layer = layer
         self.adapter_rank = adapter_rank
         self.projection = projection
+        self.reads_prev = bool(reads_prev)
         self.adapter = ResidualAdapter(lm_head.in_features, adapter_rank) if adapter_rank else None
+        if self.reads_prev:
+            H = lm_head.in_features
+            self.prev_proj = nn.Linear(H, H, bias=False)
+            nn.init.zeros_(self.prev_proj.weight)
+            self.prev_null = nn.Parameter(torch.zeros(H))  # W f(t-1) where f(t-1) is unknown
         self.norm = norm
-        self.lm_head = lm_head
+        if projection == "own":
+            self.lm_head = lm_head
+        else:
+            # The model's own LM head, frozen: held outside the module tree, so that casting or moving the head (as
+            # DeepSpeed's bf16 engine casts everything it trains) never touches the model's weights.
+            self._frozen_lm_head = (lm_head,)
         if projection == "frequent":
             rows = torch.as_tensor(rows, dtype=torch.long, device=lm_head.weight.device)
             if rows.ndim != 1 or not len(rows) or not bool((rows[1:] > rows[:-1]).all()) \
@@ -113,9 +134,20 @@ class EarlyExitHead(nn.Module):
             self.register_buffer("rows", rows)
             self.row_weight = nn.Parameter(lm_head.weight.detach()[rows].clone())
 
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The vocabulary projection: the head's own (a submodule), or the model's, frozen."""
+        own = self._modules.get("lm_head")
+        return own if own is not None else self._frozen_lm_head[0]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """What the head reads (``INPUTS``): a strategy must supply all of them."""
+        return (H_D, F_PREV) if self.reads_prev else (H_D,)
+
     @classmethod
     def from_model(cls, model, layer: int, adapter_rank: int = 0, projection: str = "own",
-                   rows: torch.Tensor | None = None) -> "EarlyExitHead":
+                   rows: torch.Tensor | None = None, reads_prev: bool = False) -> "EarlyExitHead":
         """A head initialised from the model's own final norm and LM head: ``projection="own"`` copies the LM head
         (tied embeddings stay intact), ``"shared"`` reuses the model's own, frozen, and ``"frequent"`` reuses it
         except for trained copies of the ``rows`` (token ids)."""
@@ -133,9 +165,12 @@ class EarlyExitHead(nn.Module):
             with torch.no_grad():
                 lm_head.weight.copy_(base.weight)
         norm = copy.deepcopy(model.model.norm).to(device=base.weight.device, dtype=base.weight.dtype)
-        head = cls(layer, norm, lm_head, adapter_rank, projection, rows)
-        if head.adapter is not None:
-            head.adapter.to(device=base.weight.device, dtype=base.weight.dtype)
+        head = cls(layer, norm, lm_head, adapter_rank, projection, rows, reads_prev)
+        for part in (head.adapter, getattr(head, "prev_proj", None)):
+            if part is not None:
+                part.to(device=base.weight.device, dtype=base.weight.dtype)
+        if head.reads_prev:
+            head.prev_null.data = head.prev_null.data.to(device=base.weight.device, dtype=base.weight.dtype)
         return head
 
     def trainable(self) -> list[nn.Parameter]:
@@ -153,6 +188,9 @@ class EarlyExitHead(nn.Module):
         self.norm.float()
         if self.adapter is not None:
             self.adapter.float()
+        if self.reads_prev:
+            self.prev_proj.float()
+            self.prev_null.data = self.prev_null.data.float()
         if self.projection == "frequent":
             self.row_weight.data = self.row_weight.data.float()
         return self
@@ -180,41 +218,60 @@ class EarlyExitHead(nn.Module):
         self.projection, self.stored_as = "own", "frequent"
         return self
 
-    def guess(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    def guess(self, hidden: torch.Tensor, k: int, prev: torch.Tensor | None = None) -> torch.Tensor:
         """The head's top-``k`` token ids [..., k] for drafting and guessing. A head with a ``shortlist`` (the
         frequent rows it was trained on) ranks only those: 1/12 of the full projection's cost on SmolLM2 and, measured
         on the evaluation sets, the same match rate (the rest of the vocabulary keeps the base model's untrained
         rows). Guesses never decide what is emitted, so this costs no exactness."""
         short = getattr(self, "shortlist", None)
         if short is None or k > len(short):
-            return self(hidden).topk(k, dim=-1).indices
-        return short[self._shortlist_logits(hidden).topk(k, dim=-1).indices]
+            return self(hidden, prev).topk(k, dim=-1).indices
+        return short[self.shortlist_logits(hidden, prev).topk(k, dim=-1).indices]
 
-    def _shortlist_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def shortlist_logits(self, hidden: torch.Tensor, prev: torch.Tensor | None = None,
+                                known: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over the shortlist rows (a materialised frequent-rows head), f(t-1) where ``known``."""
         w = self.shortlist_weight
-        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w)
+        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype), prev, known).to(w.dtype), w)
 
-    def guess_with_confidence(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def guess_with_confidence(self, hidden: torch.Tensor,
+                              prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's top-1 token ids [...] and their softmax probabilities (over the shortlist where the head has
         one, the set its candidate softmax was trained on): how sure the head is, for stopping a draft early."""
         short = getattr(self, "shortlist", None)
         if short is None:
-            p, i = self(hidden).float().softmax(-1).max(-1)
+            p, i = self(hidden, prev).float().softmax(-1).max(-1)
             return i, p
-        p, i = self._shortlist_logits(hidden).float().softmax(-1).max(-1)
+        p, i = self.shortlist_logits(hidden, prev).float().softmax(-1).max(-1)
         return short[i], p
 
-    def features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """What the vocabulary projection reads: adapter (if any) then norm."""
+    def features(self, hidden: torch.Tensor, prev: torch.Tensor | None = None,
+                 known: torch.Tensor | None = None) -> torch.Tensor:
+        """What the vocabulary projection reads: f(t-1)'s term (a head that reads it), adapter (if any), norm.
+
+        ``prev`` is f(t-1) shaped like ``hidden`` (None: unknown everywhere); ``known`` (bool, ``hidden``'s shape
+        without the last dimension) marks where it is known, the learned stand-in filling the rest. A head that does
+        not read f(t-1) ignores both."""
+        if self.reads_prev:
+            null = self.prev_null.to(hidden.dtype)
+            if prev is None:
+                hidden = hidden + null
+            else:
+                mixed = self.prev_proj(prev.to(hidden.dtype))
+                if known is not None:
+                    mixed = torch.where(known[..., None], mixed, null)
+                hidden = hidden + mixed
         if self.adapter is not None:
             hidden = self.adapter(hidden)
         return self.norm(hidden)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None,
+                known: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight
-        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w)
+        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype), prev, known).to(w.dtype), w)
 
-    def candidate_logits(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def candidate_logits(self, hidden: torch.Tensor, candidates: torch.Tensor, prev: torch.Tensor | None = None,
+                         known: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the ``candidates`` rows only (training's candidate softmax); gradients reach only those rows.
         A frequent-rows head needs its ``rows`` among the candidates (the candidate set always holds them)."""
         w = self.lm_head.weight[candidates]
@@ -224,7 +281,7 @@ class EarlyExitHead(nn.Module):
                 raise HeadMismatchError("the candidate set misses some of this head's own rows; train with "
                                         "head.train_vocab equal to the number of rows it was built with")
             w = w.index_copy(0, at, self.row_weight.to(w.dtype))
-        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype)).to(w.dtype), w)
+        return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype), prev, known).to(w.dtype), w)
 
 
 def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | None = None) -> Path:
@@ -235,7 +292,7 @@ def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | No
     tmp = d.with_name(d.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     sig = model_signature(model)
-    config = {"format": FORMAT, "layer": head.layer, "adapter_rank": head.adapter_rank,
+    config = {"format": FORMAT, "layer": head.layer, "adapter_rank": head.adapter_rank, "inputs": list(head.inputs),
               "projection": head.projection, **({"own_rows": len(head.rows)} if head.projection == "frequent" else {}),
               "base_model": sig["name_or_path"], "base_fingerprint": sig,
               "num_hidden_layers": sig["num_hidden_layers"], "hidden_size": sig["hidden_size"],
@@ -305,10 +362,16 @@ def load_heads(path: str | Path, model, layers: list[int] | None = None) -> dict
         check_signature(info["base_fingerprint"], model, str(found[layer]))
         state = load_file(str(found[layer] / "model.safetensors"))
         projection = info.get("projection", "own")
+        inputs = list(info.get("inputs") or [H_D])
+        unknown = [x for x in inputs if x not in INPUTS]
+        if unknown or H_D not in inputs:
+            raise HeadMismatchError(f"{found[layer]} reads inputs {inputs}; this ppd knows {list(INPUTS)} (and every "
+                                    f"head reads {H_D!r}). Fix: upgrade ppd, or use heads it can read.")
         if projection == "frequent" and "rows" not in state:
             raise HeadMismatchError(f"{found[layer]} is a frequent-rows head without its 'rows'; re-export the head.")
         head = EarlyExitHead.from_model(model, layer, info.get("adapter_rank", 0), projection,
-                                        rows=state["rows"] if projection == "frequent" else None)
+                                        rows=state["rows"] if projection == "frequent" else None,
+                                        reads_prev=F_PREV in inputs)
         missing, unexpected = head.load_state_dict(state, strict=False)
         if unexpected or any(k in head.own_state_dict() for k in missing):  # only a shared projection may be absent
             raise HeadMismatchError(f"{found[layer]} does not hold the weights its config.json describes "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import statistics
 import threading
-import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,24 +21,19 @@ import torch
 
 from ppd_decode.runtime.ragged import RaggedBatch
 from ppd_decode.runtime.stack import crop_cache, embed, final_argmax, num_layers, random_context, run_layers
-
-
-def _sync(device) -> None:
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+from ppd_decode.runtime.timing import stopwatch, sync
 
 
 def median_time(fn, repeats: int, device=None) -> float:
     """Seconds ``fn()`` takes: one warm-up call, then the median over ``repeats`` calls. On CUDA the device is
     synchronised around each call, so the time is the GPU's work, not the kernel launches."""
     fn()
-    _sync(device)
+    sync(device)
     ts = []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t)
+        with stopwatch(device) as t:
+            fn()
+        ts.append(t.seconds)
     return statistics.median(ts)
 
 

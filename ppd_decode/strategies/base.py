@@ -8,15 +8,15 @@ the registry, so registering a method is all it takes to have it tested and meas
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 
 from ppd_decode.errors import HeadMismatchError, PPDError, PromptTooLongError
-from ppd_decode.models.heads import check_layer
+from ppd_decode.models.heads import H_D, check_layer
 from ppd_decode.runtime.stack import eos_ids
+from ppd_decode.runtime.timing import stopwatch
 
 REGISTRY: dict[str, type["DecodingStrategy"]] = {}
 
@@ -45,7 +45,14 @@ def pick_head(strategy: "DecodingStrategy", layer: int | None):
         raise HeadMismatchError(f"no head for layer {layer}; heads given: {sorted(strategy.heads)}. Fix: set the "
                                 f"method's layer to one of them, or train one with `make train LAYER={layer}`")
     check_layer(strategy.model, layer)
-    return layer, strategy.heads[layer]
+    head = strategy.heads[layer]
+    missing = [x for x in getattr(head, "inputs", (H_D,)) if x not in strategy.head_inputs]
+    if missing:
+        able = sorted(n for n, c in REGISTRY.items() if c.needs_heads and set(head.inputs) <= set(c.head_inputs))
+        raise HeadMismatchError(f"the head at layer {layer} reads {missing} (f_prev: the final layer's state at the "
+                                f"previous position), which {strategy.name} does not supply. Fix: decode with "
+                                f"{', '.join(able)}, or use a head trained without head.reads_prev")
+    return layer, head
 
 
 @dataclass
@@ -129,6 +136,8 @@ class DecodingStrategy:
     needs_heads: ClassVar[bool] = False  # drafts with early-exit heads: pass heads={layer: head}
     spawns_workers: ClassVar[bool] = False  # runs worker processes (released by close())
     batched: ClassVar[bool] = False  # also decodes several prompts together: generate_batch(prompts, n)
+    # what the method can feed a head (ppd_decode.models.heads.INPUTS); pick_head refuses a head that reads more
+    head_inputs: ClassVar[tuple[str, ...]] = (H_D,)
 
     def __init__(self, model, config=None, heads: dict | None = None, tokenizer=None):
         self.model = model
@@ -159,9 +168,9 @@ class DecodingStrategy:
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int) -> DecodeResult:
         ids = self.check_request(prompt_ids, max_new_tokens)
-        t0 = time.perf_counter()
-        result = self._generate(ids, max_new_tokens)
-        result.seconds = time.perf_counter() - t0
+        with stopwatch(self.model.device) as t:
+            result = self._generate(ids, max_new_tokens)
+        result.seconds = t.seconds
         return result
 
     def _generate(self, ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:

@@ -14,7 +14,6 @@ greedy) allowed: speculation turns itself off where it does not pay.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from ppd_decode.errors import PPDError
 from ppd_decode.profiling.gamma import CostModel, profile
 from ppd_decode.runtime.ragged import RaggedBatch
 from ppd_decode.runtime.stack import embed, final_argmax, num_layers
+from ppd_decode.runtime.timing import stopwatch
 from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
 
 
@@ -49,10 +49,10 @@ class BatchedDecoding(DecodingStrategy):
         checked = [self.check_request(p, max_new_tokens).tolist() for p in prompts]  # refuse before any work
         out: list[DecodeResult] = []
         for s in range(0, len(checked), self.max_batch_size):
-            t0 = time.perf_counter()
-            results = self._decode(checked[s:s + self.max_batch_size], max_new_tokens)
+            with stopwatch(self.model.device) as t:
+                results = self._decode(checked[s:s + self.max_batch_size], max_new_tokens)
             for r in results:
-                r.seconds = time.perf_counter() - t0
+                r.seconds = t.seconds
             out.extend(results)
         return out
 

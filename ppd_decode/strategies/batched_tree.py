@@ -17,7 +17,6 @@ from a cost profile of this machine by batch size and rows.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from ppd_decode.profiling.step_cost import StepCosts, profile_steps
 from ppd_decode.runtime.ragged import RaggedBatch
 from ppd_decode.runtime.stack import embed, final_argmax, num_layers
+from ppd_decode.runtime.timing import stopwatch
 from ppd_decode.runtime.token_tree import Tree, accepted_path
 from ppd_decode.strategies.base import DecodeResult, register
 from ppd_decode.strategies.batched import BatchedDecoding
@@ -210,9 +210,9 @@ class BatchedTreeSpeculative(BatchedDecoding):
                 trees.append(tree)
             shortlists = [[] for _ in trees]
             col, states, see_all = self._draft(batch, trees, shortlists)
-            t0 = time.perf_counter()
-            alive, target = self._verify(batch, trees, col, states, see_all, shortlists)
-            verify_s = time.perf_counter() - t0
+            with stopwatch(self.model.device) as t:
+                alive, target = self._verify(batch, trees, col, states, see_all, shortlists)
+            verify_s = t.seconds
             keep = torch.zeros(batch.size, states.shape[1], dtype=torch.bool)
             new, predicted, got = [], 0.0, 0
             for b, (tree, row) in enumerate(zip(trees, batch.rows)):

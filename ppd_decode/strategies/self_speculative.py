@@ -33,6 +33,7 @@ import torch
 from ppd_decode.errors import ConfigError
 from ppd_decode.runtime.stack import (
     crop_cache,
+    decoder,
     embed,
     final_argmax,
     new_cache,
@@ -42,6 +43,7 @@ from ppd_decode.runtime.stack import (
     run_layers,
     select_cache,
 )
+from ppd_decode.models.heads import F_PREV, H_D
 from ppd_decode.runtime.text_guesses import NextTokenLookup
 from ppd_decode.runtime.token_tree import Tree, accepted_path, accepted_prefix, tree_mask
 from ppd_decode.strategies.base import DecodingStrategy, Stats, pick_head, register
@@ -79,6 +81,7 @@ class SelfSpeculative(DecodingStrategy):
     Config = SelfSpeculativeConfig
     Stats = SelfSpeculativeStats
     needs_heads = True
+    head_inputs = (H_D, F_PREV)  # f(t-1) for the first draft token of a step: the verified row that produced cur
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
@@ -102,6 +105,9 @@ class SelfSpeculative(DecodingStrategy):
         if self.finish(out, [cur], max_new_tokens):
             return res
         n = ids.numel()  # every layer caches positions 0..n-1; `cur` sits at position n
+        # f(n-1), the final normed state that produced `cur`, for a head that reads it (unknown after the prefill)
+        prev = None
+        reads_prev = self.head.reads_prev
         gamma = lookup_gamma = c.draft_tokens
         text = NextTokenLookup()
         if c.lookup:
@@ -113,7 +119,7 @@ class SelfSpeculative(DecodingStrategy):
             conts = text.continuations(lookup_limit, c.lookup_candidates, c.lookup_min_match) if c.lookup else []
             copied = bool(conts)
             if copied and len(conts) > 1:
-                drafts, new, g = self._verify_tree(cache, cur, conts, n, ids.device)
+                drafts, new, g, last = self._verify_tree(cache, cur, conts, n, ids.device)
                 a = len(drafts)
                 res.stats.lookup_trees += 1
                 res.stats.lookup_branch_wins += bool(a and drafts != conts[0][:a])
@@ -123,10 +129,11 @@ class SelfSpeculative(DecodingStrategy):
                     block = torch.tensor([[cur] + drafts], device=ids.device)
                     verify = run_layers(m, pad_block(embed(m, block), c.min_block), 0, L, cache, past=n)
                 else:
-                    drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device)
+                    drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device, prev)
                 g = len(drafts)
                 target = final_argmax(m, verify[:, :g + 1])[0].tolist()  # target[i]: greedy token after block[i]
                 a = accepted_prefix(drafts, target)
+                last = verify[:, a]
                 crop_cache(cache, n + a + 1)
                 new = drafts[:a] + [target[a]]
             res.steps += 1
@@ -141,6 +148,8 @@ class SelfSpeculative(DecodingStrategy):
             if c.lookup:
                 text.extend(new)
             cur = new[-1]
+            if reads_prev:
+                prev = decoder(m).norm(last)  # the row whose argmax is the new `cur`
             if c.adaptive:
                 g_max = max(map(len, conts)) if copied else g
                 if copied and not c.lookup_tokens and g_max == lookup_limit:  # grow from what was drafted,
@@ -179,12 +188,14 @@ class SelfSpeculative(DecodingStrategy):
         path = accepted_path(tree, nodes, target)
         select_cache(cache, n, [n + i for i in path])
         drafts = [tree.tokens[i] for i in path[1:]]
-        return drafts, drafts + [target[path[-1]]], drafted
+        return drafts, drafts + [target[path[-1]]], drafted, h[:, path[-1]]
 
-    def _head_drafts(self, cache, cur: int, g: int, n: int, device) -> tuple[list[int], torch.Tensor]:
+    def _head_drafts(self, cache, cur: int, g: int, n: int, device,
+                     prev: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
         """Up to ``g`` tokens drafted by layers 1..d and the head (fewer where its confidence drops below
         ``min_confidence``), then layers d+1..L over ``cur`` and the drafts (whose layers 1..d are already cached):
-        the drafts and the verifying hidden states."""
+        the drafts and the verifying hidden states. ``prev`` (f(t-1) of ``cur``, for a head that reads it) is known
+        for the first draft only: the later ones follow drafts the final layer has not run yet."""
         m, d, L = self.model, self.layer, num_layers(self.model)
         drafts, hidden = [], []
         tok = cur
@@ -193,7 +204,8 @@ class SelfSpeculative(DecodingStrategy):
             hidden.append(h)  # cur's and every draft's layers 1..d, before the whole block is verified
             if len(drafts) == g:
                 break
-            nxt, conf = self.head.guess_with_confidence(h[:, -1])  # over the head's shortlist when it has one
+            nxt, conf = self.head.guess_with_confidence(h[:, -1], prev)  # over its shortlist when it has one
+            prev = None
             if float(conf) < self.config.min_confidence:
                 break
             tok = int(nxt)

@@ -20,7 +20,6 @@ One step:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +38,7 @@ from ppd_decode.runtime.stack import (
     select_cache,
 )
 from ppd_decode.runtime.token_tree import Tree, accepted_path, tree_mask
+from ppd_decode.runtime.timing import stopwatch
 from ppd_decode.strategies.base import DecodingStrategy, Stats, pick_head, register
 
 
@@ -225,9 +225,9 @@ class TreeSpeculative(DecodingStrategy):
         while True:
             self._shortlist = []
             tree, states = self._draft(cur, n, max_new_tokens - len(out) - 1, cache, dev)
-            t0 = time.perf_counter()
-            alive, target = self._verify(tree, states, n, cache, dev)
-            res.stats.verify_seconds.append(time.perf_counter() - t0)  # pruning's saving
+            with stopwatch(dev) as t:
+                alive, target = self._verify(tree, states, n, cache, dev)
+            res.stats.verify_seconds.append(t.seconds)  # pruning's saving
             path = accepted_path(tree, alive, target)
             nxt_token = target[path[-1]]
             # Layers 1..p hold every node (drafting order); layers p+1..L only the survivors (their order).

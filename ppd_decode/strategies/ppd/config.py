@@ -54,6 +54,7 @@ class PPDStats(Stats):
     chains_sent: int = 0  # B blocks that carried a chain
     chain_blocks: int = 0  # A guess blocks that ran a chain after the siblings
     guess_blocks: int = 0
+    prev_guesses: int = 0  # guess rankings whose head read f(t-1) from B (a head that reads it; else 0)
     block_pairs: dict = field(default_factory=dict)  # (B's chain length, A's; -1: no guesses) -> blocks
     a_busy_s: float = 0.0  # the decoding phase's compute and waits, per worker (prefill apart)
     a_wait_s: float = 0.0

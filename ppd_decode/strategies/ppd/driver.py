@@ -17,6 +17,7 @@ from ppd_decode.errors import HeadMismatchError, PPDError
 from ppd_decode.models.heads import check_layer
 from ppd_decode.runtime.procs import Managed, share_with_spawned
 from ppd_decode.runtime.stack import eos_ids, num_layers
+from ppd_decode.models.heads import F_PREV, H_D
 from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
 from ppd_decode.strategies.ppd import report
 from ppd_decode.strategies.ppd.config import PPDConfig, PPDStats, WorkerError
@@ -73,7 +74,8 @@ class PPDEngine(Managed):
         self.head.share_memory()
         a = ctx.Process(target=worker_a, args=(self.model, self.head, self.cfg.layer, self.cfg, port, parent,
                                                 self.requests, self.results), daemon=True, name="ppd-stage-A")
-        b = ctx.Process(target=worker_b, args=(self.model, self.cfg.layer, self.cfg, port, parent, self.results),
+        b = ctx.Process(target=worker_b, args=(self.model, self.cfg.layer, self.cfg, port, parent, self.results,
+                                                bool(getattr(self.head, "reads_prev", False))),
                         daemon=True, name="ppd-stage-B")
         a.start()
         b.start()
@@ -148,7 +150,7 @@ class PPDEngine(Managed):
                 elif kind == "done":
                     res.accepted, res.drafted = msg["matches"], msg["guessed"]
                     # the chains, and where each worker's time went: computing, or waiting on the other one
-                    for k in ("chain_drafted", "chain_accepted", "chains_sent", "chain_blocks", "guess_blocks",
+                    for k in ("chain_drafted", "chain_accepted", "chains_sent", "chain_blocks", "guess_blocks", "prev_guesses",
                               "block_pairs", "a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s", "a_time_s", "b_time_s"):
                         setattr(res.stats, k, msg[k])
                     break
@@ -189,6 +191,7 @@ class PPD(DecodingStrategy):
     Stats = PPDStats
     needs_heads = True
     spawns_workers = True
+    head_inputs = (H_D, F_PREV)  # B sends f(t-1) with its token; A's head reads it for the next guesses
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)

@@ -11,6 +11,7 @@ from ppd_decode.runtime.exact_argmax import exact_argmax
 from ppd_decode.runtime.stack import (
     cache_len,
     crop_cache,
+    decoder,
     embed,
     eos_ids,
     final_argmax,
@@ -45,13 +46,15 @@ def worker_a(model, head, d, cfg: PPDConfig, port, parent, requests, results):
     except Exception:
         results.put(("error", "worker A (layers 1..d):\n" + traceback.format_exc()))
 
-def _guesses(head, h, cfg: PPDConfig, lookup: NextTokenLookup, room: int) -> tuple[list[int], list[int]]:
+def _guesses(head, h, cfg: PPDConfig, lookup: NextTokenLookup, room: int,
+             prev: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
     """The k guesses for the token after the one whose layer-d state is ``h`` [1, 1, H]: prompt lookup's first, then
-    the head's ranking (over its shortlist when it has one: see ``EarlyExitHead.guess``); and the text chain that
-    follows the lookup guess (at most ``cfg.chain`` tokens, and at most ``room``: never past max_new_tokens)."""
+    the head's ranking (over its shortlist when it has one: see ``EarlyExitHead.guess``; ``prev`` is f(t-1) for a
+    head that reads it, None where unknown); and the text chain that follows the lookup guess (at most ``cfg.chain``
+    tokens, and at most ``room``: never past max_new_tokens)."""
     if not cfg.speculate:
         return [], []
-    ranked = head.guess(h[:, -1], cfg.k)[0].tolist()
+    ranked = head.guess(h[:, -1], cfg.k, prev)[0].tolist()
     guesses = merge_guesses(lookup.candidates(cfg.lookup), ranked, cfg.k)
     chain: list[int] = []
     if cfg.chain and cfg.lookup and room > 0:
@@ -122,11 +125,13 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     pos, emitted, matches, guessed = n, 0, 0, 0
     sent: list[int] = []
     undo: list = []
-    chain_drafted = chain_accepted = chain_blocks = chains_sent = guess_blocks = 0
+    chain_drafted = chain_accepted = chain_blocks = chains_sent = guess_blocks = prev_guesses = 0
     # (chain B verifies, chain in A's guess block meanwhile; -1: A had no guesses) -> blocks: the latency model times
     # each block at its own chain length, and since the two run side by side, a block takes the longer of the two
     block_pairs: dict[tuple[int, int], int] = {}
     reply = torch.zeros(2, dtype=torch.long)
+    # f(t-1): B's final normed state of the row that produced its token, sent after the token for a head that reads it
+    fprev = torch.empty(1, model.config.hidden_size, dtype=model.dtype) if head.reads_prev else None
     while True:
         # B is finishing the token at `pos`; run the guesses for it through layers 1..d meanwhile.
         pair = (len(sent), len(chain) if guesses else -1)
@@ -157,11 +162,15 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
                                       "chain_drafted": chain_drafted, "chain_accepted": chain_accepted,
                                       "chains_sent": chains_sent, "chain_blocks": chain_blocks,
                                       "guess_blocks": guess_blocks, "block_pairs": block_pairs,
+                                      "prev_guesses": prev_guesses,
                                       "a_time_s": a_s, "b_time_s": b_s,
                                       # the decoding phase's compute and waits (prefill apart)
                                       "a_wait_s": a_s["wait"], "a_busy_s": _busy(a_s),
                                       "b_wait_s": b_s["wait"], "b_busy_s": _busy(b_s)}))
                 return
+        if fprev is not None:
+            dist.recv(fprev, src=1)  # (B sends it unless this request has ended, as A has just checked)
+            clock.lap("wait")
         if guesses:
             guessed += 1
         full = a == len(sent)  # else the guesses were for a position B's token does not sit at
@@ -197,11 +206,14 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
         pos += 1 + len(nxt)
         clock.lap("other")
         # The guesses for the token after B's block, made off B's critical path.
-        guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - emitted - len(sent) - 2)
+        # f(t-1) is B's row before `h`'s token when that is B's own token; after a chain it is unknown
+        prev = fprev if fprev is not None and not nxt else None
+        prev_guesses += prev is not None and cfg.speculate
+        guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - emitted - len(sent) - 2, prev=prev)
         clock.lap("rank_guesses")
 
 @torch.no_grad()
-def worker_b(model, d, cfg: PPDConfig, port, parent, results):
+def worker_b(model, d, cfg: PPDConfig, port, parent, results, send_prev: bool = False):
     try:
         dist = connect(1, port, cfg.threads_per_worker, parent, cfg.pin_cores)
         L, H, dtype = num_layers(model), model.config.hidden_size, model.dtype
@@ -259,6 +271,9 @@ def worker_b(model, d, cfg: PPDConfig, port, parent, results):
                 if block.shape[1] != q - len(chain) + a:
                     crop_cache(cache, base + q - len(chain) + a)  # the rejected chain rows and the padding
                 dist.send(torch.tensor([count, targets[count - 1]], dtype=torch.long), dst=0)
+                if send_prev and not stop:  # f(t-1) for A's head: the row whose argmax was just sent
+                    row = q - 1 - len(chain) + count - 1
+                    dist.send(decoder(model).norm(hb[0, row:row + 1]).contiguous(), dst=0)
                 if stop:
                     clock.lap("send")
                     dist.send(torch.tensor([clock.s[p] for p in B_PARTS], dtype=torch.float64), dst=0)
