@@ -244,3 +244,49 @@ def test_bad_requests_are_refused_before_workers_start():
         with pytest.raises((PPDError, PromptTooLongError), match=err):
             s.generate(bad, 10)
     assert s.engine.procs == []  # nothing was started
+
+
+def test_devices_and_backend_are_resolved_and_refused_with_the_fix(monkeypatch):
+    m = model(0, 1.0)
+    eng = PPDEngine(m, _head(m, 2, 0.0), PPDConfig())
+    assert (eng.cfg.device_a, eng.cfg.device_b, eng.cfg.backend) == ("cpu", "cpu", "gloo")  # auto on a CPU: gloo
+    with pytest.raises(PPDError, match="backend=nccl needs the two stages on two different GPUs"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(backend="nccl"))
+    with pytest.raises(PPDError, match="use auto, gloo or nccl"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(backend="mpi"))
+    with pytest.raises(PPDError, match="runs on cpu or cuda"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(device_b="meta"))
+    with pytest.raises(PPDError, match="not a device"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(device_a="gpu0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PPDError, match="sees no GPU. Fix: device_a=cpu"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(device_a="cuda:0"))
+    # two GPUs (as torch would report them): nccl is picked, and stays off for two stages on one GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    two = PPDEngine(m, _head(m, 2, 0.0), PPDConfig(device_a="cuda:0", device_b="cuda:1"))
+    assert (two.cfg.device_a, two.cfg.device_b, two.cfg.backend) == ("cuda:0", "cuda:1", "nccl")
+    one = PPDEngine(m, _head(m, 2, 0.0), PPDConfig(device_a="cuda:1", device_b="cuda:1"))
+    assert one.cfg.backend == "gloo"
+    with pytest.raises(PPDError, match="this machine has 2 GPU"):
+        PPDEngine(m, _head(m, 2, 0.0), PPDConfig(device_a="cuda:2"))
+
+
+def test_each_worker_places_only_its_own_stage():
+    """A: embeddings, layers 1..d and the head; B: layers d+1..L, the final norm and the LM head (checked by moving
+    them to the meta device, which any machine has)."""
+    import copy
+
+    from ppd_decode.strategies.ppd.workers import place_stage
+
+    m = model(0, 1.0)
+    for stage in ("A", "B"):
+        mm = copy.deepcopy(m)
+        head = _head(mm, 2, 0.0)
+        place_stage(mm, head if stage == "A" else None, 2, stage, "meta")
+        on_meta = [i for i, layer in enumerate(mm.model.layers) if layer.self_attn.q_proj.weight.is_meta]
+        assert on_meta == ([0, 1] if stage == "A" else [2, 3])
+        assert mm.model.norm.weight.is_meta == (stage == "B")
+        if stage == "A":
+            assert head.lm_head.weight.is_meta and mm.model.embed_tokens.weight.is_meta

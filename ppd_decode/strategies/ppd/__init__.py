@@ -1,7 +1,8 @@
 """The PPD engine: exact greedy generation pipelined over two worker processes (docs/method.md, deployment 1).
 
 Worker A holds layers 1..d and the early head; worker B holds layers d+1..L and the final head; each keeps the KV
-cache of its own layers, and only hidden states and token ids cross between them (torch.distributed, gloo on CPU).
+cache of its own layers, and only hidden states and token ids cross between them (torch.distributed point to point:
+gloo on CPUs and between processes sharing one GPU, NCCL between two GPUs; see ``PPDConfig.device_a``).
 While B finishes token t, A runs the head's k guesses for token t+1 through its layers as one block of siblings
 (each attends to the cached prefix and itself). When B's token arrives: on a match A keeps that guess's cache
 entries and hands B its hidden state at once; on a miss A runs the real token. B only ever emits its own argmax,

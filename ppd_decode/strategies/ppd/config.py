@@ -41,6 +41,13 @@ class PPDConfig:
     # process may use, B the next), so neither migrates nor shares a core with the other. Ignored where there are
     # too few cores or no affinity API.
     pin_cores: bool = False
+    # Where each stage runs ("cpu", "cuda", "cuda:1"; None: the model's device). Two GPUs: A and B on their own;
+    # one GPU: both on it, as two processes sharing the device (their messages staged through the host).
+    device_a: str | None = None
+    device_b: str | None = None
+    # How the stages talk: "nccl" (GPU to GPU, the tensors stay on the devices), "gloo" (through the host), or
+    # "auto": nccl between two different GPUs where torch has it, else gloo.
+    backend: str = "auto"
     timeout_s: float = 120.0  # a worker silent this long (per token) counts as hung
     fallback: bool = True  # finish with sequential greedy when a worker fails; False: raise WorkerError
 

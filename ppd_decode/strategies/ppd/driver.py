@@ -56,11 +56,40 @@ class PPDEngine(Managed):
             self.cfg.chain = 0  # a chain follows the lookup guess: none to follow
         if self.cfg.min_block < 1:
             raise PPDError(f"min_block must be >= 1 (1: no padding), got {self.cfg.min_block}")
-        if model.device.type != "cpu":
-            raise PPDError("the PPD engine runs its workers on CPU processes for now; use device='cpu'")
+        self._resolve_devices()
         self.L = L
         self.eos = eos_ids(model)
         self.procs: list = []
+
+    def _resolve_devices(self) -> None:
+        """Fill in each stage's device and the backend (see PPDConfig), refusing what cannot run here."""
+        c = self.cfg
+        devs = []
+        for name in ("device_a", "device_b"):
+            try:
+                dev = torch.device(getattr(c, name) or self.model.device)
+            except (RuntimeError, TypeError) as e:
+                raise PPDError(f"{name}={getattr(c, name)!r} is not a device ({e}). Fix: cpu, cuda or cuda:N") from None
+            if dev.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise PPDError(f"{name}={dev} but this torch sees no GPU. Fix: {name}=cpu, or install a CUDA "
+                                   f"build of torch (README, GPU install)")
+                dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+                if dev.index >= torch.cuda.device_count():
+                    raise PPDError(f"{name}={dev}: this machine has {torch.cuda.device_count()} GPU(s). "
+                                   f"Fix: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            elif dev.type != "cpu":
+                raise PPDError(f"{name}={dev}: the PPD engine runs on cpu or cuda devices")
+            devs.append(dev)
+            setattr(c, name, str(dev))
+        two_gpus = all(d.type == "cuda" for d in devs) and devs[0] != devs[1]
+        if c.backend == "auto":
+            c.backend = "nccl" if two_gpus and torch.distributed.is_nccl_available() else "gloo"
+        if c.backend not in ("gloo", "nccl"):
+            raise PPDError(f"backend={c.backend!r}; use auto, gloo or nccl")
+        if c.backend == "nccl" and not two_gpus:
+            raise PPDError(f"backend=nccl needs the two stages on two different GPUs (got {devs[0]} and {devs[1]}; "
+                           f"NCCL cannot connect two processes on one device). Fix: backend=gloo or auto")
 
     # -- lifecycle
     def start(self) -> None:

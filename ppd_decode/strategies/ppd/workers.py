@@ -27,22 +27,39 @@ from ppd_decode.strategies.ppd.config import PPDConfig
 from ppd_decode.strategies.ppd.wire import GENERATE, PING, SHUTDOWN, connect, ping_from_a, prompt_chunks, send_block
 
 
+def place_stage(model, head, d: int, stage: str, device) -> None:
+    """Move what a worker computes with to its device: A the embeddings, layers 1..d and the head; B layers d+1..L,
+    the final norm and the LM head. The other stage's weights stay where they were (on a CPU: shared memory, read by
+    both processes; a worker on a GPU holds its own stage only). No-op where the weights already are there."""
+    m = decoder(model)
+    if stage == "A":
+        parts = [m.embed_tokens, *m.layers[:d], head, *getattr(head, "_frozen_lm_head", ())]
+    else:
+        parts = [*m.layers[d:], m.norm, model.lm_head]
+    for part in [*parts, m.rotary_emb]:
+        part.to(device)
+    if hasattr(head, "prev_null") and stage == "A":
+        head.prev_null.data = head.prev_null.data.to(device)
+
+
 @torch.no_grad()
 def worker_a(model, head, d, cfg: PPDConfig, port, parent, requests, results):
     try:
-        dist = connect(0, port, cfg.threads_per_worker, parent, cfg.pin_cores)
+        device = torch.device(cfg.device_a)
+        place_stage(model, head, d, "A", device)
+        link = connect(0, port, cfg.threads_per_worker, parent, cfg.pin_cores, cfg.backend, device)
         dtype, H = model.dtype, model.config.hidden_size
         results.put(("ready", None))
         while True:
             req = requests.get()
             if req is None:
-                dist.send(torch.tensor([SHUTDOWN, 0, 0, 0], dtype=torch.long), dst=1)
+                link.send_longs([SHUTDOWN, 0, 0, 0])
                 break
             if req[0] == "ping":
-                results.put(("pong", ping_from_a(dist, req[1], H, dtype)))
+                results.put(("pong", ping_from_a(link, req[1], H, dtype)))
                 continue
             ids, max_new, eos = req
-            _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos)
+            _serve_a(model, head, d, cfg, link, results, ids, max_new, eos)
     except Exception:
         results.put(("error", "worker A (layers 1..d):\n" + traceback.format_exc()))
 
@@ -67,7 +84,8 @@ def _guess_block(model, d, cache, guesses: list[int], chain: list[int], pos: int
     """Layers 1..d over the k sibling guesses for position ``pos`` and, after them, the chain that follows the first
     guess (positions pos+1..): a sibling sees the prefix and itself, a chain row the first guess and the chain up to
     itself. Their cache entries sit in this order after the prefix."""
-    x = embed(model, torch.tensor([guesses + chain]))
+    dev = model.model.embed_tokens.weight.device
+    x = embed(model, torch.tensor([guesses + chain], device=dev))
     if not chain:
         return run_layers(model, x, 0, d, cache, past=pos, siblings=True)
     k, m = len(guesses), len(chain)
@@ -75,7 +93,7 @@ def _guess_block(model, d, cache, guesses: list[int], chain: list[int], pos: int
     for i in range(m):
         see[k + i, 0] = True
         see[k + i, k:k + i + 1] = True
-    position_ids = torch.tensor([[pos] * k + list(range(pos + 1, pos + 1 + m))])
+    position_ids = torch.tensor([[pos] * k + list(range(pos + 1, pos + 1 + m))], device=dev)
     return run_layers(model, x, 0, d, cache, past=pos, position_ids=position_ids, block_mask=see)
 
 class _Clock:
@@ -104,18 +122,19 @@ B_PARTS = ("prefill", "layers", "final_head", "send", "wait")
 def _busy(parts: dict) -> float:
     return sum(v for k, v in parts.items() if k not in ("prefill", "wait"))
 
-def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
+def _serve_a(model, head, d, cfg, link, results, ids, max_new, eos):
     n = len(ids)
     clock = _Clock(A_PARTS)
     cache = new_cache(model)
     lookup = NextTokenLookup()
     lookup.extend(ids)
     M = cfg.chain
-    dist.send(torch.tensor([GENERATE, n, max_new, cfg.prefill_chunk], dtype=torch.long), dst=1)
+    dev = link.device
+    link.send_longs([GENERATE, n, max_new, cfg.prefill_chunk])
     s = 0
     for size in prompt_chunks(n, cfg.prefill_chunk):
-        h = run_layers(model, embed(model, torch.tensor([ids[s:s + size]])), 0, d, cache, past=s)
-        dist.send(h[0].contiguous(), dst=1)
+        h = run_layers(model, embed(model, torch.tensor([ids[s:s + size]], device=dev)), 0, d, cache, past=s)
+        link.send(h[0])
         s += size
     clock.lap("prefill")
     guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - 2)
@@ -129,9 +148,9 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
     # (chain B verifies, chain in A's guess block meanwhile; -1: A had no guesses) -> blocks: the latency model times
     # each block at its own chain length, and since the two run side by side, a block takes the longer of the two
     block_pairs: dict[tuple[int, int], int] = {}
-    reply = torch.zeros(2, dtype=torch.long)
+    reply = link.buffer(2)
     # f(t-1): B's final normed state of the row that produced its token, sent after the token for a head that reads it
-    fprev = torch.empty(1, model.config.hidden_size, dtype=model.dtype) if head.reads_prev else None
+    fprev = None
     while True:
         # B is finishing the token at `pos`; run the guesses for it through layers 1..d meanwhile.
         pair = (len(sent), len(chain) if guesses else -1)
@@ -141,7 +160,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
             guess_blocks += 1
             chain_blocks += bool(chain)
             clock.lap("guess_block")
-        dist.recv(reply, src=1)
+        link.recv_into(reply)
         clock.lap("wait")
         clock.decoding = True
         count, tok = reply.tolist()  # how many tokens B decided (the accepted part of `sent`, then its own), the last
@@ -154,8 +173,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
             if t in eos or emitted >= max_new:
                 for u in decided:
                     results.put(("token", u))
-                b = torch.zeros(len(B_PARTS), dtype=torch.float64)
-                dist.recv(b, src=1)  # where B's time went for this request
+                b = link.recv(len(B_PARTS), dtype=torch.float64)  # where B's time went for this request
                 clock.lap("other")
                 a_s, b_s = clock.s, dict(zip(B_PARTS, b.tolist()))
                 results.put(("done", {"matches": matches, "guessed": guessed,
@@ -168,8 +186,8 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
                                       "a_wait_s": a_s["wait"], "a_busy_s": _busy(a_s),
                                       "b_wait_s": b_s["wait"], "b_busy_s": _busy(b_s)}))
                 return
-        if fprev is not None:
-            dist.recv(fprev, src=1)  # (B sends it unless this request has ended, as A has just checked)
+        if head.reads_prev:  # (B sends it unless this request has ended, as A has just checked)
+            fprev = link.recv(1, model.config.hidden_size, dtype=model.dtype)
             clock.lap("wait")
         if guesses:
             guessed += 1
@@ -179,7 +197,7 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
             nxt = chain if j == 0 else []
             rows = [j] + [len(guesses) + i for i in range(len(nxt))]
             h = hg[:, rows]
-            send_block(dist, h, nxt, M)  # B first; the cache can be tidied while B computes
+            send_block(link, h, nxt, M)  # B first; the cache can be tidied while B computes
             clock.lap("send")
             select_cache(cache, pos, [pos + r for r in rows], range(d))  # keep the matching sibling (and chain)
             matches += 1
@@ -189,9 +207,9 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
             if guesses or not full:
                 crop_cache(cache, pos, range(d))
                 clock.lap("cache")
-            h = run_layers(model, embed(model, torch.tensor([[tok]])), 0, d, cache, past=pos)
+            h = run_layers(model, embed(model, torch.tensor([[tok]], device=dev)), 0, d, cache, past=pos)
             clock.lap("miss_rerun")
-            send_block(dist, h, nxt, M)
+            send_block(link, h, nxt, M)
             clock.lap("send")
         for t in decided:
             results.put(("token", t))  # after the send: B is waiting, the driver can
@@ -215,33 +233,33 @@ def _serve_a(model, head, d, cfg, dist, results, ids, max_new, eos):
 @torch.no_grad()
 def worker_b(model, d, cfg: PPDConfig, port, parent, results, send_prev: bool = False):
     try:
-        dist = connect(1, port, cfg.threads_per_worker, parent, cfg.pin_cores)
+        device = torch.device(cfg.device_b)
+        place_stage(model, None, d, "B", device)
+        link = connect(1, port, cfg.threads_per_worker, parent, cfg.pin_cores, cfg.backend, device)
         L, H, dtype = num_layers(model), model.config.hidden_size, model.dtype
         exact_argmax(model)  # its half-size copies of the LM head are built once, before any request
-        header = torch.zeros(4, dtype=torch.long)
+        header = link.buffer(4)
         eos = eos_ids(model)
         M = cfg.chain
         while True:
-            dist.recv(header, src=0)
-            cmd, n, max_new, chunk = header.tolist()
+            cmd, n, max_new, chunk = link.recv_into(header).tolist()
             if cmd == SHUTDOWN:
                 break
             if cmd == PING:
-                h, y = torch.empty(1, H, dtype=dtype), torch.zeros(1, dtype=torch.long)
+                h, y = link.buffer(1, H, dtype=dtype), torch.zeros(1, dtype=torch.long)
                 for _ in range(n):
-                    dist.recv(h, src=0)
-                    dist.send(y, dst=0)
+                    link.recv_into(h)
+                    link.send(y)
                 continue
             cache = new_cache(model)
             emitted = 0
             clock = _Clock(B_PARTS)
-            chain_msg = torch.zeros(1 + M, dtype=torch.long)  # A's chain before each block: [m, tokens...]
+            chain_msg = link.buffer(1 + M)  # A's chain before each block: [m, tokens...]
 
             def recv(rows: int) -> torch.Tensor:
                 """The next hidden states from A, the time spent waiting for them counted."""
-                h = torch.empty(rows, H, dtype=dtype)
                 clock.lap("send")  # (B only sends between receives)
-                dist.recv(h, src=0)
+                h = link.recv(rows, H, dtype=dtype)
                 clock.lap("wait")
                 return h
 
@@ -270,17 +288,17 @@ def worker_b(model, d, cfg: PPDConfig, port, parent, results, send_prev: bool = 
                         break
                 if block.shape[1] != q - len(chain) + a:
                     crop_cache(cache, base + q - len(chain) + a)  # the rejected chain rows and the padding
-                dist.send(torch.tensor([count, targets[count - 1]], dtype=torch.long), dst=0)
+                link.send_longs([count, targets[count - 1]])
                 if send_prev and not stop:  # f(t-1) for A's head: the row whose argmax was just sent
                     row = q - 1 - len(chain) + count - 1
-                    dist.send(decoder(model).norm(hb[0, row:row + 1]).contiguous(), dst=0)
+                    link.send(decoder(model).norm(hb[0, row:row + 1]))
                 if stop:
                     clock.lap("send")
-                    dist.send(torch.tensor([clock.s[p] for p in B_PARTS], dtype=torch.float64), dst=0)
+                    link.send(torch.tensor([clock.s[p] for p in B_PARTS], dtype=torch.float64))
                     break
                 if M:
                     clock.lap("send")
-                    dist.recv(chain_msg, src=0)
+                    link.recv_into(chain_msg)
                     clock.lap("wait")
                     chain = chain_msg[1:1 + int(chain_msg[0])].tolist()
                 h = recv(1 + len(chain))
