@@ -4,6 +4,7 @@
     python scripts/bench_decode.py --heads outputs/train/<run>/heads            # the full measurement
     python scripts/bench_decode.py --heads ... --per-set 5 --max-new-tokens 64 --runs 1   # a quick one
     python scripts/bench_decode.py --heads ... --rows ppd,ppd_d15 decode.ppd_d15.method=ppd decode.ppd_d15.layer=15
+    python scripts/bench_decode.py --oracle 0,0.25,0.5,0.75,1 --rows ppd_split --name oracle   # the engine alone
 
 A row is a named setting of configs/decode.yaml (or any registered method's name, at its defaults), changed or
 added with decode.ROW.FIELD=VALUE overrides; the script has no code of its own for any method: a method's extra
@@ -14,7 +15,11 @@ time; a method's tokens/s = mean over prompts. Methods take turns prompt by prom
 machine's speed is shared by all of them; the whole measurement is repeated (--runs) and reported as mean and
 standard deviation over runs; speedups are against greedy measured in the same run with 1 and with 2 threads.
 Every output is compared token for token with greedy; a mismatch is reported with the reference's top-two logit
-gap at the first differing position (a near-tie when below 1e-4). Writes <name>.{json,md,png}
+gap at the first differing position (a near-tie when below 1e-4).
+
+``--oracle P,...`` adds a PPD row per p whose guesses come from the greedy reference (the true next token with
+probability p; ``PPDConfig.oracle_p``), so PPD's measured speed-up can be drawn against the latency model's
+prediction over p whatever the head: <name>_oracle.png and a table of the curve. Writes <name>.{json,md,png}
 under outputs/bench/<name>/ (name: decode by default); ``--publish`` copies them to docs/benchmarks/.
 """
 
@@ -106,6 +111,8 @@ def parse_args():
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="override every task's prompt budget")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--oracle", default=None, help="comma-separated match probabilities p: one oracle PPD row each "
+                                                  "(the ppd row's settings, guesses from the greedy reference)")
     add_output_args(p, "decode")
     return p.parse_args()
 
@@ -130,11 +137,17 @@ def measure(rows: list[dict], prompts: dict, a, model) -> None:
     slow drift of the machine's speed (other tenants, clocks) lands on all rows alike instead of on whichever row's
     block it happened to hit. Between prompts each strategy may take its own measurements (``probe``)."""
     first = next(iter(prompts.values()))[0]
+    refs = references(rows, prompts, a)
+
+    def ref_for(r, key):  # the greedy reference, for a row whose guesses come from it (the oracle)
+        return {"reference": refs[key]} if r["strategy"].wants_reference() else {}
+
+    first_key = (next(iter(prompts)), 0)
     for run in range(a.runs):
         for r in rows:
             torch.set_num_threads(r["row"].threads)
             for _ in range(a.warmup if run == 0 else 1):
-                r["strategy"].generate(first, a.max_new_tokens)
+                r["strategy"].generate(first, a.max_new_tokens, **ref_for(r, first_key))
         speeds = [{s: [] for s in prompts} for _ in rows]
         turn = 0
         bar = tqdm(total=sum(map(len, prompts.values())), desc=f"run {run + 1}/{a.runs}", unit="prompt")
@@ -143,7 +156,7 @@ def measure(rows: list[dict], prompts: dict, a, model) -> None:
                 results = {}
                 for j in [(turn + n) % len(rows) for n in range(len(rows))]:
                     torch.set_num_threads(rows[j]["row"].threads)
-                    results[j] = rows[j]["strategy"].generate(prompt, a.max_new_tokens)
+                    results[j] = rows[j]["strategy"].generate(prompt, a.max_new_tokens, **ref_for(rows[j], (s, i)))
                 turn += 1
                 for r in rows:
                     r["strategy"].probe(len(prompt), a.max_new_tokens)
@@ -169,6 +182,58 @@ def measure(rows: list[dict], prompts: dict, a, model) -> None:
             r["runs"].append({"overall": overall, "per_set": per_set, "per_prompt": speeds[j]})
             print(f"run {run + 1}/{a.runs}  {r['row'].name:28s} {overall:7.2f} tok/s  mismatches so far "
                   f"{r['mismatches']}", flush=True)
+
+
+def references(rows: list[dict], prompts: dict, a) -> dict:
+    """Each prompt's greedy output (rows[0]), decoded before the timed runs, where a row guesses from it."""
+    if not any(r["strategy"].wants_reference() for r in rows):
+        return {}
+    return {(s, i): rows[0]["strategy"].generate(p, a.max_new_tokens).tokens
+            for s, plist in prompts.items() for i, p in enumerate(plist)}
+
+
+def oracle_rows(a) -> tuple[list[str], list[str]]:
+    """Row names and overrides for --oracle: the ppd row's settings with guesses from the reference at each p."""
+    if not a.oracle:
+        return [], []
+    names, overrides = [], []
+    for p in (float(x) for x in a.oracle.split(",")):
+        name = f"ppd_oracle_{round(100 * p)}"
+        names.append(name)
+        overrides += [f"decode.{name}.method=ppd", f"decode.{name}.oracle_p={p}"]
+    return names, overrides
+
+
+def oracle_curve(methods: list[dict], path: Path) -> list[str]:
+    """Measured against predicted speed-up over greedy (1 thread) for the oracle rows, as a table and a plot."""
+    rows = [m for m in methods if m["settings"].get("oracle_p") is not None]
+    if not rows:
+        return []
+    lines = ["", "Oracle guesses (the engine alone): measured against the latency model, over p", "",
+             "| p asked | match rate | measured vs greedy 1t | predicted (stages alone) | measured / predicted |",
+             "|---|---|---|---|---|"]
+    for m in rows:
+        lines.append(f"| {m['settings']['oracle_p']:.2f} | {m['match_rate']:.3f} | {m['speedup_vs_greedy_1t']:.2f}x | "
+                     f"{m['predicted_speedup']:.2f}x | {100 * m['efficiency']:.0f}% |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return lines
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [m["match_rate"] for m in rows]
+    ax.plot(xs, [m["speedup_vs_greedy_1t"] for m in rows], "o-", label="measured")
+    ax.plot(xs, [m["predicted_speedup"] for m in rows], "s--", label="latency model (stages timed alone)")
+    ax.axhline(1.0, color="k", lw=0.6)
+    ax.set_xlabel("match rate p")
+    ax.set_ylabel("speedup over greedy (1 thread)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return lines
 
 
 def jsonable(x):
@@ -263,12 +328,15 @@ def main() -> None:
     from ppd_decode.strategies.configs import fill_layer
     from ppd_decode.strategies.configs import rows as decode_rows
 
-    names = list(BASELINES) + [n for n in a.rows.split(",") if n and n not in BASELINES]
-    chosen = decode_rows(names, a.overrides)  # bad settings fail before the model loads
+    extra, oracle_overrides = oracle_rows(a)
+    names = list(BASELINES) + [n for n in a.rows.split(",") if n and n not in BASELINES] + extra
+    chosen = decode_rows(names, oracle_overrides + list(a.overrides))  # bad settings fail before the model loads
     model, tok = load_model(a.model)
     choice = choose_heads(a.heads, model, [int(x) for x in a.layers.split(",")] if a.layers else None)
     heads, head_kind = choice.heads, "logit lens" if choice.path is None else "trained"
-    fill_layer(chosen, a.layer or choice.layer or max(heads), None if a.layer else choice.row_layers)
+    by_row = {**choice.row_layers, **({n: choice.row_layers["ppd"] for n in extra} if "ppd" in choice.row_layers
+                                      else {})}  # oracle rows split where the ppd row does
+    fill_layer(chosen, a.layer or choice.layer or max(heads), None if a.layer else by_row)
     prompts = load_prompt_sets(a, tok, model)
     rows = [{"row": row, "strategy": row.build(model, heads), "runs": [], "mismatches": 0, "near_ties": 0,
              "mismatch_detail": [], "totals": Totals()} for row in chosen]
@@ -287,7 +355,7 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
     docs = output_dir(a)
     (docs / f"{a.name}.json").write_text(json.dumps(out, indent=1))
-    lines = markdown(out, prompts, command)
+    lines = markdown(out, prompts, command) + oracle_curve(methods, docs / f"{a.name}_oracle.png")
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_speedups(methods, methods[0]["tokens_per_s"], methods[1]["tokens_per_s"], docs / f"{a.name}.png")

@@ -166,12 +166,20 @@ class DecodingStrategy:
         return ids.to(self.model.device)
 
     @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens: int) -> DecodeResult:
+    def generate(self, prompt_ids, max_new_tokens: int, reference: list[int] | None = None) -> DecodeResult:
+        """``reference``: the greedy continuation, for a strategy that ``wants_reference`` (benchmarking's oracle)."""
         ids = self.check_request(prompt_ids, max_new_tokens)
+        if (reference is not None) != self.wants_reference():
+            raise PPDError(f"{self.name}: a greedy reference goes with an oracle guess source (oracle_p) only")
         with stopwatch(self.model.device) as t:
-            result = self._generate(ids, max_new_tokens)
+            result = self._generate(ids, max_new_tokens) if reference is None else \
+                self._generate(ids, max_new_tokens, reference=reference)
         result.seconds = t.seconds
         return result
+
+    def wants_reference(self) -> bool:
+        """True where the method guesses from the greedy reference (benchmarking only: PPD's ``oracle_p``)."""
+        return False
 
     def _generate(self, ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
         raise NotImplementedError

@@ -57,6 +57,10 @@ class PPDEngine(Managed):
         if self.cfg.min_block < 1:
             raise PPDError(f"min_block must be >= 1 (1: no padding), got {self.cfg.min_block}")
         self._resolve_devices()
+        if self.cfg.oracle_p is not None:
+            if not 0.0 <= self.cfg.oracle_p <= 1.0:
+                raise PPDError(f"oracle_p={self.cfg.oracle_p} must be a probability in [0, 1]")
+            self.cfg.lookup = self.cfg.chain = 0  # the oracle is the only guess source
         self.L = L
         self.eos = eos_ids(model)
         self.procs: list = []
@@ -159,8 +163,13 @@ class PPDEngine(Managed):
                     return "dead", f"no answer from the workers for {timeout:.0f}s (hung)"
 
     @torch.no_grad()
-    def generate(self, ids: list[int], max_new_tokens: int, on_token=None) -> DecodeResult:
+    def generate(self, ids: list[int], max_new_tokens: int, on_token=None,
+                 reference: list[int] | None = None) -> DecodeResult:
+        """``reference``: the greedy continuation, for the oracle guess source only (``PPDConfig.oracle_p``)."""
         ids = [int(t) for t in ids]
+        if (reference is None) != (self.cfg.oracle_p is None):
+            raise PPDError("the oracle guess source (oracle_p) needs the greedy reference, and only it takes one: "
+                           "pass reference=<greedy tokens> with oracle_p set, neither without")
         out: list[int] = []
         res = DecodeResult(out, stats=PPDStats())
         times = []
@@ -168,7 +177,7 @@ class PPDEngine(Managed):
         failure = None
         try:
             self.start()
-            self.requests.put((ids, max_new_tokens, self.eos))
+            self.requests.put((ids, max_new_tokens, self.eos, reference))
             while True:
                 kind, msg = self._next(self.cfg.timeout_s)
                 if kind == "token":
@@ -230,8 +239,11 @@ class PPD(DecodingStrategy):
         self._stage_times: list = []  # the benchmark's probes (report.probe)
         self._load = None  # the other stage's work while a stage is timed (profiling.stage_load), made on demand
 
-    def _generate(self, ids, max_new_tokens):
-        return self.engine.generate(ids.tolist(), max_new_tokens)
+    def _generate(self, ids, max_new_tokens, reference=None):
+        return self.engine.generate(ids.tolist(), max_new_tokens, reference=reference)
+
+    def wants_reference(self) -> bool:
+        return self.config.oracle_p is not None
 
     def probe(self, prompt_len: int, max_new_tokens: int) -> None:
         report.probe(self, prompt_len, max_new_tokens)

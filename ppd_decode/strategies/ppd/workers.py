@@ -58,8 +58,8 @@ def worker_a(model, head, d, cfg: PPDConfig, port, parent, requests, results):
             if req[0] == "ping":
                 results.put(("pong", ping_from_a(link, req[1], H, dtype)))
                 continue
-            ids, max_new, eos = req
-            _serve_a(model, head, d, cfg, link, results, ids, max_new, eos)
+            ids, max_new, eos, reference = req
+            _serve_a(model, head, d, cfg, link, results, ids, max_new, eos, reference)
     except Exception:
         results.put(("error", "worker A (layers 1..d):\n" + traceback.format_exc()))
 
@@ -122,7 +122,22 @@ B_PARTS = ("prefill", "layers", "final_head", "send", "wait")
 def _busy(parts: dict) -> float:
     return sum(v for k, v in parts.items() if k not in ("prefill", "wait"))
 
-def _serve_a(model, head, d, cfg, link, results, ids, max_new, eos):
+class _Oracle:
+    """Guesses from the greedy reference (benchmarking only): the true token with probability p, else k wrong ones."""
+
+    def __init__(self, reference: list[int], p: float, seed: int, vocab: int):
+        import random
+
+        self.reference, self.p, self.vocab = reference, p, vocab
+        self.rng = random.Random(seed)
+
+    def guesses(self, index: int, k: int) -> list[int]:
+        true = self.reference[index] if index < len(self.reference) else 0
+        wrong = [(true + 1 + j) % self.vocab for j in range(k)]
+        return [true] + wrong[:k - 1] if self.rng.random() < self.p else wrong
+
+
+def _serve_a(model, head, d, cfg, link, results, ids, max_new, eos, reference=None):
     n = len(ids)
     clock = _Clock(A_PARTS)
     cache = new_cache(model)
@@ -137,7 +152,10 @@ def _serve_a(model, head, d, cfg, link, results, ids, max_new, eos):
         link.send(h[0])
         s += size
     clock.lap("prefill")
+    oracle = None if reference is None else _Oracle(reference, cfg.oracle_p, cfg.oracle_seed, head.lm_head.out_features)
     guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - 2)
+    if oracle is not None and guesses:
+        guesses = oracle.guesses(0, cfg.k)
     clock.lap("rank_guesses")
     # pos: where B's next token goes if B accepts all of `sent` (the chain it is verifying, after the block's first
     # row); `undo` takes `sent` back out of the lookup index when B rejects part of it.
@@ -228,6 +246,8 @@ def _serve_a(model, head, d, cfg, link, results, ids, max_new, eos):
         prev = fprev if fprev is not None and not nxt else None
         prev_guesses += prev is not None and cfg.speculate
         guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - emitted - len(sent) - 2, prev=prev)
+        if oracle is not None and guesses:
+            guesses = oracle.guesses(emitted, cfg.k)  # the token after the `emitted` decided so far
         clock.lap("rank_guesses")
 
 @torch.no_grad()
