@@ -94,6 +94,8 @@ DEFAULT_ROWS = "prompt_lookup,self_speculative_text,self_speculative_text_2t,ppd
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the model's; PPD's stages default to it)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the model's own)")
     p.add_argument("--heads", default="shipped",
                    help="a heads directory (training output), 'shipped' (default: the heads that come with ppd for "
                         "this model, else the logit lens) or 'lens'")
@@ -105,7 +107,8 @@ def parse_args():
                         "always run)")
     p.add_argument("overrides", nargs="*", metavar="decode.ROW.FIELD=VALUE",
                    help="change a row's config, or add a row (decode.ppd_d15.method=ppd decode.ppd_d15.layer=15)")
-    p.add_argument("--sets", default="squad,wmt15,cnn_dailymail,mt_bench")
+    p.add_argument("--sets", default="squad,wmt15,cnn_dailymail,mt_bench",
+                   help="prompt sets of the data root's bench/ folder, or random (random token ids)")
     p.add_argument("--per-set", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="override every task's prompt budget")
@@ -124,6 +127,12 @@ def load_prompt_sets(a, tok, model) -> dict[str, list[list[int]]]:
 
     prompts = {}
     for s in a.sets.split(","):
+        if s == "random":  # random token ids (a random-weight model has no text to read)
+            g = torch.Generator().manual_seed(0)
+            n = a.max_prompt_tokens or 128
+            prompts[s] = [torch.randint(10, model.config.vocab_size, (n,), generator=g).tolist()
+                          for _ in range(a.per_set)]
+            continue
         kw = {"max_prompt_tokens": a.max_prompt_tokens} if a.max_prompt_tokens else {}
         ps, report = load_prompts(s, tok, n=a.per_set, source="local", max_new_tokens=a.max_new_tokens,
                                   context_length=model.config.max_position_embeddings, **kw)
@@ -286,7 +295,7 @@ def markdown(out: dict, prompts: dict, command: str) -> list[str]:
     lines = [f"`{command}`", "",
              f"{out['model']} ({out['dtype']}), {sum(out['prompt_sets'].values())} prompts "
              f"({', '.join(f'{k} {v}' for k, v in out['prompt_sets'].items())}), {out['max_new_tokens']} new tokens, "
-             f"{out['runs']} run(s), heads: {out['heads']}; {out['machine']['cpu']}, {out['date']}, commit "
+             f"{out['runs']} run(s), heads: {out['heads']}; {out['machine']['gpu'] or out['machine']['cpu']}, {out['date']}, commit "
              f"{out['commit']}", "",
              "| row | method | config | tokens/s | vs greedy 1t | vs greedy 2t | vs stack greedy | accepted/step | "
              "match rate | predicted (stages alone / beside) | efficiency (alone / beside) | mismatches (near-ties) |",
@@ -331,7 +340,9 @@ def main() -> None:
     extra, oracle_overrides = oracle_rows(a)
     names = list(BASELINES) + [n for n in a.rows.split(",") if n and n not in BASELINES] + extra
     chosen = decode_rows(names, oracle_overrides + list(a.overrides))  # bad settings fail before the model loads
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, device=a.device, dtype=a.dtype)
+    if model.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: exactness is checked against it
     choice = choose_heads(a.heads, model, [int(x) for x in a.layers.split(",")] if a.layers else None)
     heads, head_kind = choice.heads, "logit lens" if choice.path is None else "trained"
     by_row = {**choice.row_layers, **({n: choice.row_layers["ppd"] for n in extra} if "ppd" in choice.row_layers
@@ -350,6 +361,8 @@ def main() -> None:
     out = {"command": command, "model": a.model, "dtype": str(model.dtype).replace("torch.", ""),
            "max_new_tokens": a.max_new_tokens, "runs": a.runs, "warmup": a.warmup, "heads": choice.label,
            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                       "device": str(model.device),
+                       "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
                        "transformers": transformers.__version__},
            "prompt_sets": {s: len(v) for s, v in prompts.items()}, "methods": methods,
            "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}

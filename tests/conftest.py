@@ -45,3 +45,19 @@ def smollm2():
     from ppd_decode.models.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+def _devices() -> list[str]:
+    # PPD_DEVICE narrows the device tests to one device (scripts/gpu_check.sh sets it to cuda)
+    only = os.environ.get("PPD_DEVICE")
+    return [only] if only else ["cpu", "cuda"]
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    """Each device the device tests run on: the CPU here, and CUDA where a GPU is present."""
+    import torch
+
+    if request.param.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: the same tests run on a GPU through scripts/gpu_check.sh")
+    return torch.device(request.param)
