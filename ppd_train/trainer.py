@@ -300,7 +300,9 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
 
     ckpt_dir = run_dir / "checkpoints"
     step = 0
+    layout = {"world_size": world, "micro_batch": micro, "grad_accum": accum}
     if (ckpt_dir / "latest").is_file():
+        _check_layout(ckpt_dir, layout, run_dir)
         _, client = engine.load_checkpoint(str(ckpt_dir))
         step = int(client["step"])
         torch.set_rng_state(client["torch_rng"])
@@ -354,6 +356,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
                                    client_state={"step": step, "torch_rng": torch.get_rng_state()})
             if is_main:
+                (ckpt_dir / "layout.json").write_text(json.dumps(layout))
                 _prune_checkpoints(ckpt_dir, keep=int(cfg.trainer.keep_checkpoints))
         if cfg.trainer.debug_kill_at_step == step:  # fault injection: the resume test's SIGKILL
             os.kill(os.getpid(), signal.SIGKILL)
@@ -373,6 +376,21 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
                   f"top-5 {final[f'val/top5_agree/layer{d}']:.3f}")
     torch.distributed.barrier()
     return result
+
+
+def _check_layout(ckpt_dir: Path, layout: dict, run_dir: Path) -> None:
+    """A run resumes only as it was laid out: the ZeRO partitions and the order of the batches depend on the world
+    size and the batch shape, so another layout stops here, before DeepSpeed reads anything."""
+    saved_path = ckpt_dir / "layout.json"
+    if not saved_path.is_file():
+        return  # written by an older ppd: DeepSpeed's own checks apply
+    saved = json.loads(saved_path.read_text())
+    if saved != layout:
+        diff = ", ".join(f"{k} {saved.get(k)} there, {v} here" for k, v in layout.items() if saved.get(k) != v)
+        raise PPDError(f"{run_dir} was trained with another layout ({diff}); its checkpoints resume only with the "
+                       f"same one. Fix: relaunch with NPROC={saved.get('world_size')} (torchrun --nproc_per_node) and "
+                       f"trainer.micro_batch={saved.get('micro_batch')} trainer.grad_accum={saved.get('grad_accum')}, "
+                       f"or start a new run (run_name=<new name>)")
 
 
 def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:

@@ -423,6 +423,19 @@ def test_bf16_zero2_trains_every_head_kind_and_leaves_the_model_alone(corpus, tm
     assert ds["optimizer"]["params"]["torch_adam"] is True  # portable: no FusedAdam build, no nvcc
 
 
+def test_resuming_with_another_layout_stops_with_the_fix(corpus, tmp_path):
+    from ppd_train.trainer import _check_layout
+
+    common = ["head.layers=[1]", f"data.files=[{corpus}]"]
+    train(_cfg(*common, "trainer.max_steps=2"), run_dir=tmp_path / "r")
+    with pytest.raises(PPDError, match=r"micro_batch 2 there, 1 here.*Fix: relaunch with NPROC=1"):
+        train(_cfg(*common, "trainer.max_steps=4", "trainer.micro_batch=1"), run_dir=tmp_path / "r")
+    saved = {"world_size": 1, "micro_batch": 2, "grad_accum": 1}
+    with pytest.raises(PPDError, match=r"world_size 1 there, 8 here.*NPROC=1"):
+        _check_layout(tmp_path / "r" / "checkpoints", {**saved, "world_size": 8}, tmp_path / "r")
+    _check_layout(tmp_path / "r" / "checkpoints", saved, tmp_path / "r")  # the same layout resumes
+
+
 def test_paper_experiment_config_composes_to_the_papers_recipe():
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["+experiment=paper_llama2_13b"])
