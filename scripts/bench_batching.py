@@ -26,9 +26,10 @@ import statistics
 from pathlib import Path
 
 import torch
-from bench_decode import NEAR_TIE, cpu_name, top2_gap
+from bench_decode import cpu_name
 
 from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
+from ppd_decode.runtime.exactness import is_near_tie
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ def main() -> None:
                         if out != ref:
                             pos = next((i for i, (x, y) in enumerate(zip(out, ref)) if x != y), min(len(out), len(ref)))
                             row["mismatches"] += 1
-                            row["near_ties"] += int(top2_gap(model, prompt, ref, pos) < NEAR_TIE)
+                            row["near_ties"] += int(is_near_tie(model, prompt, ref, pos)[0])
                     if stats is not None:
                         row["accepted"] = sum(r.accepted for r in stats)
                         row["drafted"] = sum(r.drafted for r in stats)

@@ -15,7 +15,8 @@ time; a method's tokens/s = mean over prompts. Methods take turns prompt by prom
 machine's speed is shared by all of them; the whole measurement is repeated (--runs) and reported as mean and
 standard deviation over runs; speedups are against greedy measured in the same run with 1 and with 2 threads.
 Every output is compared token for token with greedy; a mismatch is reported with the reference's top-two logit
-gap at the first differing position (a near-tie when below 1e-4).
+gap at the first differing position (a near-tie below ppd_decode.runtime.exactness's threshold: 1e-4 in fp32, two
+units in the last place of the logit in bf16/fp16).
 
 ``--oracle P,...`` adds a PPD row per p whose guesses come from the greedy reference (the true next token with
 probability p; ``PPDConfig.oracle_p``), so PPD's measured speed-up can be drawn against the latency model's
@@ -41,10 +42,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
+from ppd_decode.runtime.exactness import is_near_tie
 from ppd_decode.strategies.base import Totals
 
 REPO = Path(__file__).resolve().parents[1]
-NEAR_TIE = 1e-4
 
 
 def cpu_name() -> str:
@@ -77,14 +78,6 @@ def plot_speedups(methods: list[dict], g1: float, g2: float, path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def top2_gap(model, prompt: list[int], ref: list[int], pos: int) -> float:
-    ids = torch.tensor([prompt + ref[:pos]], device=model.device)
-    with torch.no_grad():
-        logits = model(ids).logits[0, -1].float()
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
 
 
 BASELINES = ("greedy", "greedy_2t", "stack_greedy", "greedy_packed")  # always run: rows[0] is the reference
@@ -176,9 +169,9 @@ def measure(rows: list[dict], prompts: dict, a, model) -> None:
                     if res.tokens != ref:
                         pos = next((q for q, (x, y) in enumerate(zip(ref, res.tokens)) if x != y),
                                    min(len(ref), len(res.tokens)))
-                        gap = top2_gap(model, prompt, ref, pos) if pos < len(ref) else float("nan")
+                        tie, gap = is_near_tie(model, prompt, ref, pos) if pos < len(ref) else (False, float("nan"))
                         r["mismatches"] += 1
-                        r["near_ties"] += int(gap < NEAR_TIE)
+                        r["near_ties"] += int(tie)
                         r["mismatch_detail"].append({"run": run, "set": s, "prompt": i, "position": pos,
                                                      "top2_gap": gap})
                     if run == 0:

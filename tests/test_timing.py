@@ -32,3 +32,12 @@ def test_every_strategy_result_is_timed_by_the_device_clock(tiny, monkeypatch):
     monkeypatch.setattr("ppd_decode.strategies.base.stopwatch", spy)
     r = get_strategy("greedy")(model).generate([5, 6, 7], 4)
     assert seen == [model.device] and r.seconds > 0
+
+
+def test_the_near_tie_threshold_scales_with_the_dtype_resolution():
+    from ppd_decode.runtime.exactness import FP32_NEAR_TIE, near_tie_threshold
+
+    assert near_tie_threshold(torch.float32, 25.0) == FP32_NEAR_TIE == near_tie_threshold(torch.float64, 1e3)
+    assert near_tie_threshold(torch.bfloat16, 20.0) == 2 * 2 ** -7 * 20  # two units in the last place
+    assert near_tie_threshold(torch.float16, -20.0) == 2 * 2 ** -10 * 20
+    assert near_tie_threshold(torch.bfloat16, 0.0) == FP32_NEAR_TIE
