@@ -136,36 +136,43 @@ def self_distill_cache_path(cfg: DataConfig, model_spec: str, cache_root: Path) 
     return cache_root / "self_distill" / f"{cfg.name}-{h}.jsonl"
 
 
+def _read_rows(path: Path, repair: bool = True) -> list[dict]:
+    """The rows of a self-distillation file; a line cut by a kill is dropped (and, with ``repair``, the file is
+    rewritten without it: only for a file no other process reads)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: regenerate from here
+    if repair:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _check_prompts(rows: list[dict], prompts: list[str], path: Path) -> None:
+    if any(r["prompt"] != p for r, p in zip(rows, prompts)):
+        raise TaskDataError(f"{path} holds answers to other prompts than this configuration's (the data files "
+                            f"changed under the same names?). Fix: delete {path} to generate them again.")
+
+
 @torch.no_grad()
-def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cache: Path,
-                 progress: bool = True) -> None:
-    """Write (first user turn, the model's own greedy answer) for each conversation to ``cache``. Resumable: the
-    cache is appended batch by batch, and rows already in it are not generated again."""
+def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, progress: bool) -> None:
+    """Append to ``path`` the model's greedy answer to each of ``prompts`` it does not hold yet (batched, flushed
+    batch by batch: an interrupted run resumes where it stopped)."""
     from tqdm import tqdm
 
     from ppd_decode.data.prompts import render as render_prompt
 
-    # Prompts over the budget are left out (cutting them would drop the chat template's header).
-    prompts = [c[0]["content"] for c in convs if c[0]["role"] == "user"
-               and len(render_prompt(tokenizer, c[0]["content"])[1]) <= cfg.sd_max_prompt_tokens]
-    if cfg.sd_num_prompts is not None:
-        prompts = prompts[: cfg.sd_num_prompts]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    done = []
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                done.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a kill: regenerate from here
-        cache.write_text("".join(json.dumps(r) + "\n" for r in done))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = _read_rows(path)
+    _check_prompts(done, prompts, path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if any(r["prompt"] != p for r, p in zip(done, prompts)):
-        raise TaskDataError(f"{cache} holds answers to other prompts than this configuration's (the data files "
-                            f"changed under the same names?). Fix: delete {cache} to generate them again.")
     todo = prompts[len(done):]
     bs = cfg.sd_batch_size
-    with cache.open("a") as f:
+    with path.open("a") as f:
         for i in tqdm(range(0, len(todo), bs), desc="self-distill: generating", disable=not progress or not todo):
             batch = [render_prompt(tokenizer, p)[1] for p in todo[i:i + bs]]
             width = max(map(len, batch))
@@ -177,6 +184,43 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 f.write(json.dumps({"prompt": p, "response": text}) + "\n")
             f.flush()
+
+
+def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cache: Path,
+                 progress: bool = True, rank: int = 0, world: int = 1, gather=None) -> None:
+    """Write (first user turn, the model's own greedy answer) for each conversation to ``cache``. Resumable: rows
+    already in it are not generated again.
+
+    With several ranks (``gather``: all-gather of a Python object, e.g. ``torch.distributed.all_gather_object``)
+    each rank answers its shard of the missing prompts (every ``world``-th), into a shard file of its own that
+    resumes too; the shards are then gathered and merged in prompt order, and every rank writes the merged cache
+    (atomically: on a filesystem the nodes share they write the same bytes; without one, each node has its copy).
+    Adding ranks divides the time; the result is the one-rank result."""
+    from ppd_decode.data.prompts import render as render_prompt
+
+    # Prompts over the budget are left out (cutting them would drop the chat template's header).
+    prompts = [c[0]["content"] for c in convs if c[0]["role"] == "user"
+               and len(render_prompt(tokenizer, c[0]["content"])[1]) <= cfg.sd_max_prompt_tokens]
+    if cfg.sd_num_prompts is not None:
+        prompts = prompts[: cfg.sd_num_prompts]
+    if world == 1:
+        _answer(prompts, model, tokenizer, cfg, cache, progress)
+        return
+    done = _read_rows(cache, repair=False)  # other ranks may be reading it (a shared filesystem)
+    _check_prompts(done, prompts, cache)
+    n = min(gather(len(done)))  # node-local caches may differ: all ranks start from what every one has
+    todo = prompts[n:]
+    shard = cache.with_name(f"{cache.stem}.from{n}.rank{rank}of{world}.jsonl")
+    _answer(todo[rank::world], model, tokenizer, cfg, shard, progress and rank == 0)
+    parts = gather(_read_rows(shard))
+    merged = [parts[i % world][i // world] for i in range(len(todo))]
+    if any(r["prompt"] != p for r, p in zip(merged, todo)):
+        raise TaskDataError(f"the ranks' self-distillation shards of {cache} do not line up with the prompts (a "
+                            f"rank ran another configuration?). Fix: run every rank with the same data settings.")
+    tmp = cache.with_name(f"{cache.name}.tmp{rank}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in done[:n] + merged))
+    tmp.replace(cache)
+    shard.unlink(missing_ok=True)
 
 
 def read_self_distilled(cache: Path, limit: int | None = None) -> list[list[dict]]:
@@ -195,7 +239,8 @@ class TrainingData:
 
 
 def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, model_spec: str = "",
-                        cache_root: Path | None = None, is_main: bool = True, barrier=None) -> TrainingData:
+                        cache_root: Path | None = None, rank: int = 0, world: int = 1,
+                        gather=None) -> TrainingData:
     convs = load_conversations(cfg)
     train_c, val_c = split_train_val(convs, cfg.val_examples, cfg.seed)
     source = cfg.hub or ",".join(cfg.files)
@@ -203,10 +248,7 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
         from ppd_decode.models.loading import cache_dir
 
         cache = self_distill_cache_path(cfg, model_spec, Path(cache_root or cache_dir()))
-        if is_main:
-            self_distill(train_c, model, tokenizer, cfg, cache)
-        if barrier:
-            barrier()  # other ranks read what rank 0 generated
+        self_distill(train_c, model, tokenizer, cfg, cache, rank=rank, world=world, gather=gather)
         train_c = read_self_distilled(cache, cfg.sd_num_prompts)
         source += " (self-distilled)"
     train = pack([render(tokenizer, c) for c in train_c], seq_len)

@@ -209,6 +209,13 @@ def previous_final(final: torch.Tensor, drop: float = 0.0) -> tuple[torch.Tensor
     return prev, known
 
 
+def _all_gather(obj) -> list:
+    """Every rank's ``obj``, in rank order (a Python object through torch.distributed)."""
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def _batch_rows(perm: torch.Tensor, micro_index: int, micro: int, world: int, rank: int) -> torch.Tensor:
     start = (micro_index * world + rank) * micro
     return perm[start:start + micro]
@@ -266,8 +273,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     seq_len, micro, accum = int(cfg.trainer.seq_len), int(cfg.trainer.micro_batch), int(cfg.trainer.grad_accum)
 
     data_cfg = DataConfig.from_cfg(cfg.data)
-    data = build_training_data(data_cfg, tok, seq_len, model=model, model_spec=cfg.model.spec, is_main=is_main,
-                               barrier=torch.distributed.barrier)
+    data = build_training_data(data_cfg, tok, seq_len, model=model, model_spec=cfg.model.spec, rank=rank,
+                               world=world, gather=_all_gather)
     val = data.val[: int(cfg.trainer.eval_blocks)]
     global_batch = micro * accum * world
     steps_per_epoch = len(data.train) // global_batch

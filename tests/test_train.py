@@ -190,6 +190,43 @@ def test_asking_for_more_self_distilled_prompts_extends_the_same_cache(tiny, cor
         self_distill(convs[::-1], model, tok, more, cache, progress=False)
 
 
+def _sharded_self_distill(rank: int, world: int, port: int, corpus: str, cache: str, stop_after: int | None):
+    """One rank of a self-distillation (spawned by the test below)."""
+    import torch.distributed as dist
+
+    from ppd_train.data import self_distill
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, tok = load_model("tiny-random", dtype="float64")
+    convs = load_conversations(DataConfig(files=(corpus,)))[:9]
+    cfg = DataConfig(files=(corpus,), self_distill=True, sd_max_new_tokens=5, sd_batch_size=2,
+                     sd_num_prompts=stop_after)
+
+    def gather(obj):
+        out = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    self_distill(convs, model, tok, cfg, Path(cache), progress=False, rank=rank, world=world, gather=gather)
+    dist.destroy_process_group()
+
+
+def test_self_distillation_sharded_over_two_ranks_equals_one_rank(corpus, tmp_path):
+    import torch.multiprocessing as mp
+
+    from ppd_train.data import read_self_distilled
+    from ppd_train.trainer import _free_port
+
+    alone, shared = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    mp.spawn(_sharded_self_distill, args=(1, _free_port(), str(corpus), str(alone), None), nprocs=1)
+    # two ranks, the first time stopped after 3 prompts (an odd prefix), then asked for all: they extend it
+    mp.spawn(_sharded_self_distill, args=(2, _free_port(), str(corpus), str(shared), 3), nprocs=2)
+    assert len(read_self_distilled(shared)) == 3
+    mp.spawn(_sharded_self_distill, args=(2, _free_port(), str(corpus), str(shared), None), nprocs=2)
+    assert read_self_distilled(shared) == read_self_distilled(alone) and len(read_self_distilled(alone)) == 9
+    assert not list(tmp_path.glob("*rank*"))  # the shards are merged and gone
+
+
 # ------------------------------------------------------------------------------------------------ the job
 def _head_params(run_dir: Path, model) -> dict:
     return {d: {k: v.clone() for k, v in h.state_dict().items()} for d, h in load_heads(run_dir / "heads", model).items()}
