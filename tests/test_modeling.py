@@ -66,6 +66,27 @@ def test_local_directory_round_trip(tiny, tmp_path):
     assert tok2("abc")["input_ids"] == tok("abc")["input_ids"]
 
 
+def test_saved_weights_load_straight_onto_the_device_in_the_dtype(tiny, tmp_path, monkeypatch):
+    """from_pretrained places each weight on the requested device, in the requested dtype, as it reads it
+    (device_map), instead of a whole host copy moved afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    again, _ = load_model(str(tmp_path), dtype="bfloat16")
+    assert seen["device_map"] == torch.device("cpu") and seen["dtype"] == torch.bfloat16
+    assert again.dtype == torch.bfloat16 and again.device.type == "cpu"
+
+
 def test_missing_directory_names_the_fix():
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model("./no/such/model")

@@ -80,12 +80,12 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     if not spec:
         raise ModelLoadError("empty model spec; use 'smollm2-135m', 'tiny-random', a local directory or a hub id")
     if spec in EMBEDDED:
-        model, tok = _load_embedded(spec, dt)
+        model, tok = _load_embedded(spec, dt, dev)
     elif spec == TINY_PREFIX or spec.startswith(TINY_PREFIX + ":"):
         model, tok = load_tiny_random(spec, dtype=dt)
     else:
-        model, tok = _load_pretrained(spec, dt, revision)
-    model.to(dev)
+        model, tok = _load_pretrained(spec, dt, revision, dev)
+    model.to(dev)  # (a no-op for the saved models, which load straight onto the device)
     model.eval()
     return model, tok
 
@@ -95,7 +95,7 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or os.sep in spec and spec.count("/") != 1
 
 
-def _load_pretrained(spec: str, dtype: torch.dtype, revision: str | None):
+def _load_pretrained(spec: str, dtype: torch.dtype, revision: str | None, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec).expanduser()
@@ -110,7 +110,9 @@ def _load_pretrained(spec: str, dtype: torch.dtype, revision: str | None):
     where = str(path) if is_dir else spec
     try:
         tok = AutoTokenizer.from_pretrained(where, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, revision=revision)
+        # Weights go from the files straight to the device in the requested dtype (device_map): eight ranks of a 13B
+        # model on one node never hold eight full host copies.
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, revision=revision, device_map=device)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         if is_dir:
             raise ModelLoadError(f"could not read the model in {path}: {e}. Fix: re-save it with "
@@ -142,7 +144,7 @@ def embedded_cache_path(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def _load_embedded(name: str, dtype: torch.dtype):
+def _load_embedded(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     emb = EMBEDDED[name]
@@ -154,7 +156,7 @@ def _load_embedded(name: str, dtype: torch.dtype):
         convert_gguf(gguf_path, target, stamp)
     try:
         tok = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=device)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"the cached copy in {target} is unreadable ({e}). Fix: delete that directory; "
                              f"the next load converts the GGUF file again.") from e
