@@ -1,12 +1,13 @@
 """The match-rate report end to end on a tiny model: files, baselines beside trained heads, latency model, skips."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from ppd_decode import load_model
+from ppd_decode import PPDError, load_model
 from ppd_decode.evaluation.metrics import load_metric
 from ppd_decode.evaluation.report import run
 from ppd_decode.models.heads import EarlyExitHead, save_heads
@@ -133,3 +134,43 @@ def test_rows_without_references_are_counted_never_scored_as_zero():
     assert out["rouge1"] == pytest.approx(100) and out["references_missing"] == 1
     squad = [SimpleNamespace(reference=r) for r in (["a summary"], [], [""])]
     assert task_scores("squad", tok, squad, conts)["references_missing"] == 2
+
+
+def _comparable(report: dict) -> dict:
+    """A report without its timings (which differ from run to run)."""
+    return {name: {"rates": t["rates"], "task_scores": t["task_scores"], "positions": t["positions"]}
+            for name, t in report["tasks"].items()}
+
+
+DP = ["timing.enabled=false", "cost_baseline=false", "batch_size=1", "model.dtype=float64"]
+
+
+def _eval_rank(rank: int, world: int, port: int, out: str, data: str):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      PPD_DATA=data)
+    run(_cfg(*DP), Path(out))
+
+
+def test_two_ranks_give_the_one_rank_report(tmp_path, shared_data):
+    import torch.multiprocessing as mp
+
+    from ppd_train.trainer import _free_port
+
+    one = run(_cfg(*DP), tmp_path / "one")
+    mp.spawn(_eval_rank, args=(2, _free_port(), str(tmp_path / "two"), str(shared_data)), nprocs=2)
+    two = json.loads((tmp_path / "two" / "match_rate.json").read_text())
+    assert _comparable(two) == json.loads(json.dumps(_comparable(one)))
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_report(tmp_path, shared_data):
+    whole = run(_cfg(*DP), tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="debug_stop_after_batches"):
+        run(_cfg(*DP, "debug_stop_after_batches=1"), tmp_path / "cut")
+    assert list((tmp_path / "cut" / "partial").glob("squad.rank0.pt"))
+    with pytest.raises(PPDError, match="other settings"):
+        run(_cfg(*DP, "max_new_tokens=5"), tmp_path / "cut")  # another evaluation cannot take it over
+    resumed = run(_cfg(*DP), tmp_path / "cut")
+    assert _comparable(resumed) == _comparable(whole)
+    assert not (tmp_path / "cut" / "partial").exists()  # the finished report replaces the partial ones

@@ -116,6 +116,26 @@ class HeadScore:
         return self.noprev_hits.get(k, 0) / self.positions if self.positions else float("nan")
 
 
+def merge_scores(parts: list[list[HeadScore]]) -> list[HeadScore]:
+    """One task's scores from its batches' (each a list over the same heads, in the same order), batch order kept
+    for the per-position records."""
+    merged = []
+    for per_head in zip(*parts):
+        first = per_head[0]
+        out = HeadScore(first.label, first.layer)
+        for sc in per_head:
+            for mine, theirs in ((out.hits, sc.hits), (out.full_hits, sc.full_hits), (out.noprev_hits, sc.noprev_hits)):
+                for k, v in theirs.items():
+                    mine[k] = mine.get(k, 0) + v
+            out.positions += sc.positions
+            out.seconds += sc.seconds
+            out.outcomes.extend(sc.outcomes)
+            out.top.extend(sc.top)
+            out.targets.extend(sc.targets)
+        merged.append(out)
+    return merged
+
+
 def _has_shortlist(head) -> bool:
     return getattr(head, "shortlist", None) is not None
 

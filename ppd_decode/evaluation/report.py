@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppd_decode.data.prompts import build_prompts, context_length
 from ppd_decode.data.tasks import TaskConfig, load_task
-from ppd_decode.evaluation.match_rate import greedy_continuations, score_captured, score_heads
+from ppd_decode.errors import PPDError
+from ppd_decode.evaluation.match_rate import greedy_continuations, merge_scores, score_captured, score_heads
 from ppd_decode.evaluation.metrics import TASK_METRIC, load_metric
 from ppd_decode.models.heads import EarlyExitHead, head_dirs, load_heads, read_head_config
 from ppd_decode.models.loading import load_model
@@ -94,7 +97,7 @@ def _score(name: str, tok, prompts, conts) -> dict:
 
 def timed_generation(model, ids: list[list[int]], max_new_tokens: int, batch_size: int,
                      capture_layers: list[int] | None, baseline: bool = True, progress=None,
-                     capture_final: bool = False):
+                     capture_final: bool = False, first_batch: int = 0):
     """Greedy continuations of ``ids`` (keeping the states of ``capture_layers`` when given) and, with
     ``baseline``, the plain greedy generation of the same batches, timed beside it.
 
@@ -110,7 +113,7 @@ def timed_generation(model, ids: list[list[int]], max_new_tokens: int, batch_siz
         batch = [ids[i] for i in idx]
         kinds = ["ours", "plain"] if baseline else ["ours"]
         got, took = {}, {}
-        for kind in (kinds if b % 2 == 0 else kinds[::-1]):
+        for kind in (kinds if (first_batch + b) % 2 == 0 else kinds[::-1]):
             with stopwatch(model.device) as t:
                 got[kind] = greedy_continuations(model, batch, max_new_tokens, batch_size=len(batch),
                                                  capture_layers=capture_layers if kind == "ours" else None,
@@ -150,8 +153,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     match_metric = load_metric("match_rate")
     report = {"model": cfg.model.spec, "layers": L, "ks": ks, "heads": list(cfg.heads or []), "tasks": {},
               "n": cfg.n, "max_new_tokens": cfg.max_new_tokens}
-    from tqdm import tqdm
-
+    rank, world = _distributed(model)
     layers = sorted({d for _, d in heads})
     final = any(getattr(h, "reads_prev", False) for h in heads.values())  # f(t-1) is captured for such heads
     warmed = False
@@ -166,30 +168,26 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         prompts, trunc = build_prompts(rows, tok, max_new_tokens=cfg.max_new_tokens,
                                        context_length=context_length(model))
         ids = [p.input_ids for p in prompts]
-        bar = tqdm(total=(3 if cfg.cost_baseline else 2) * len(ids), desc=f"{name}: generate + score",
-                   dynamic_ncols=True)
-        cost = {}
         if not warmed:  # the first task's timings would otherwise carry one-off start-up costs
             c, st = greedy_continuations(model, ids[:2], 4, batch_size=2, capture_layers=layers, capture_final=final)
             score_captured(model, heads, c, st, ks=ks)
             warmed = True
         if cfg.measure not in ("capture", "teacher_forced"):
             raise ValueError(f"measure={cfg.measure!r}; use capture or teacher_forced")
-        capture = layers if cfg.measure == "capture" else None
-        conts, states, t_gen, t_plain = timed_generation(model, ids, cfg.max_new_tokens, cfg.batch_size, capture,
-                                                         baseline=cfg.cost_baseline, progress=bar,
-                                                         capture_final=final)
-        if cfg.cost_baseline:
-            cost["seconds_plain_generation"] = t_plain
-        with stopwatch(model.device) as t:
-            if capture:
-                scores = score_captured(model, heads, conts, states, ks=ks, progress=bar, keep_top=True)
-                stats = {"positions": sum(map(len, conts))}
-            else:
-                scores, stats = score_heads(model, heads, ids, conts, ks=ks, batch_size=max(1, cfg.batch_size // 2),
-                                            progress=bar, keep_top=True)
-        t_score = t.seconds
-        bar.close()
+        done = _evaluate_batches(cfg, model, heads, name, ids, ks, layers, final, out_dir, rank, world)
+        if world > 1:
+            done = {b: part for parts in _all_gather(done) for b, part in parts.items()}
+        batches = [done[b] for b in sorted(done)]  # one order whatever the ranks: the report is the same
+        scores = merge_scores([part["scores"] for part in batches])
+        conts = [None] * len(ids)
+        for part in batches:
+            for i, c in part["conts"].items():
+                conts[i] = c
+        t_gen, t_plain, t_score = (sum(part[k] for part in batches) for k in ("t_gen", "t_plain", "t_score"))
+        stats = {"positions": sum(map(len, conts))}
+        if cfg.measure == "teacher_forced":
+            stats["teacher_forced_disagreements"] = sum(part["disagreements"] for part in batches)
+        cost = {"seconds_plain_generation": t_plain} if cfg.cost_baseline else {}
         base = cost.get("seconds_plain_generation", t_gen)
         # The trained heads are what is measured; the logit lens is the baseline scored beside them. Time outside
         # the per-head scoring (gathering the states) is charged to the trained heads.
@@ -219,12 +217,89 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         print(f"[eval] {name}: {len(ids)} prompts, {stats['positions']} positions; measuring {len(heads)} heads "
               f"cost {cost['measure_cost_vs_generation']:.2f}x the plain generation; scores {report['tasks'][name]['task_scores']}")
 
-    theory = latency_model(cfg, model, heads, report, ks) if cfg.timing.enabled else {}
+    theory = latency_model(cfg, model, heads, report, ks) if cfg.timing.enabled and rank == 0 else {}
     report["theory"] = theory
     for t in report["tasks"].values():
         t.pop("_scores", None)
-    write_report(report, out_dir, cfg)
+    if rank == 0:  # every rank holds the whole report; one writes it
+        write_report(report, out_dir, cfg)
+        shutil.rmtree(out_dir / "partial", ignore_errors=True)  # the finished report replaces the partial ones
     return report
+
+
+def _distributed(model) -> tuple[int, int]:
+    """(rank, world size): under torchrun each rank evaluates every world-th batch of prompts (gloo on CPUs, NCCL
+    on GPUs); a plain run is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _evaluate_batches(cfg, model, heads, name, ids, ks, layers, final, out_dir: Path, rank: int,
+                      world: int) -> dict:
+    """This rank's batches of one task (every world-th, longest prompts first), each generated with the heads'
+    states captured and scored at once, so only counts and small per-position records are kept (never the hidden
+    states of a whole task). After every batch the partial result is saved under ``out_dir/partial/``: a run
+    started again with the same run directory (``hydra.run.dir=...``) resumes after the last saved batch."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # greedy_continuations' order
+    groups = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+    mine = [b for b in range(len(groups)) if b % world == rank]
+    key = {"task": name, "ids": [len(x) for x in ids], "heads": sorted(f"{lab}@{d}" for lab, d in heads),
+           "ks": list(ks), "max_new_tokens": cfg.max_new_tokens, "measure": cfg.measure,
+           "batch_size": cfg.batch_size, "world": world, "cost_baseline": bool(cfg.cost_baseline)}
+    path = out_dir / "partial" / f"{name}.rank{rank}.pt"
+    done: dict = {}
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved["key"] != key:
+            raise PPDError(f"{path} is a partial evaluation with other settings; it cannot be resumed with these. "
+                           f"Fix: use a new run directory, or delete {path.parent}")
+        done = saved["batches"]
+        print(f"[eval] {name}: resuming after {len(done)} of {len(mine)} batches ({path})")
+    capture = layers if cfg.measure == "capture" else None
+    bar = tqdm(total=len(mine), initial=len(done), desc=f"{name}: generate + score", unit="batch",
+               dynamic_ncols=True, disable=rank != 0)
+    stop = cfg.get("debug_stop_after_batches")
+    for n_run, b in enumerate(x for x in mine if x not in done):
+        if stop is not None and n_run >= int(stop):
+            raise RuntimeError(f"debug_stop_after_batches={stop}: stopped after {n_run} batches (fault injection)")
+        idx = groups[b]
+        batch = [ids[i] for i in idx]
+        conts, states, t_gen, t_plain = timed_generation(model, batch, cfg.max_new_tokens, len(batch), capture,
+                                                         baseline=cfg.cost_baseline, capture_final=final,
+                                                         first_batch=b)
+        part = {"conts": dict(zip(idx, conts)), "t_gen": t_gen, "t_plain": t_plain}
+        with stopwatch(model.device) as t:
+            if capture:
+                part["scores"] = score_captured(model, heads, conts, states, ks=ks, keep_top=True)
+            else:
+                part["scores"], st = score_heads(model, heads, batch, conts, ks=ks, keep_top=True,
+                                                 batch_size=max(1, cfg.batch_size // 2))
+                part["disagreements"] = st["teacher_forced_disagreements"]
+        part["t_score"] = t.seconds
+        done[b] = part
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": key, "batches": done}, tmp)
+        tmp.replace(path)
+        bar.update(1)
+    bar.close()
+    return done
 
 
 def latency_model(cfg, model, heads, report, ks) -> dict:
@@ -388,4 +463,6 @@ def main(cfg: DictConfig) -> None:
     """The Hydra job (``python -m ppd_decode.evaluation``, whose ``__main__`` holds the ``hydra.main`` entry)."""
     from hydra.core.hydra_config import HydraConfig
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    print(f"[eval] writing to {out_dir}; an interrupted evaluation resumes with hydra.run.dir={out_dir}")
+    run(cfg, out_dir)
