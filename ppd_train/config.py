@@ -41,6 +41,7 @@ class TrainerConfig:
     eval_every: int = 50
     eval_blocks: int = 16
     save_every: int = 50
+    save_every_minutes: float | None = None  # also checkpoint when this long has passed since the last save
     keep_checkpoints: int = 2
     threads: int | None = None
     autocast: str | None = None  # bf16 | null

@@ -216,6 +216,16 @@ def _all_gather(obj) -> list:
     return out
 
 
+def _minutes_due(minutes: float | None, since: float, device) -> bool:
+    """Whether ``minutes`` have passed since ``since`` by rank 0's clock, the same answer on every rank (saving a
+    checkpoint is collective: ranks deciding by their own clocks could wait on each other forever)."""
+    if not minutes:
+        return False
+    due = torch.tensor([float(time.time() - since >= 60 * float(minutes))], device=device)
+    torch.distributed.broadcast(due, src=0)
+    return bool(due.item())
+
+
 def _batch_rows(perm: torch.Tensor, micro_index: int, micro: int, world: int, rank: int) -> torch.Tensor:
     start = (micro_index * world + rank) * micro
     return perm[start:start + micro]
@@ -321,6 +331,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     t_last, tokens_since = time.time(), 0
     log_every, eval_every = int(cfg.trainer.log_every), int(cfg.trainer.eval_every)
     save_every = int(cfg.trainer.save_every)
+    save_minutes, t_saved = cfg.trainer.save_every_minutes, time.time()
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc="train heads", disable=not is_main, dynamic_ncols=True)
@@ -359,7 +370,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             history.append({"step": step, **metrics})
             if run is not None:
                 run.log(metrics, step=step)
-        if step % save_every == 0 or step == total_steps:
+        if step % save_every == 0 or step == total_steps or _minutes_due(save_minutes, t_saved, device):
+            t_saved = time.time()
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
                                    client_state={"step": step, "torch_rng": torch.get_rng_state()})
             if is_main:

@@ -473,6 +473,14 @@ def test_resuming_with_another_layout_stops_with_the_fix(corpus, tmp_path):
     _check_layout(tmp_path / "r" / "checkpoints", saved, tmp_path / "r")  # the same layout resumes
 
 
+def test_checkpoints_by_the_clock_as_well_as_by_steps(corpus, tmp_path):
+    common = ["head.layers=[1]", f"data.files=[{corpus}]", "trainer.max_steps=3", "trainer.save_every=1000"]
+    train(_cfg(*common), run_dir=tmp_path / "steps")
+    assert sorted(p.name for p in (tmp_path / "steps" / "checkpoints").glob("step*")) == ["step3"]  # the last only
+    train(_cfg(*common, "trainer.save_every_minutes=1e-6"), run_dir=tmp_path / "clock")  # due after every step
+    assert sorted(p.name for p in (tmp_path / "clock" / "checkpoints").glob("step*")) == ["step2", "step3"]
+
+
 def test_paper_experiment_config_composes_to_the_papers_recipe():
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["+experiment=paper_llama2_13b"])
@@ -481,6 +489,7 @@ def test_paper_experiment_config_composes_to_the_papers_recipe():
     assert (cfg.head.objective, cfg.head.projection, cfg.head.adapter_rank, cfg.head.train_vocab) == ("ce", "own", 0, 0)
     assert (t.lr, t.epochs, t.seq_len, t.weight_decay, t.warmup_ratio) == (2e-5, 3, 2048, 0.0, 0.04)
     assert t.micro_batch * t.grad_accum * 8 == 128
+    assert t.save_every <= 20 and t.save_every_minutes  # a run of a few dozen steps saves along the way
     ds = json.loads((CONFIGS / "deepspeed" / f"{t.deepspeed}.json").read_text())
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["type"] == "AdamW"
 
