@@ -217,8 +217,13 @@ def test_self_distillation_sharded_over_two_ranks_equals_one_rank(corpus, tmp_pa
     from ppd_train.data import read_self_distilled
     from ppd_train.trainer import _free_port
 
+    from ppd_train.data import self_distill
+
     alone, shared = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    mp.spawn(_sharded_self_distill, args=(1, _free_port(), str(corpus), str(alone), None), nprocs=1)
+    model, tok = load_model("tiny-random", dtype="float64")
+    self_distill(load_conversations(DataConfig(files=(str(corpus),)))[:9], model, tok,
+                 DataConfig(files=(str(corpus),), self_distill=True, sd_max_new_tokens=5, sd_batch_size=2), alone,
+                 progress=False)
     # two ranks, the first time stopped after 3 prompts (an odd prefix), then asked for all: they extend it
     mp.spawn(_sharded_self_distill, args=(2, _free_port(), str(corpus), str(shared), 3), nprocs=2)
     assert len(read_self_distilled(shared)) == 3
