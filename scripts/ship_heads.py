@@ -55,8 +55,10 @@ def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None) 
              "Loaded by default by `ppd-generate`, the decode benchmark and the demo when the model they load is the "
              "one these heads were trained for (`--heads lens` decodes with the untrained logit lens instead).", "",
              f"- trained by: `{record['command']}`",
-             f"- commit: {record['commit']}, source run: `{record['source_run']}`",
-             "- weights: fp16 (loaded into the model's dtype)", "",
+             f"- shipped at commit {record['commit']} from the run `{record['source_run']}`",
+             "- weights: fp16 (loaded into the model's dtype)",
+             "- `decode.json`: the drafting layer of rows that name none (`layer`) and per-row layers (`rows`); a "
+             "layer the user sets wins", "",
              "| layer | projection | objective | data | size (MB) | validation top-1 agreement |",
              "|---|---|---|---|---|---|"]
     for d, c in sorted(heads.items()):
@@ -68,9 +70,10 @@ def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None) 
     if rates:
         ks = rates["ks"]
         lines += ["", f"Match rates on the model's own greedy outputs ({rates['n']} prompts per task, up to "
-                      f"{rates['max_new_tokens']} tokens; `python -m ppd_decode.evaluation`, ranked as decoding "
-                      f"ranks):", "", "| task | layer | " + " | ".join(f"p@{k}" for k in ks) + " |",
-                  "|---|---|" + "---|" * len(ks)]
+                      f"{rates['max_new_tokens']} tokens, ranked as decoding ranks: over the trained rows), "
+                      f"`{record.get('eval_command') or 'python -m ppd_decode.evaluation'}`, "
+                      f"{record.get('eval_when', '')}:", "",
+                  "| task | layer | " + " | ".join(f"p@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
         for task, t in rates["tasks"].items():
             for r in t.get("rates", []):
                 if r["head"] != "lens" and r["layer"] in heads:
@@ -86,7 +89,8 @@ def main(a) -> None:
         raise HeadMismatchError(f"{a.heads} has no heads for layers {missing}. Fix: pick from {sorted(found)}.")
     out = SHIPPED / a.name
     out.mkdir(parents=True, exist_ok=True)
-    record = {"command": a.command, "commit": commit(), "source_run": str(Path(a.heads).resolve().parent.name)}
+    record = {"command": a.command, "commit": commit(), "source_run": str(Path(a.heads).resolve().parent.name),
+              **({"eval_command": a.eval_command, "eval_when": a.eval_when} if a.eval_command else {})}
     configs = {}
     for d in layers:
         size = ship(found[d], out / f"layer{d}", record)
@@ -107,5 +111,7 @@ if __name__ == "__main__":
     p.add_argument("--layers", default=None, help="which heads (default: all)")
     p.add_argument("--command", required=True, help="the command that trained the run (recorded with the heads)")
     p.add_argument("--match-rates", default=None, help="an evaluation report (match_rate.json) for the README")
+    p.add_argument("--eval-command", default=None, help="the command that produced --match-rates")
+    p.add_argument("--eval-when", default="", help="its date, machine and commit, for the README")
     torch.set_num_threads(1)
     run_cli(main, "ship_heads.py", p.parse_args())

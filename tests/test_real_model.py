@@ -120,3 +120,25 @@ def test_real_model_batched_rows_equal_greedy_alone(smollm2, trained_head, promp
         if res.tokens != ref:
             pos = next(j for j, (a, b) in enumerate(zip(ref + [None], res.tokens + [None])) if a != b)
             assert _near_tie(model, ids, ref, pos), f"a batched row differs from greedy on a {task} prompt at {pos}"
+
+
+@pytest.mark.slow
+def test_the_shipped_heads_are_found_for_the_embedded_model_and_decode_exactly(smollm2, prompts):
+    """The heads in ppd_decode/models/shipped_heads/ load by default for SmolLM2-135M (by fingerprint), bring their
+    drafting layers, and PPD and self-speculation with them give greedy's tokens."""
+    from ppd_decode.models.catalog import choose_heads
+    from ppd_decode.strategies.configs import fill_layer, rows
+
+    model, _ = smollm2
+    choice = choose_heads("shipped", model)
+    assert choice.path is not None and choice.label == "shipped (smollm2-135m)"
+    chosen = fill_layer(rows(["ppd", "self_speculative_text"]), choice.layer, choice.row_layers)
+    assert [r.config.layer for r in chosen] == [choice.row_layers["ppd"], choice.layer]
+    for row in chosen:
+        with row.build(model, choice.heads) as s:
+            for task, ids in prompts[::2]:
+                ref = get_strategy("greedy")(model).generate(ids, NEW_TOKENS).tokens
+                got = s.generate(ids, NEW_TOKENS)
+                assert got.tokens == ref or _near_tie(model, ids, ref, next(
+                    i for i, (a, b) in enumerate(zip(got.tokens, ref)) if a != b)), (row.name, task)
+                assert got.accepted > 0  # trained heads (and the text) guess some tokens right
