@@ -58,7 +58,7 @@ def test_shipped_heads_are_found_by_fingerprint_and_bring_their_decode_defaults(
     monkeypatch.setattr(ship, "SHIPPED", shipped)
     monkeypatch.setattr(sys, "argv", ["ship_heads.py"])
     args = type("A", (), {"heads": str(tmp_path / "src"), "name": "tiny", "layers": None, "command": "make train",
-                          "match_rates": None})
+                          "match_rates": None, "eval_command": None, "eval_when": ""})
     ship.main(args)
     (shipped / "tiny" / "decode.json").write_text(json.dumps({"layer": 2, "rows": {"ppd": 1, "self_speculative_text": 9}}))
     cfg = json.loads((shipped / "tiny" / "layer2" / "config.json").read_text())
