@@ -23,7 +23,7 @@ from torch import nn
 
 from ppd_decode.errors import PPDError
 from ppd_decode.models.features import FrozenBackbone
-from ppd_decode.models.heads import EarlyExitHead, check_layer, save_heads
+from ppd_decode.models.heads import EarlyExitHead, check_layer, previous_states, save_heads
 from ppd_decode.models.loading import load_model
 
 from .config import typed
@@ -68,7 +68,7 @@ class HeadBank(nn.Module):
             h.projection == "frequent" and torch.equal(h.rows.cpu(), frequent.cpu()) for h in heads.values())
 
     def forward(self, hidden: dict[int, torch.Tensor], input_ids, teacher_logits, prev=None, known=None):
-        """``prev``/``known``: f(t-1) and where it is known, for heads that read it (see ``previous_final``)."""
+        """``prev``/``known``: f(t-1) and where it is known, for heads that read it (see ``heads.previous_states``)."""
         args = (self.objective, self.kind, self.temperature)
         if self.frequent is None:
             return self._total({int(d): head_loss(h(hidden[int(d)], prev, known), input_ids, teacher_logits, *args)
@@ -197,18 +197,6 @@ def validate(cfg, model=None) -> None:
                        f"without f(t-1)")
 
 
-def previous_final(final: torch.Tensor, drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """f(t-1) for every position of ``final`` [B, T, H] (the final layer's normed states), and where it counts as
-    known: never at position 0 (nothing before it), and, with ``drop``, not at a random fraction of the others, so a
-    head that reads f(t-1) also learns to guess without it (decoding's second draft tokens)."""
-    prev = torch.cat([torch.zeros_like(final[:, :1]), final[:, :-1]], dim=1)
-    known = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
-    known[:, 0] = False
-    if drop > 0:
-        known &= torch.rand(known.shape, device=final.device) >= drop
-    return prev, known
-
-
 def _all_gather(obj) -> list:
     """Every rank's ``obj``, in rank order (a Python object through torch.distributed)."""
     out = [None] * torch.distributed.get_world_size()
@@ -242,7 +230,7 @@ def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro:
         ids = val[i:i + micro].to(device)
         if reads_prev:
             hidden, teacher, final = backbone(ids, final_logits=True, final_hidden=True)
-            prev, known = previous_final(final)
+            prev, known = previous_states(final)
         else:
             (hidden, teacher), prev, known = backbone(ids, final_logits=True), None, None
         for d, head in bank.heads.items():
@@ -344,7 +332,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             prev = known = None
             if cfg.head.reads_prev:
                 hidden, teacher, final = backbone(ids, final_logits=need_teacher, final_hidden=True)
-                prev, known = previous_final(final, float(cfg.head.prev_drop))
+                prev, known = previous_states(final, float(cfg.head.prev_drop))
             else:
                 hidden, teacher = backbone(ids, final_logits=need_teacher)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):  # the heads' products only

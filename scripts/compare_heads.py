@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,6 +50,7 @@ def run(cmd: list[str]) -> None:
 def head_cost_ms(model, head_dir: Path, repeats: int = 200) -> dict[int, float]:
     """Median milliseconds of each head's guess (top-4) for one row, as decoding calls it, one thread."""
     from ppd_decode.models.heads import load_heads
+    from ppd_decode.profiling.step_cost import median_time
 
     torch.set_num_threads(1)
     out = {}
@@ -58,14 +58,7 @@ def head_cost_ms(model, head_dir: Path, repeats: int = 200) -> dict[int, float]:
         h = torch.randn(1, model.config.hidden_size, dtype=model.dtype)
         prev = torch.randn_like(h) if head.reads_prev else None
         with torch.no_grad():
-            for _ in range(10):
-                head.guess(h, 4, prev)
-            ts = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                head.guess(h, 4, prev)
-                ts.append(time.perf_counter() - t)
-        out[d] = 1e3 * statistics.median(ts)
+            out[d] = 1e3 * median_time(lambda: head.guess(h, 4, prev), repeats, model.device)
     return out
 
 

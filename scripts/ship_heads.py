@@ -15,22 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import torch
+from bench_decode import git_commit
 
 from ppd_decode.errors import HeadMismatchError, run_cli
 from ppd_decode.models.catalog import SHIPPED
 from ppd_decode.models.heads import head_dirs, read_head_config
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def ship(src: Path, dst: Path, record: dict) -> int:
@@ -89,7 +81,7 @@ def main(a) -> None:
         raise HeadMismatchError(f"{a.heads} has no heads for layers {missing}. Fix: pick from {sorted(found)}.")
     out = SHIPPED / a.name
     out.mkdir(parents=True, exist_ok=True)
-    record = {"command": a.command, "commit": commit(), "source_run": str(Path(a.heads).resolve().parent.name),
+    record = {"command": a.command, "commit": git_commit(), "source_run": str(Path(a.heads).resolve().parent.name),
               **({"eval_command": a.eval_command, "eval_when": a.eval_when} if a.eval_command else {})}
     configs = {}
     for d in layers:

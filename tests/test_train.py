@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from ppd_decode import HeadMismatchError, PPDError, TaskDataError, load_model
 from ppd_decode.models.features import FrozenBackbone
-from ppd_decode.models.heads import load_heads
+from ppd_decode.models.heads import load_heads, previous_states
 from ppd_train.data import DataConfig, load_conversations, pack, render, split_train_val
 from ppd_train.objectives import agreement, candidate_loss, candidate_set, frequent_tokens, head_loss, targets
 from ppd_train.trainer import CONFIGS, train, validate
@@ -64,8 +64,6 @@ def test_backbone_matches_hidden_states_and_stops_at_the_deepest_layer(tiny):
 
 
 def test_backbone_gives_the_final_normed_state_and_f_prev_is_it_shifted(tiny):
-    from ppd_train.trainer import previous_final
-
     model, _ = tiny
     ids = torch.randint(4, 260, (2, 10))
     with torch.no_grad():
@@ -73,10 +71,10 @@ def test_backbone_gives_the_final_normed_state_and_f_prev_is_it_shifted(tiny):
     hidden, logits, final = FrozenBackbone(model, [2])(ids, final_logits=True, final_hidden=True)
     assert torch.equal(final, ref.hidden_states[-1]) and torch.equal(logits, ref.logits)
     assert FrozenBackbone(model, [2])(ids, final_hidden=True)[1] is None  # no logits asked for
-    prev, known = previous_final(final)
+    prev, known = previous_states(final)
     assert torch.equal(prev[:, 1:], final[:, :-1]) and not known[:, 0].any() and known[:, 1:].all()
     torch.manual_seed(0)
-    _, dropped = previous_final(torch.zeros(64, 100, 3), drop=0.25)
+    _, dropped = previous_states(torch.zeros(64, 100, 3), drop=0.25)
     assert not dropped[:, 0].any() and 0.2 < 1 - dropped[:, 1:].float().mean() < 0.3
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ppd_decode.errors import PPDError
 from ppd_decode.models.features import FrozenBackbone
+from ppd_decode.models.heads import previous_states
 from ppd_decode.runtime.stack import eos_ids
 
 KS = (1, 2, 3, 5, 10)
@@ -147,13 +148,6 @@ def _new_scores(model, heads, ks) -> dict:
     return {key: HeadScore(key[0], key[1], {k: 0 for k in ks}) for key in heads}
 
 
-def _previous(final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """f(t-1) at each of a prompt's generated positions from the final states that produced them [n, H], and where
-    it is known: not at the first (decoding meets that position right after the prompt, without it)."""
-    prev = torch.cat([torch.zeros_like(final[:1]), final[:-1]])
-    return prev, torch.arange(len(final), device=final.device) > 0
-
-
 def _ranked(head, h, kmax: int, prev=None, known=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(the ranking decoding uses, the full-vocabulary ranking), top-``kmax`` each. A head with a shortlist guesses
     from it (EarlyExitHead.guess): that is the rate PPD and self-speculation see."""
@@ -216,7 +210,7 @@ def score_captured(model, heads: dict[tuple[str, int], torch.nn.Module], continu
             start += 1
         hidden = {d: torch.cat([states[i][d] for i in group]) for d in states[group[0]] if d != FINAL}
         if FINAL in states[group[0]]:
-            pairs = [_previous(states[i][FINAL]) for i in group]
+            pairs = [previous_states(states[i][FINAL]) for i in group]
             hidden[FINAL] = (torch.cat([p for p, _ in pairs]), torch.cat([k for _, k in pairs]))
         y = torch.tensor([t for i in group for t in continuations[i]], device=model.device)
         _score_positions(scores, heads, hidden, y, ks, keep_top, sizes=[len(continuations[i]) for i in group])
@@ -253,7 +247,7 @@ def score_heads(model, heads: dict[tuple[str, int], torch.nn.Module], prompts: l
             stats["positions"] += n
             stats["teacher_forced_disagreements"] += int((y != torch.tensor(continuations[i], device=y.device)).sum())
             at = {d: hidden[d][row, pos] for d in layers}
-            at[FINAL] = _previous(final[row, pos])
+            at[FINAL] = previous_states(final[row, pos])
             _score_positions(scores, heads, at, y, ks, keep_top)
         if progress is not None:
             progress.update(len(idx))

@@ -42,6 +42,16 @@ class FrozenBackbone:
             for h in handles:
                 h.remove()
 
+    @contextmanager
+    def _final_state(self, store: dict, on: bool = True):
+        """A hook on the final norm that keeps its output (the final normed hidden state) as ``store["h"]``."""
+        handle = self.model.model.norm.register_forward_hook(lambda m, a, o: store.setdefault("h", o)) if on else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  final_logits: bool = False, final_hidden: bool = False):
@@ -50,18 +60,12 @@ class FrozenBackbone:
         store: dict[int, torch.Tensor] = {}
         logits = None
         final = {}
-        handle = (self.model.model.norm.register_forward_hook(lambda m, a, o: final.setdefault("h", o))
-                  if final_hidden else None)
-        try:
-            with self._hooks(store, stop=not (final_logits or final_hidden)):
-                try:
-                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                    logits = out.logits if final_logits else None
-                except _StopForward:
-                    pass
-        finally:
-            if handle is not None:
-                handle.remove()
+        with self._final_state(final, on=final_hidden), self._hooks(store, stop=not (final_logits or final_hidden)):
+            try:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                logits = out.logits if final_logits else None
+            except _StopForward:
+                pass
         hidden = {d: store[d] for d in self.layers}
         return (hidden, logits, final["h"]) if final_hidden else (hidden, logits)
 
@@ -71,10 +75,6 @@ class FrozenBackbone:
         only (``logits_to_keep=1``), so the caller projects just the positions it scores."""
         store: dict[int, torch.Tensor] = {}
         final = {}
-        handle = self.model.model.norm.register_forward_hook(lambda m, a, o: final.setdefault("h", o))
-        try:
-            with self._hooks(store, stop=False):
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-        finally:
-            handle.remove()
+        with self._final_state(final), self._hooks(store, stop=False):
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         return {d: store[d] for d in self.layers}, final["h"]

@@ -85,6 +85,19 @@ def check_signature(saved: dict, model, where: str) -> None:
             f"({saved.get('name_or_path')!r}). Fix: load that model, or train heads for this one.")
 
 
+def previous_states(final: torch.Tensor, drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(t-1) at every position of ``final`` [..., T, H] (the final layer's normed states, positions along the
+    second-last dimension), and where it counts as known [..., T]: never at the first position (nothing before it,
+    as decoding meets the first token after a prompt), and with ``drop`` not at a random fraction of the others,
+    so a head that reads f(t-1) also learns to guess without it (decoding's second draft tokens)."""
+    prev = torch.cat([torch.zeros_like(final[..., :1, :]), final[..., :-1, :]], dim=-2)
+    known = torch.ones(final.shape[:-1], dtype=torch.bool, device=final.device)
+    known[..., 0] = False
+    if drop > 0:
+        known &= torch.rand(known.shape, device=final.device) >= drop
+    return prev, known
+
+
 class ResidualAdapter(nn.Module):
     """h + up(act(down(h))), with ``up`` zero-initialised so a fresh adapter changes nothing."""
 
@@ -165,13 +178,10 @@ class EarlyExitHead(nn.Module):
             with torch.no_grad():
                 lm_head.weight.copy_(base.weight)
         norm = copy.deepcopy(model.model.norm).to(device=base.weight.device, dtype=base.weight.dtype)
-        head = cls(layer, norm, lm_head, adapter_rank, projection, rows, reads_prev)
-        for part in (head.adapter, getattr(head, "prev_proj", None)):
-            if part is not None:
-                part.to(device=base.weight.device, dtype=base.weight.dtype)
-        if head.reads_prev:
-            head.prev_null.data = head.prev_null.data.to(device=base.weight.device, dtype=base.weight.dtype)
-        return head
+        # the parts made here (adapter, f(t-1) term) to the model's device and dtype; the model's own frozen LM head
+        # is outside the head's module tree, so this never touches it
+        return cls(layer, norm, lm_head, adapter_rank, projection, rows, reads_prev).to(
+            device=base.weight.device, dtype=base.weight.dtype)
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if self.projection == "own" or not name.startswith("lm_head.")]
@@ -182,18 +192,9 @@ class EarlyExitHead(nn.Module):
                 if self.projection == "own" or not k.startswith("lm_head.")}
 
     def float_trainable(self) -> "EarlyExitHead":
-        """fp32 trainable weights (a shared projection keeps the model's dtype: it is the model's)."""
-        if self.projection == "own":
-            return self.float()
-        self.norm.float()
-        if self.adapter is not None:
-            self.adapter.float()
-        if self.reads_prev:
-            self.prev_proj.float()
-            self.prev_null.data = self.prev_null.data.float()
-        if self.projection == "frequent":
-            self.row_weight.data = self.row_weight.data.float()
-        return self
+        """fp32 trainable weights. A shared or frequent-rows head's projection keeps the model's dtype: it is the
+        model's, held outside the module tree that ``float()`` casts."""
+        return self.float()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -229,7 +230,7 @@ class EarlyExitHead(nn.Module):
         return short[self.shortlist_logits(hidden, prev).topk(k, dim=-1).indices]
 
     def shortlist_logits(self, hidden: torch.Tensor, prev: torch.Tensor | None = None,
-                                known: torch.Tensor | None = None) -> torch.Tensor:
+                         known: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the shortlist rows (a materialised frequent-rows head), f(t-1) where ``known``."""
         w = self.shortlist_weight
         return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype), prev, known).to(w.dtype), w)

@@ -48,7 +48,7 @@ class PPDConfig:
     # How the stages talk: "nccl" (GPU to GPU, the tensors stay on the devices), "gloo" (through the host), or
     # "auto": nccl between two different GPUs where torch has it, else gloo.
     backend: str = "auto"
-    # Benchmarking only (scripts/bench_oracle.py): with a value p, A's guesses come from the greedy reference passed
+    # Benchmarking only (scripts/bench_decode.py --oracle): with a value p, A's guesses come from the greedy reference passed
     # to ``PPDEngine.generate(reference=...)``: the true next token with probability p, else k wrong ones. The head
     # still runs (its cost stays on A's path), its ranking is discarded. Isolates the engine from the head.
     oracle_p: float | None = None

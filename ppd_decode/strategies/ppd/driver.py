@@ -14,10 +14,9 @@ import time
 import torch
 
 from ppd_decode.errors import HeadMismatchError, PPDError
-from ppd_decode.models.heads import check_layer
+from ppd_decode.models.heads import F_PREV, H_D, check_layer
 from ppd_decode.runtime.procs import Managed, share_with_spawned
 from ppd_decode.runtime.stack import eos_ids, num_layers
-from ppd_decode.models.heads import F_PREV, H_D
 from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
 from ppd_decode.strategies.ppd import report
 from ppd_decode.strategies.ppd.config import PPDConfig, PPDStats, WorkerError
@@ -188,8 +187,9 @@ class PPDEngine(Managed):
                 elif kind == "done":
                     res.accepted, res.drafted = msg["matches"], msg["guessed"]
                     # the chains, and where each worker's time went: computing, or waiting on the other one
-                    for k in ("chain_drafted", "chain_accepted", "chains_sent", "chain_blocks", "guess_blocks", "prev_guesses",
-                              "block_pairs", "a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s", "a_time_s", "b_time_s"):
+                    for k in ("chain_drafted", "chain_accepted", "chains_sent", "chain_blocks", "guess_blocks",
+                              "prev_guesses", "block_pairs", "a_busy_s", "a_wait_s", "b_busy_s", "b_wait_s", "a_time_s",
+                              "b_time_s"):
                         setattr(res.stats, k, msg[k])
                     break
                 else:

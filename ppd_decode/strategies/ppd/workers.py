@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 import traceback
 
@@ -38,8 +39,6 @@ def place_stage(model, head, d: int, stage: str, device) -> None:
         parts = [*m.layers[d:], m.norm, model.lm_head]
     for part in [*parts, m.rotary_emb]:
         part.to(device)
-    if hasattr(head, "prev_null") and stage == "A":
-        head.prev_null.data = head.prev_null.data.to(device)
 
 
 @torch.no_grad()
@@ -126,8 +125,6 @@ class _Oracle:
     """Guesses from the greedy reference (benchmarking only): the true token with probability p, else k wrong ones."""
 
     def __init__(self, reference: list[int], p: float, seed: int, vocab: int):
-        import random
-
         self.reference, self.p, self.vocab = reference, p, vocab
         self.rng = random.Random(seed)
 
