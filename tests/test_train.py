@@ -206,6 +206,9 @@ def _sharded_self_distill(rank: int, world: int, port: int, corpus: str, cache: 
         return out
 
     self_distill(convs, model, tok, cfg, Path(cache), progress=False, rank=rank, world=world, gather=gather)
+    # No rank tears its gloo group down while the other still talks to it (rank 0 also hosts the store): without
+    # this barrier rank 0 could abort in destroy_process_group on a loaded machine.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -153,7 +153,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     match_metric = load_metric("match_rate")
     report = {"model": cfg.model.spec, "layers": L, "ks": ks, "heads": list(cfg.heads or []), "tasks": {},
               "n": cfg.n, "max_new_tokens": cfg.max_new_tokens}
-    rank, world = _distributed(model)
+    rank, world, owned = _distributed(model)
     layers = sorted({d for _, d in heads})
     final = any(getattr(h, "reads_prev", False) for h in heads.values())  # f(t-1) is captured for such heads
     warmed = False
@@ -224,20 +224,26 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if rank == 0:  # every rank holds the whole report; one writes it
         write_report(report, out_dir, cfg)
         shutil.rmtree(out_dir / "partial", ignore_errors=True)  # the finished report replaces the partial ones
+    if owned:  # a group this run created ends with it, every rank at once (a rank left talking could abort)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return report
 
 
-def _distributed(model) -> tuple[int, int]:
-    """(rank, world size): under torchrun each rank evaluates every world-th batch of prompts (gloo on CPUs, NCCL
-    on GPUs); a plain run is a world of one."""
+def _distributed(model) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group): under torchrun each rank evaluates every
+    world-th batch of prompts (gloo on CPUs, NCCL on GPUs); a plain run is a world of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
+    return dist.get_rank(), world, owned
 
 
 def _all_gather(obj) -> list:
