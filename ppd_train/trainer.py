@@ -49,6 +49,9 @@ OmegaConf.register_new_resolver("ppd_objective", lambda obj, kind: obj if obj !=
 # ... and marks heads that read f(t-1), so they never resume another kind's checkpoints: "-prev"
 OmegaConf.register_new_resolver("ppd_prev", lambda reads: "-prev" if str(reads).lower() == "true" else "",
                                 replace=True)
+# ... and block heads the same way: "-block"
+OmegaConf.register_new_resolver("ppd_block", lambda block: "-block" if str(block).lower() == "true" else "",
+                                replace=True)
 
 
 class HeadBank(nn.Module):
@@ -70,6 +73,7 @@ class HeadBank(nn.Module):
     def forward(self, hidden: dict[int, torch.Tensor], input_ids, teacher_logits, prev=None, known=None):
         """``prev``/``known``: f(t-1) and where it is known, for heads that read it (see ``heads.previous_states``)."""
         args = (self.objective, self.kind, self.temperature)
+        hidden = self.contextual(hidden)
         if self.frequent is None:
             return self._total({int(d): head_loss(h(hidden[int(d)], prev, known), input_ids, teacher_logits, *args)
                                 for d, h in self.heads.items()})
@@ -111,6 +115,11 @@ class HeadBank(nn.Module):
             z = torch.cat([nn.functional.linear(f.to(h.row_weight.dtype), h.row_weight), z_rest.to(h.row_weight.dtype)], -1)
             losses[int(d)] = candidate_loss(z, input_ids, teacher_logits, order, *args, target_index=index)
         return self._total(losses)
+
+    def contextual(self, hidden: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Each head's input over the whole training block: a block head's decoder layer over its layer's states
+        (causal, from the block's first position), every other head's layer state as it is."""
+        return {**hidden, **{int(d): h.contextual(hidden[int(d)]) for d, h in self.heads.items() if h.block is not None}}
 
     @staticmethod
     def _total(losses: dict[int, torch.Tensor]):
@@ -233,6 +242,7 @@ def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro:
             prev, known = previous_states(final)
         else:
             (hidden, teacher), prev, known = backbone(ids, final_logits=True), None, None
+        hidden = bank.contextual(hidden)
         for d, head in bank.heads.items():
             logits = head(hidden[int(d)], prev, known)
             for k, v in agreement(logits, teacher, ks=(1, 5)).items():
@@ -292,7 +302,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             torch.manual_seed(cfg.seed * 1000 + d)
             heads[d] = EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection,
                                                 rows=frequent if projection == "frequent" else None,
-                                                reads_prev=bool(cfg.head.reads_prev)).float_trainable()
+                                                reads_prev=bool(cfg.head.reads_prev),
+                                                block=bool(cfg.head.block)).float_trainable()
     bank = HeadBank(heads, objective, kind, float(cfg.head.temperature), frequent).to(device)
     ds_cfg = deepspeed_config(cfg.trainer.deepspeed, micro_batch=micro, grad_accum=accum, world=world,
                               lr=float(cfg.trainer.lr), weight_decay=float(cfg.trainer.weight_decay),

@@ -31,11 +31,17 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = ["head.objective=distill", "head.distill_kind=argmax", "head.projection=frequent", "head.train_vocab=4096",
         "trainer.lr=2e-3", "trainer.autocast=null"]
 RECIPES = {
-    "frequent": ["head.adapter_rank=0", "head.reads_prev=false"],
-    "frequent+f_prev": ["head.adapter_rank=0", "head.reads_prev=true"],
-    "mlp": ["head.adapter_rank=1152", "head.reads_prev=false"],  # a residual MLP of twice the width before the norm
-    "mlp+f_prev": ["head.adapter_rank=1152", "head.reads_prev=true"],
+    "frequent": ["head.adapter_rank=0", "head.reads_prev=false", "head.block=false"],
+    "frequent+f_prev": ["head.adapter_rank=0", "head.reads_prev=true", "head.block=false"],
+    # a residual MLP of twice the width before the norm
+    "mlp": ["head.adapter_rank=1152", "head.reads_prev=false", "head.block=false"],
+    "mlp+f_prev": ["head.adapter_rank=1152", "head.reads_prev=true", "head.block=false"],
+    # a decoder layer of its own (from layer d+1) over every position's layer-d state
+    "block": ["head.adapter_rank=0", "head.reads_prev=false", "head.block=true"],
+    "block+f_prev": ["head.adapter_rank=0", "head.reads_prev=true", "head.block=true"],
 }
+# A block head reads the prompt's states too, which only the teacher-forced evaluation has.
+EVAL = {"block": ["measure=teacher_forced"], "block+f_prev": ["measure=teacher_forced"]}
 DATA = {
     "dolly": ["data=dolly"],
     "self-distilled": ["data=dolly_self_distill"],  # the model's own greedy answers to dolly's prompts
@@ -47,8 +53,9 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
-def head_cost_ms(model, head_dir: Path, repeats: int = 200) -> dict[int, float]:
-    """Median milliseconds of each head's guess (top-4) for one row, as decoding calls it, one thread."""
+def head_cost_ms(model, head_dir: Path, repeats: int = 200, context: int = 256) -> dict[int, float]:
+    """Median milliseconds of each head's guess (top-4) for one row, as decoding calls it, one thread (a block
+    head: its layer over the row, after ``context`` cached positions, and then the guess)."""
     from ppd_decode.models.heads import load_heads
     from ppd_decode.profiling.step_cost import median_time
 
@@ -57,8 +64,11 @@ def head_cost_ms(model, head_dir: Path, repeats: int = 200) -> dict[int, float]:
     for d, head in load_heads(head_dir, model).items():
         h = torch.randn(1, model.config.hidden_size, dtype=model.dtype)
         prev = torch.randn_like(h) if head.reads_prev else None
+        ctx = head.context()
         with torch.no_grad():
-            out[d] = 1e3 * median_time(lambda: head.guess(h, 4, prev), repeats, model.device)
+            ctx.read(torch.randn(1, context, h.shape[-1], dtype=model.dtype), 0)
+            out[d] = 1e3 * median_time(lambda: head.guess(ctx.read(h[None], context)[0], 4, prev), repeats,
+                                       model.device)
     return out
 
 
@@ -87,7 +97,7 @@ def main(a) -> None:
                 run([sys.executable, "-m", "ppd_decode.evaluation", f"model={a.model}", f"heads=[{run_dir / 'heads'}]",
                      "lens_layers=[]", "ks=[1,2,4,5,10]", f"n={a.n}", f"max_new_tokens={a.max_new_tokens}", "timing.enabled=false",
                      "cost_baseline=false", "wandb.mode=disabled", f"hydra.run.dir={eval_dir}",
-                     *a.eval_overrides.split()])
+                     *EVAL.get(recipe, []), *a.eval_overrides.split()])
             metrics = json.loads((run_dir / "metrics.json").read_text())
             report = json.loads((eval_dir / "match_rate.json").read_text())
             speeds = [h["train/tokens_per_s"] for h in metrics["history"] if "train/tokens_per_s" in h][1:]

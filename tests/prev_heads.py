@@ -1,5 +1,5 @@
-"""Heads that read f(t-1) for the strategy tests, and a spy that records what a strategy fed it (a module of its own,
-so PPD's spawned workers can unpickle it)."""
+"""Heads that read f(t-1) or the text before (block heads) for the strategy tests, and spies that record what a
+strategy fed them (a module of its own, so PPD's spawned workers can unpickle it)."""
 
 from pathlib import Path
 
@@ -51,3 +51,48 @@ def check_fed_f_prev(m, d: int, sequence: list[int], seen) -> int:
         assert torch.allclose(layer[t], h, atol=1e-8), "a guess from a state that is not h_d of the sequence"
         assert t > 0 and torch.allclose(final[t - 1], prev, atol=1e-8), f"f(t-1) at t={t} is not the final state"
     return len(seen)
+
+
+def block_head(m, d: int, seed: int, noise: float = 0.3, cls=EarlyExitHead):
+    """A block head at layer d whose decoder layer is the model's layer d+1 with noise on its attention and MLP
+    weights (so its output is not the model's own next layer)."""
+    g = torch.Generator().manual_seed(seed)
+    h = cls.from_model(m, d, block=True)
+    with torch.no_grad():
+        for name, p in h.block.named_parameters():
+            if "proj" in name:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * noise * p.abs().mean())
+    return h.requires_grad_(False)
+
+
+class BlockSpyHead(EarlyExitHead):
+    """Records every batch of rows a strategy feeds a block head's cache while decoding: (first position, the
+    layer-d states, the block's outputs); saved to ``spy_path`` as it goes."""
+
+    spy_path: str = ""
+
+    def contextual(self, hidden, cache=None, start=0):
+        out = super().contextual(hidden, cache, start)
+        if cache is not None and self.spy_path:
+            path = Path(self.spy_path)
+            seen = torch.load(path) if path.is_file() else []
+            seen.append((start, hidden.detach()[0].clone(), out.detach()[0].clone()))
+            torch.save(seen, path)
+        return out
+
+
+def check_fed_the_text(m, head, sequence: list[int], seen) -> int:
+    """Wherever a fed row is the layer-d state of the final text (prompt + output) at its position (its token and
+    everything before it were right), the block's output there must be its output over that text at once: a cache
+    holding a rejected guess or draft, or missing a position, gives another. Returns how many rows were checked."""
+    with torch.no_grad():
+        layer = m(torch.tensor([sequence]), output_hidden_states=True).hidden_states[head.layer][0]
+        whole = head.contextual(layer[None])[0]
+    checked = 0
+    for start, hidden, out in seen:
+        for i in range(len(hidden)):
+            t = start + i
+            if t < len(sequence) and torch.allclose(hidden[i], layer[t], atol=1e-8):
+                assert torch.allclose(out[i], whole[t], atol=1e-8), f"the block head's cache was wrong at {t}"
+                checked += 1
+    return checked

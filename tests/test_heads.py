@@ -127,3 +127,34 @@ def test_a_head_reading_an_unknown_input_is_refused(tiny, tmp_path):
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "inputs": ["h_d", "f_future"]}))
     with pytest.raises(HeadMismatchError, match="reads inputs .*f_future.*upgrade ppd"):
         load_heads(tmp_path, model)
+
+
+def test_an_untrained_block_head_is_the_lens_one_layer_later_and_round_trips(tiny, tmp_path):
+    """Its decoder layer starts as the model's layer d+1; fed in pieces through its own cache (a rejected guess
+    among them) it gives what it gives over the whole text; saved and loaded it keeps its weights and inputs."""
+    model, _ = tiny
+    ids = torch.randint(4, 260, (1, 14))
+    hs = _hidden(model, ids)
+    head = EarlyExitHead.from_model(model, 2, block=True)
+    assert head.inputs == ("h_d", "h_d_prefix")
+    assert EarlyExitHead.from_model(model, 2, block=True, reads_prev=True).inputs == ("h_d", "f_prev", "h_d_prefix")
+    with torch.no_grad():
+        whole = head.contextual(hs[2])
+        torch.testing.assert_close(whole, hs[3])
+        torch.testing.assert_close(head(whole), EarlyExitHead.from_model(model, 3)(hs[3]))
+        ctx = head.context()
+        parts = [ctx.read(hs[2][:, :6], 0), ctx.read(hs[2][:, 6:7], 6)]
+        ctx.read(torch.randn(1, 4, hs[2].shape[-1]), 7)  # guesses that were rejected
+        parts.append(ctx.read(hs[2][:, 7:], 7))
+        torch.testing.assert_close(torch.cat(parts, 1), whole)
+        with pytest.raises(RuntimeError, match="never fed"):
+            ctx.read(hs[2][:, :1], 20)
+        head.block.mlp.down_proj.weight.mul_(1.5)  # now unlike the model's layer
+        trained = head(head.contextual(hs[2]))
+    save_heads(tmp_path, {2: head}, model)
+    assert json.loads((tmp_path / "layer2" / "config.json").read_text())["inputs"] == ["h_d", "h_d_prefix"]
+    back = load_heads(tmp_path, model)[2]
+    assert back.block is not None
+    with torch.no_grad():
+        torch.testing.assert_close(back(back.contextual(hs[2])), trained)
+        assert not torch.allclose(trained, head(hs[3]))

@@ -107,6 +107,20 @@ def test_a_head_that_reads_f_prev_is_given_it_as_the_pipeline_would(m64):
         score_captured(m64, heads, *greedy_continuations(m64, PROMPTS, 4, capture_layers=[2]))
 
 
+def test_a_block_head_is_scored_over_the_whole_text(m64):
+    """Untrained, a block head at d is the model's layer d+1 and then the lens: scored teacher-forced (its layer
+    reads the prompt too) it must score as the lens at d+1 does; captured states (generated positions only) are
+    refused with the fix."""
+    conts = greedy_continuations(m64, PROMPTS, 16)
+    block, _ = score_heads(m64, {("b", 2): EarlyExitHead.from_model(m64, 2, block=True)}, PROMPTS, conts)
+    lens, _ = score_heads(m64, {("lens", 3): EarlyExitHead.from_model(m64, 3)}, PROMPTS, conts)
+    alone, _ = score_heads(m64, {("lens", 2): EarlyExitHead.from_model(m64, 2)}, PROMPTS, conts)
+    assert block[0].hits == lens[0].hits != alone[0].hits
+    with pytest.raises(PPDError, match="measure=teacher_forced"):
+        score_captured(m64, {("b", 2): EarlyExitHead.from_model(m64, 2, block=True)},
+                       *greedy_continuations(m64, PROMPTS, 4, capture_layers=[2]))
+
+
 def test_captured_states_are_the_teacher_forced_states(m64):
     conts, states = greedy_continuations(m64, PROMPTS, 12, batch_size=4, capture_layers=[2])
     for p, c, st in zip(PROMPTS, conts, states):

@@ -270,15 +270,48 @@ def test_self_speculation_feeds_f_prev_of_the_verified_row(tmp_path):
 
 
 def test_a_strategy_refuses_a_head_it_cannot_feed():
-    from prev_heads import prev_head
+    from prev_heads import block_head, prev_head
 
     m = model(0, 1.0)
-    heads = {2: prev_head(m, 2, 0)}
-    cannot = sorted(n for n, c in REGISTRY.items() if c.needs_heads and "f_prev" not in c.head_inputs)
-    assert cannot and READS_PREV == ["ppd", "self_speculative"]
-    for name in cannot:
-        with pytest.raises(HeadMismatchError, match=r"reads \['f_prev'\].*Fix: decode with ppd, self_speculative"):
-            build(name, m, heads, layer=2)
+    for head, reads, able in ((prev_head(m, 2, 0), "f_prev", READS_PREV), (block_head(m, 2, 0), "h_d_prefix", BLOCK)):
+        cannot = sorted(n for n, c in REGISTRY.items() if c.needs_heads and reads not in c.head_inputs)
+        assert cannot and able == ["ppd", "self_speculative"]
+        for name in cannot:
+            with pytest.raises(HeadMismatchError, match=rf"reads \['{reads}'\].*Fix: decode with ppd, self_speculative"):
+                build(name, m, {2: head}, layer=2)
+
+
+BLOCK = sorted(n for n, c in REGISTRY.items() if c.needs_heads and "h_d_prefix" in c.head_inputs)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BLOCK if n in IN_PROCESS))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=prompts, mdl=models, layer=st.integers(1, LAYERS - 1), noise=st.sampled_from([0.0, 0.3, 3.0]),
+       lookup=st.booleans(), candidates=st.sampled_from([1, 3]), n=st.integers(1, 48))
+def test_block_heads_decode_exactly(name, prompt, mdl, layer, noise, lookup, candidates, n):
+    from prev_heads import block_head
+
+    m = model(*mdl)
+    s = build(name, m, {layer: block_head(m, layer, mdl[0], noise)}, layer=layer, lookup=lookup,
+              lookup_candidates=candidates)
+    assert s.generate(prompt, n).tokens == reference(m, prompt, n)
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_self_speculation_feeds_a_block_head_the_accepted_text(tmp_path, lookup):
+    """Whichever source drafted a position (the head, a copied draft, a tree of them), the block head's cache holds
+    the accepted text's layer-d states: every state it guesses from is its output over the final text."""
+    from prev_heads import BlockSpyHead, block_head, check_fed_the_text
+
+    m = model(0, 0.3)
+    head = block_head(m, 2, 0, cls=BlockSpyHead)
+    head.spy_path = str(tmp_path / "seen.pt")
+    prompt = [9, 8, 7, 6] * 4 + list(range(10, 30))
+    r = build("self_speculative", m, {2: head}, layer=2, lookup=lookup, lookup_candidates=3).generate(prompt, 40)
+    assert r.tokens == reference(m, prompt, 40)
+    assert check_fed_the_text(m, head, prompt + r.tokens, torch.load(tmp_path / "seen.pt")) >= 5
+    if lookup:
+        assert r.stats.lookup_drafted > 0 and r.drafted > r.stats.lookup_drafted  # both sources drafted
 
 
 def test_self_speculative_accepts_drafts_when_the_head_is_good():

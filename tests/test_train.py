@@ -255,6 +255,20 @@ def test_heads_that_read_f_prev_train_and_export(corpus, tmp_path, projection):
         validate(_cfg("head.prev_drop=1.0"))
 
 
+def test_block_heads_train_and_export(corpus, tmp_path):
+    out = train(_cfg("head.layers=[1,2]", f"data.files=[{corpus}]", "trainer.max_steps=4", "head.block=true"),
+                run_dir=tmp_path / "r")
+    model, _ = load_model("tiny-random")
+    heads = load_heads(tmp_path / "r" / "heads", model)
+    for d, h in heads.items():
+        assert h.inputs == ("h_d", "h_d_prefix")
+        start = model.model.layers[d].state_dict()
+        moved = [k for k, v in h.block.state_dict().items() if not torch.equal(v.to(start[k].dtype), start[k])]
+        assert moved, "the block head's decoder layer did not train"
+        assert 0 <= out["final"][f"val/top1_agree/layer{d}"] <= 1
+    assert _cfg("head.block=true").run_name.endswith("-block")  # never resumes another kind's checkpoints
+
+
 def test_one_forward_for_several_heads_equals_training_each_alone(corpus, tmp_path):
     common = [f"data.files=[{corpus}]", "trainer.max_steps=4", "head.adapter_rank=8"]  # a random init too
     together = train(_cfg("head.layers=[1,3]", *common), run_dir=tmp_path / "both")

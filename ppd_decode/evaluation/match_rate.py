@@ -162,12 +162,13 @@ def _score_positions(scores: dict, heads: dict, hidden: dict, y: torch.Tensor, k
                      keep_top: bool, sizes: list[int] | None = None) -> None:
     """Score positions: ``hidden[d]`` is [n, H], ``y`` the final layer's argmax there [n]; ``sizes`` splits the n
     positions into prompts (one prompt when omitted) for the per-prompt outcomes the simulator replays.
-    ``hidden[FINAL]`` (when a head reads f(t-1)) is ``(prev, known)`` for those positions, as decoding feeds them."""
+    ``hidden[FINAL]`` (when a head reads f(t-1)) is ``(prev, known)`` for those positions, as decoding feeds them;
+    ``hidden[key]``, where present, is that head's own input (a block head's decoder layer output)."""
     sizes = sizes or [len(y)]
     prev, known = hidden.get(FINAL, (None, None))
     for key, head in heads.items():
         t0 = time.perf_counter()
-        h = hidden[key[1]].to(head.lm_head.weight.dtype)
+        h = hidden.get(key, hidden[key[1]]).to(head.lm_head.weight.dtype)
         reads = getattr(head, "reads_prev", False)
         if reads and prev is None:
             raise PPDError(f"the head at layer {key[1]} reads f(t-1): score it from states captured with the final "
@@ -199,6 +200,10 @@ def score_captured(model, heads: dict[tuple[str, int], torch.nn.Module], continu
     generated tokens themselves (each is the final layer's argmax at its position). All prompts' positions are
     scored together, ``chunk`` rows per product: short continuations (SQuAD answers) would otherwise make many
     small, slow products."""
+    blocks = [f"{lab}@{d}" for (lab, d), h in heads.items() if getattr(h, "block", None) is not None]
+    if blocks:
+        raise PPDError(f"the block heads {blocks} read the layer-d states of the prompt too, which captured "
+                       f"generation does not keep. Fix: measure=teacher_forced")
     scores = _new_scores(model, heads, ks)
     items = [i for i, c in enumerate(continuations) if c]
     start = 0
@@ -248,6 +253,9 @@ def score_heads(model, heads: dict[tuple[str, int], torch.nn.Module], prompts: l
             stats["teacher_forced_disagreements"] += int((y != torch.tensor(continuations[i], device=y.device)).sum())
             at = {d: hidden[d][row, pos] for d in layers}
             at[FINAL] = previous_states(final[row, pos])
+            for key, head in heads.items():  # a block head reads the whole text up to each position
+                if getattr(head, "block", None) is not None:
+                    at[key] = head.contextual(hidden[key[1]][row:row + 1, :p - 1 + n])[0, pos]
             _score_positions(scores, heads, at, y, ks, keep_top)
         if progress is not None:
             progress.update(len(idx))

@@ -153,6 +153,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     match_metric = load_metric("match_rate")
     report = {"model": cfg.model.spec, "layers": L, "ks": ks, "heads": list(cfg.heads or []), "tasks": {},
               "n": cfg.n, "max_new_tokens": cfg.max_new_tokens}
+    blocks = [f"{lab}@{d}" for (lab, d), h in heads.items() if getattr(h, "block", None) is not None]
+    if blocks and cfg.measure == "capture":  # (before any generation: the states it captures would not do)
+        raise PPDError(f"the block heads {blocks} read the layer-d states of the prompt too, which captured "
+                       f"generation does not keep. Fix: measure=teacher_forced")
     rank, world, owned = _distributed(model)
     layers = sorted({d for _, d in heads})
     final = any(getattr(h, "reads_prev", False) for h in heads.values())  # f(t-1) is captured for such heads

@@ -27,6 +27,12 @@ f(t-1) is unknown (a second draft token, the first token after the prompt) a lea
 training shows the head both cases (``head.prev_drop``). A strategy states which inputs it supplies
 (``DecodingStrategy.head_inputs``) and refuses a head that reads more.
 
+A head with ``"inputs": [..., "h_d_prefix"]`` (a block head, ``head.block``) first runs one decoder layer of its
+own, initialised from the model's layer d+1, over the layer-d states: its attention reads every earlier position's
+layer-d state, which it keeps in a KV cache of its own while decoding (``HeadContext``: rows fed at a position drop
+whatever was fed there or after before, so a rejected draft or guess leaves nothing behind). The block's output then
+goes through the same f(t-1) term, adapter, norm and projection as any head's input.
+
 A training run exports ``heads/layer{d}/`` for each layer it trained. The model signature (architecture sizes plus a small probe of the embedding matrix) lets ``load_heads`` refuse a
 head trained for another model with an error that says so.
 """
@@ -113,15 +119,19 @@ class ResidualAdapter(nn.Module):
 
 
 PROJECTIONS = ("own", "shared", "frequent")
-H_D, F_PREV = "h_d", "f_prev"  # what a head may read: its layer's state at t, and the final state at t-1
-INPUTS = (H_D, F_PREV)
+# What a head may read: its layer's state at t, the final state at t-1, its layer's states at every earlier position
+H_D, F_PREV, H_PREFIX = "h_d", "f_prev", "h_d_prefix"
+INPUTS = (H_D, F_PREV, H_PREFIX)
 
 
 class EarlyExitHead(nn.Module):
     def __init__(self, layer: int, norm: nn.Module, lm_head: nn.Linear, adapter_rank: int = 0,
-                 projection: str = "own", rows: torch.Tensor | None = None, reads_prev: bool = False):
+                 projection: str = "own", rows: torch.Tensor | None = None, reads_prev: bool = False,
+                 block: nn.Module | None = None, rotary: nn.Module | None = None):
         super().__init__()
         self.layer = layer
+        # one decoder layer over the layer-d states of all positions (a block head), with its rotary embedding
+        self.block, self.rotary = block, rotary
         self.adapter_rank = adapter_rank
         self.projection = projection
         self.reads_prev = bool(reads_prev)
@@ -156,14 +166,16 @@ class EarlyExitHead(nn.Module):
     @property
     def inputs(self) -> tuple[str, ...]:
         """What the head reads (``INPUTS``): a strategy must supply all of them."""
-        return (H_D, F_PREV) if self.reads_prev else (H_D,)
+        return (H_D,) + ((F_PREV,) if self.reads_prev else ()) + ((H_PREFIX,) if self.block is not None else ())
 
     @classmethod
     def from_model(cls, model, layer: int, adapter_rank: int = 0, projection: str = "own",
-                   rows: torch.Tensor | None = None, reads_prev: bool = False) -> "EarlyExitHead":
+                   rows: torch.Tensor | None = None, reads_prev: bool = False,
+                   block: bool = False) -> "EarlyExitHead":
         """A head initialised from the model's own final norm and LM head: ``projection="own"`` copies the LM head
         (tied embeddings stay intact), ``"shared"`` reuses the model's own, frozen, and ``"frequent"`` reuses it
-        except for trained copies of the ``rows`` (token ids)."""
+        except for trained copies of the ``rows`` (token ids). ``block``: a block head, its decoder layer a copy of
+        the model's layer d+1 (the layer that reads h_d in the model itself)."""
         check_layer(model, layer)
         if projection not in PROJECTIONS:
             raise HeadMismatchError(f"unknown head projection {projection!r}; use one of {list(PROJECTIONS)}")
@@ -178,9 +190,14 @@ class EarlyExitHead(nn.Module):
             with torch.no_grad():
                 lm_head.weight.copy_(base.weight)
         norm = copy.deepcopy(model.model.norm).to(device=base.weight.device, dtype=base.weight.dtype)
-        # the parts made here (adapter, f(t-1) term) to the model's device and dtype; the model's own frozen LM head
-        # is outside the head's module tree, so this never touches it
-        return cls(layer, norm, lm_head, adapter_rank, projection, rows, reads_prev).to(
+        layer_module = rotary = None
+        if block:
+            layer_module = copy.deepcopy(model.model.layers[layer]).requires_grad_(True)
+            layer_module.self_attn.layer_idx = 0  # the only layer of the head's own cache
+            rotary = copy.deepcopy(model.model.rotary_emb)
+        # the parts made here (adapter, f(t-1) term, block) to the model's device and dtype; the model's own frozen
+        # LM head is outside the head's module tree, so this never touches it
+        return cls(layer, norm, lm_head, adapter_rank, projection, rows, reads_prev, layer_module, rotary).to(
             device=base.weight.device, dtype=base.weight.dtype)
 
     def trainable(self) -> list[nn.Parameter]:
@@ -246,6 +263,30 @@ class EarlyExitHead(nn.Module):
         p, i = self.shortlist_logits(hidden, prev).float().softmax(-1).max(-1)
         return short[i], p
 
+    def contextual(self, hidden: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        """A block head's decoder layer over ``hidden`` [B, q, H], the layer-d states of positions start..start+q-1
+        (causal among themselves, after the ``start`` positions already in ``cache``; no cache: the sequence starts
+        at position 0, as in training). Any other head returns ``hidden`` as it is. Right padding is harmless: a
+        causal row never reads the padding after it."""
+        if self.block is None:
+            return hidden
+        hidden = hidden.to(self.norm.weight.dtype)
+        q = hidden.shape[1]
+        pos = torch.arange(start, start + q, device=hidden.device)[None]
+        mask = None
+        if q > 1:  # (one row reads everything before it: no mask)
+            see = torch.ones(q, start + q, dtype=torch.bool, device=hidden.device).tril(start)
+            mask = torch.zeros(see.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                ~see, torch.finfo(hidden.dtype).min)[None, None]
+        # (positionally: the cache argument's keyword changed name across transformers versions)
+        out = self.block(hidden, mask, pos, cache, cache is not None,
+                         position_embeddings=self.rotary(hidden, position_ids=pos))
+        return out if torch.is_tensor(out) else out[0]
+
+    def context(self) -> "HeadContext":
+        """What a decoding strategy feeds the layer-d states of the accepted text through (see ``HeadContext``)."""
+        return HeadContext(self)
+
     def features(self, hidden: torch.Tensor, prev: torch.Tensor | None = None,
                  known: torch.Tensor | None = None) -> torch.Tensor:
         """What the vocabulary projection reads: f(t-1)'s term (a head that reads it), adapter (if any), norm.
@@ -283,6 +324,38 @@ class EarlyExitHead(nn.Module):
                                         "head.train_vocab equal to the number of rows it was built with")
             w = w.index_copy(0, at, self.row_weight.to(w.dtype))
         return nn.functional.linear(self.features(hidden.to(self.norm.weight.dtype), prev, known).to(w.dtype), w)
+
+
+class HeadContext:
+    """A head's view of the text decoded so far. ``read(hidden, start)`` takes the layer-d states of positions
+    start..start+q-1 and returns what the head's projection reads there: for a block head its decoder layer's output,
+    attending to every position fed before (a KV cache of its own); for any other head ``hidden`` itself.
+
+    Feeding position ``start`` first drops whatever was fed at ``start`` or later (a rejected guess or draft), so
+    the cache always holds the accepted text: a strategy feeds each position's state once it is known and never
+    needs to roll back on its own. A gap (a position never fed) is a bug in the strategy, and raises."""
+
+    def __init__(self, head: EarlyExitHead):
+        self.head = head
+        self.cache = None
+        if head.block is not None:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+        self.length = 0  # positions fed (and kept)
+
+    def read(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        if self.cache is None:
+            return hidden
+        if start > self.length:
+            raise RuntimeError(f"the head context holds {self.length} positions; position {start} cannot follow "
+                               f"them (positions {self.length}..{start - 1} were never fed)")
+        if start < self.length:
+            for layer in self.cache.layers:  # (slicing, as the runtime's caches do: DynamicCache.crop's
+                layer.keys = layer.keys[..., :start, :]  # argument changed meaning across versions)
+                layer.values = layer.values[..., :start, :]
+        self.length = start + hidden.shape[1]
+        return self.head.contextual(hidden, self.cache, start)
 
 
 def save_head(directory: str | Path, head: EarlyExitHead, model, meta: dict | None = None) -> Path:
@@ -372,7 +445,7 @@ def load_heads(path: str | Path, model, layers: list[int] | None = None) -> dict
             raise HeadMismatchError(f"{found[layer]} is a frequent-rows head without its 'rows'; re-export the head.")
         head = EarlyExitHead.from_model(model, layer, info.get("adapter_rank", 0), projection,
                                         rows=state["rows"] if projection == "frequent" else None,
-                                        reads_prev=F_PREV in inputs)
+                                        reads_prev=F_PREV in inputs, block=H_PREFIX in inputs)
         missing, unexpected = head.load_state_dict(state, strict=False)
         if unexpected or any(k in head.own_state_dict() for k in missing):  # only a shared projection may be absent
             raise HeadMismatchError(f"{found[layer]} does not hold the weights its config.json describes "

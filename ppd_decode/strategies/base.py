@@ -50,8 +50,9 @@ def pick_head(strategy: "DecodingStrategy", layer: int | None):
     if missing:
         able = sorted(n for n, c in REGISTRY.items() if c.needs_heads and set(head.inputs) <= set(c.head_inputs))
         raise HeadMismatchError(f"the head at layer {layer} reads {missing} (f_prev: the final layer's state at the "
-                                f"previous position), which {strategy.name} does not supply. Fix: decode with "
-                                f"{', '.join(able)}, or use a head trained without head.reads_prev")
+                                f"previous position; h_d_prefix: its layer's states at every earlier position), "
+                                f"which {strategy.name} does not supply. Fix: decode with {', '.join(able)}, or use "
+                                f"a head trained without head.reads_prev and head.block")
     return layer, head
 
 

@@ -17,6 +17,10 @@ step), ``lookup_tokens`` (a fixed draft length instead of the adaptive one) and 
 different continuations, one per matching suffix length, verified together as a token tree in one forward:
 ``token_tree``; the longest root path equal to the final layer's argmax chain is accepted).
 
+A block head (``h_d_prefix``) reads the layer-d states of the accepted text through its own KV cache
+(``HeadContext``): every verification is run as layers 1..d, then d+1..L (the same products), so the layer-d state
+of every accepted position reaches the head, whichever source drafted it; the prompt's come from the prefill.
+
 A verification block of 2 or 3 rows is padded to ``min_block`` rows (``stack.pad_block``): on a CPU with MKL's plain
 weights that is cheaper than the block itself (with the stack's packed weights, the default, it measured no
 different). Text drafts fill the padding with more copied tokens where the text
@@ -43,7 +47,7 @@ from ppd_decode.runtime.stack import (
     run_layers,
     select_cache,
 )
-from ppd_decode.models.heads import F_PREV, H_D
+from ppd_decode.models.heads import F_PREV, H_D, H_PREFIX
 from ppd_decode.runtime.text_guesses import NextTokenLookup
 from ppd_decode.runtime.token_tree import Tree, accepted_path, accepted_prefix, tree_mask
 from ppd_decode.strategies.base import DecodingStrategy, Stats, pick_head, register
@@ -81,7 +85,9 @@ class SelfSpeculative(DecodingStrategy):
     Config = SelfSpeculativeConfig
     Stats = SelfSpeculativeStats
     needs_heads = True
-    head_inputs = (H_D, F_PREV)  # f(t-1) for the first draft token of a step: the verified row that produced cur
+    # f(t-1) for the first draft token of a step: the verified row that produced cur; the layer-d states of the
+    # accepted text for a block head
+    head_inputs = (H_D, F_PREV, H_PREFIX)
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
@@ -98,7 +104,8 @@ class SelfSpeculative(DecodingStrategy):
     def _generate(self, ids, max_new_tokens):
         m, L, c = self.model, num_layers(self.model), self.config
         cache = new_cache(m)
-        logits = prefill(m, ids, cache)
+        ctx = self.head.context()
+        logits = self._prefill(ids, cache, ctx)
         cur = int(logits.argmax())
         out: list[int] = []
         res = self.new_result(out, steps=1)
@@ -119,7 +126,7 @@ class SelfSpeculative(DecodingStrategy):
             conts = text.continuations(lookup_limit, c.lookup_candidates, c.lookup_min_match) if c.lookup else []
             copied = bool(conts)
             if copied and len(conts) > 1:
-                drafts, new, g, last = self._verify_tree(cache, cur, conts, n, ids.device)
+                drafts, new, g, last = self._verify_tree(cache, cur, conts, n, ids.device, ctx)
                 a = len(drafts)
                 res.stats.lookup_trees += 1
                 res.stats.lookup_branch_wins += bool(a and drafts != conts[0][:a])
@@ -127,12 +134,16 @@ class SelfSpeculative(DecodingStrategy):
                 if copied:
                     drafts = conts[0]
                     block = torch.tensor([[cur] + drafts], device=ids.device)
-                    verify = run_layers(m, pad_block(embed(m, block), c.min_block), 0, L, cache, past=n)
+                    at_d = run_layers(m, pad_block(embed(m, block), c.min_block), 0, self.layer, cache, past=n)
+                    verify = run_layers(m, at_d, self.layer, L, cache, past=n)
                 else:
-                    drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device, prev)
+                    drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device, prev, ctx)
+                    at_d = None  # (the head read every drafted row's layer-d state already)
                 g = len(drafts)
                 target = final_argmax(m, verify[:, :g + 1])[0].tolist()  # target[i]: greedy token after block[i]
                 a = accepted_prefix(drafts, target)
+                if at_d is not None:
+                    ctx.read(at_d[:, :a + 1], n)  # cur and the accepted drafts, for a block head
                 last = verify[:, a]
                 crop_cache(cache, n + a + 1)
                 new = drafts[:a] + [target[a]]
@@ -157,10 +168,29 @@ class SelfSpeculative(DecodingStrategy):
                 elif not copied and g == gamma:  # (a draft cut short by low confidence says nothing of gamma)
                     gamma = self._adapt(gamma, a == g)
 
+    def _prefill(self, ids, cache, ctx):
+        """The prompt into ``cache``, its last position's logits; a block head reads the prompt's layer-d states
+        (taken from the prefill itself by a hook, so the prefill is the one ``generate`` runs)."""
+        if self.head.block is None:
+            return prefill(self.model, ids, cache)
+        seen = {}
+
+        def keep(_module, _args, out):
+            seen["h"] = out if torch.is_tensor(out) else out[0]
+
+        handle = decoder(self.model).layers[self.layer - 1].register_forward_hook(keep)
+        try:
+            logits = prefill(self.model, ids, cache)
+        finally:
+            handle.remove()
+        ctx.read(seen["h"], 0)
+        return logits
+
     def _adapt(self, length: int, all_accepted: bool) -> int:
         return min(length + 2, self.config.max_draft_tokens) if all_accepted else max(1, length - 1)
 
-    def _verify_tree(self, cache, cur: int, conts: list[list[int]], n: int, dev) -> tuple[list[int], list[int], int]:
+    def _verify_tree(self, cache, cur: int, conts: list[list[int]], n: int, dev,
+                     ctx) -> tuple[list[int], list[int], int]:
         """Verify several continuations of ``cur`` as one token tree through the whole model (shared prefixes
         merged). Returns the accepted drafts, the new tokens (those plus the final layer's next token) and how many
         tokens were drafted; the cache keeps ``cur`` and the accepted path only."""
@@ -182,29 +212,34 @@ class SelfSpeculative(DecodingStrategy):
             tree.add(tree.tokens[-1], len(tree.tokens) - 1, 0.0)
         nodes = list(range(len(tree.tokens)))
         pos = torch.tensor([[n + x for x in tree.depth]], device=dev)
-        h = run_layers(m, embed(m, torch.tensor([tree.tokens], device=dev)), 0, L, cache, position_ids=pos,
-                       attention_mask=tree_mask(tree.ancestors(nodes), nodes, n, m.dtype, dev))
+        mask = tree_mask(tree.ancestors(nodes), nodes, n, m.dtype, dev)
+        at_d = run_layers(m, embed(m, torch.tensor([tree.tokens], device=dev)), 0, self.layer, cache,
+                          position_ids=pos, attention_mask=mask)
+        h = run_layers(m, at_d, self.layer, L, cache, position_ids=pos, attention_mask=mask)
         target = dict(zip(nodes, final_argmax(m, h)[0].tolist()))
         path = accepted_path(tree, nodes, target)
+        ctx.read(at_d[:, path], n)  # the accepted path (cur first), for a block head
         select_cache(cache, n, [n + i for i in path])
         drafts = [tree.tokens[i] for i in path[1:]]
         return drafts, drafts + [target[path[-1]]], drafted, h[:, path[-1]]
 
-    def _head_drafts(self, cache, cur: int, g: int, n: int, device,
-                     prev: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
+    def _head_drafts(self, cache, cur: int, g: int, n: int, device, prev: torch.Tensor | None,
+                     ctx) -> tuple[list[int], torch.Tensor]:
         """Up to ``g`` tokens drafted by layers 1..d and the head (fewer where its confidence drops below
         ``min_confidence``), then layers d+1..L over ``cur`` and the drafts (whose layers 1..d are already cached):
         the drafts and the verifying hidden states. ``prev`` (f(t-1) of ``cur``, for a head that reads it) is known
-        for the first draft only: the later ones follow drafts the final layer has not run yet."""
+        for the first draft only: the later ones follow drafts the final layer has not run yet. Every row's layer-d
+        state goes through ``ctx`` (a block head's cache; the last too, which is accepted when all drafts are)."""
         m, d, L = self.model, self.layer, num_layers(self.model)
         drafts, hidden = [], []
         tok = cur
         while True:
             h = run_layers(m, embed(m, torch.tensor([[tok]], device=device)), 0, d, cache)
             hidden.append(h)  # cur's and every draft's layers 1..d, before the whole block is verified
+            read = ctx.read(h, n + len(drafts))
             if len(drafts) == g:
                 break
-            nxt, conf = self.head.guess_with_confidence(h[:, -1], prev)  # over its shortlist when it has one
+            nxt, conf = self.head.guess_with_confidence(read[:, -1], prev)  # over its shortlist when it has one
             prev = None
             if float(conf) < self.config.min_confidence:
                 break

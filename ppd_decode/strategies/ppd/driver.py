@@ -14,7 +14,7 @@ import time
 import torch
 
 from ppd_decode.errors import HeadMismatchError, PPDError
-from ppd_decode.models.heads import F_PREV, H_D, check_layer
+from ppd_decode.models.heads import F_PREV, H_D, H_PREFIX, check_layer
 from ppd_decode.runtime.procs import Managed, share_with_spawned
 from ppd_decode.runtime.stack import eos_ids, num_layers
 from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
@@ -103,7 +103,7 @@ class PPDEngine(Managed):
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         port, parent = free_port(), os.getpid()
         share_with_spawned(self.model)
-        self.head.share_memory()
+        share_with_spawned(self.head)  # (a block head's layer is a copy of the model's, capture hooks included)
         a = ctx.Process(target=worker_a, args=(self.model, self.head, self.cfg.layer, self.cfg, port, parent,
                                                 self.requests, self.results), daemon=True, name="ppd-stage-A")
         b = ctx.Process(target=worker_b, args=(self.model, self.cfg.layer, self.cfg, port, parent, self.results,
@@ -229,7 +229,9 @@ class PPD(DecodingStrategy):
     Stats = PPDStats
     needs_heads = True
     spawns_workers = True
-    head_inputs = (H_D, F_PREV)  # B sends f(t-1) with its token; A's head reads it for the next guesses
+    # B sends f(t-1) with its token; A's head reads it for the next guesses. A block head reads the layer-d states
+    # A computes anyway: the prompt's and each accepted position's (the rows A sends to B)
+    head_inputs = (H_D, F_PREV, H_PREFIX)
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)

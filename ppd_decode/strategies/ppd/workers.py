@@ -138,6 +138,7 @@ def _serve_a(model, head, d, cfg, link, results, ids, max_new, eos, reference=No
     n = len(ids)
     clock = _Clock(A_PARTS)
     cache = new_cache(model)
+    ctx = head.context()  # a block head's own cache: fed every row A sends to B (the text B verifies)
     lookup = NextTokenLookup()
     lookup.extend(ids)
     M = cfg.chain
@@ -147,10 +148,11 @@ def _serve_a(model, head, d, cfg, link, results, ids, max_new, eos, reference=No
     for size in prompt_chunks(n, cfg.prefill_chunk):
         h = run_layers(model, embed(model, torch.tensor([ids[s:s + size]], device=dev)), 0, d, cache, past=s)
         link.send(h[0])
+        hc = ctx.read(h, s)
         s += size
     clock.lap("prefill")
     oracle = None if reference is None else _Oracle(reference, cfg.oracle_p, cfg.oracle_seed, head.lm_head.out_features)
-    guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - 2)
+    guesses, chain = _guesses(head, hc, cfg, lookup, room=max_new - 2)
     if oracle is not None and guesses:
         guesses = oracle.guesses(0, cfg.k)
     clock.lap("rank_guesses")
@@ -236,13 +238,16 @@ def _serve_a(model, head, d, cfg, link, results, ids, max_new, eos, reference=No
         chain_drafted += len(nxt)
         chains_sent += bool(nxt)
         sent = nxt
+        at = pos  # h's rows sit at positions at..at+len(nxt)
         pos += 1 + len(nxt)
         clock.lap("other")
         # The guesses for the token after B's block, made off B's critical path.
         # f(t-1) is B's row before `h`'s token when that is B's own token; after a chain it is unknown
         prev = fprev if fprev is not None and not nxt else None
         prev_guesses += prev is not None and cfg.speculate
-        guesses, chain = _guesses(head, h, cfg, lookup, room=max_new - emitted - len(sent) - 2, prev=prev)
+        # (a block head reads h after the accepted text; rows fed before at `at` or later were rejected guesses)
+        guesses, chain = _guesses(head, ctx.read(h, at), cfg, lookup, room=max_new - emitted - len(sent) - 2,
+                                  prev=prev)
         if oracle is not None and guesses:
             guesses = oracle.guesses(emitted, cfg.k)  # the token after the `emitted` decided so far
         clock.lap("rank_guesses")
