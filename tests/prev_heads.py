@@ -40,13 +40,31 @@ class SpyHead(EarlyExitHead):
         return super().guess_with_confidence(hidden, prev)
 
 
-def check_fed_f_prev(m, d: int, sequence: list[int], seen) -> int:
-    """Every recorded (h, prev) must be (h_d(t), f(t-1)) at some position t of ``sequence`` (prompt + output): prev
-    the final layer's normed state at t-1. Returns how many were checked."""
+class ForwardSpyHead(EarlyExitHead):
+    """Records, row by row, every (h, f(t-1)) its forward is given where f(t-1) is (strategies that rank through
+    the whole projection: trees, batched drafting)."""
+
+    spy_path: str = ""
+
+    def forward(self, hidden, prev=None, known=None):
+        if prev is not None and self.spy_path:
+            path = Path(self.spy_path)
+            seen = torch.load(path) if path.is_file() else []
+            H = hidden.shape[-1]
+            seen.extend(zip(hidden.detach().reshape(-1, H).clone(), prev.detach().reshape(-1, H).clone()))
+            torch.save(seen, path)
+        return super().forward(hidden, prev, known)
+
+
+def check_fed_f_prev(m, d: int, sequence: list[int] | list[list[int]], seen) -> int:
+    """Every recorded (h, prev) must be (h_d(t), f(t-1)) at some position t of ``sequence`` (prompt + output; or of
+    one of several such sequences): prev the final layer's normed state at t-1. Returns how many were checked."""
+    sequences = sequence if sequence and isinstance(sequence[0], list) else [sequence]
     with torch.no_grad():
-        hs = m(torch.tensor([sequence]), output_hidden_states=True).hidden_states
-    layer, final = hs[d][0], hs[-1][0]
+        states = [m(torch.tensor([s]), output_hidden_states=True).hidden_states for s in sequences]
     for h, prev in seen:
+        best = min(((float((hs[d][0] - h).abs().amax(-1).min()), hs) for hs in states), key=lambda x: x[0])[1]
+        layer, final = best[d][0], best[-1][0]
         t = int((layer - h).abs().amax(-1).argmin())
         assert torch.allclose(layer[t], h, atol=1e-8), "a guess from a state that is not h_d of the sequence"
         assert t > 0 and torch.allclose(final[t - 1], prev, atol=1e-8), f"f(t-1) at t={t} is not the final state"

@@ -141,27 +141,25 @@ def test_a_head_that_reads_f_prev_gets_it_from_b(tmp_path):
             assert check_fed_f_prev(m, 2, prompt + r.tokens, seen) == r.stats.prev_guesses
 
 
-@pytest.mark.parametrize("reads_prev", [False, True])
-def test_a_block_head_reads_the_text_a_sends(tmp_path, reads_prev):
+def test_a_block_head_reads_the_text_a_sends(tmp_path):
     """A feeds its block head every row it sends B (the prompt's, each decided token's, each chain's), and B's
     rejections drop what followed: exact, and wherever A fed the text's own layer-d state the block's output is the
-    one over the final text. With f(t-1) as well, both inputs at once."""
+    one over the final text. The head reads f(t-1) as well: both inputs at once."""
     from prev_heads import BlockSpyHead, block_head, check_fed_the_text
 
     m = model(2, 0.3)
     head = block_head(m, 2, 1, cls=BlockSpyHead)
-    if reads_prev:
-        head.reads_prev = True
-        head.prev_proj = torch.nn.Linear(m.config.hidden_size, m.config.hidden_size, bias=False, dtype=m.dtype)
-        head.prev_null = torch.nn.Parameter(torch.randn(m.config.hidden_size, dtype=m.dtype) * 0.3)
-        head.requires_grad_(False)
+    head.reads_prev = True
+    head.prev_proj = torch.nn.Linear(m.config.hidden_size, m.config.hidden_size, bias=False, dtype=m.dtype)
+    head.prev_null = torch.nn.Parameter(torch.randn(m.config.hidden_size, dtype=m.dtype) * 0.3)
+    head.requires_grad_(False)
     head.spy_path = str(tmp_path / "seen.pt")
     prompts = [[11, 12, 13, 14] * 5, list(range(40, 60))]  # (the first repeats itself: chains)
     with PPDEngine(m, head.materialize(), PPDConfig(k=3, lookup=1, chain=3, prefill_chunk=7)) as eng:
         for i, prompt in enumerate(prompts):
             r = eng.generate(prompt, 40)
             assert r.tokens == reference(m, prompt, 40) and r.stats.fallback is None
-            assert (r.stats.prev_guesses > 0) == reads_prev and (r.stats.chain_drafted > 0 or i)
+            assert r.stats.prev_guesses > 0 and (r.stats.chain_drafted > 0 or i)
             seen = torch.load(tmp_path / "seen.pt")
             (tmp_path / "seen.pt").unlink()
             assert check_fed_the_text(m, head, prompt + r.tokens, seen) >= len(prompt) + len(r.tokens) - 1

@@ -249,10 +249,14 @@ READS_PREV = sorted(n for n, c in REGISTRY.items() if c.needs_heads and "f_prev"
 @given(prompt=prompts, mdl=models, layer=st.integers(1, LAYERS - 1), mix=st.sampled_from([0.0, 0.3, 3.0]),
        lookup=st.booleans(), n=st.integers(1, 48))
 def test_heads_that_read_f_prev_decode_exactly(name, prompt, mdl, layer, mix, lookup, n):
+    from dataclasses import fields
+
     from prev_heads import prev_head
 
     m = model(*mdl)
-    s = build(name, m, {layer: prev_head(m, layer, mdl[0], mix=mix)}, layer=layer, lookup=lookup)
+    has_lookup = "lookup" in {f.name for f in fields(get_strategy(name).Config)}
+    s = build(name, m, {layer: prev_head(m, layer, mdl[0], mix=mix)}, layer=layer,
+              **({"lookup": lookup} if has_lookup else {}))
     assert s.generate(prompt, n).tokens == reference(m, prompt, n)
 
 
@@ -273,11 +277,13 @@ def test_a_strategy_refuses_a_head_it_cannot_feed():
     from prev_heads import block_head, prev_head
 
     m = model(0, 1.0)
+    assert READS_PREV == ["batched_self_speculative", "ppd", "self_speculative", "tree_speculative"]
+    assert BLOCK == ["ppd", "self_speculative"]
     for head, reads, able in ((prev_head(m, 2, 0), "f_prev", READS_PREV), (block_head(m, 2, 0), "h_d_prefix", BLOCK)):
         cannot = sorted(n for n, c in REGISTRY.items() if c.needs_heads and reads not in c.head_inputs)
-        assert cannot and able == ["ppd", "self_speculative"]
+        assert cannot
         for name in cannot:
-            with pytest.raises(HeadMismatchError, match=rf"reads \['{reads}'\].*Fix: decode with ppd, self_speculative"):
+            with pytest.raises(HeadMismatchError, match=rf"reads \['{reads}'\].*Fix: decode with {', '.join(able)}"):
                 build(name, m, {2: head}, layer=2)
 
 
@@ -295,6 +301,37 @@ def test_block_heads_decode_exactly(name, prompt, mdl, layer, noise, lookup, can
     s = build(name, m, {layer: block_head(m, layer, mdl[0], noise)}, layer=layer, lookup=lookup,
               lookup_candidates=candidates)
     assert s.generate(prompt, n).tokens == reference(m, prompt, n)
+
+
+@pytest.mark.parametrize("name,cfg", [("tree_speculative", {"branching": (2, 2, 1)}),
+                                      ("tree_speculative", {"dynamic": True}),
+                                      ("batched_self_speculative", {"draft_tokens": 3})])
+def test_trees_and_batches_feed_f_prev_of_the_verified_row(tmp_path, name, cfg):
+    """The root's children of a tree, and each batch row's first draft, read f(t-1): the final normed state of the
+    verified row that produced the token they draft from (in a batch, also after other rows have finished)."""
+    from prev_heads import ForwardSpyHead, check_fed_f_prev, prev_head
+
+    m = model(0, 0.3)
+    prompts = [list(range(10, 30)), [9, 8, 7, 6] * 3, [5, 6, 7]]
+    if name.startswith("batched"):  # a model that ends the second row early: it leaves the batch mid-way
+        m2, _ = load_model(f"tiny-random:layers={LAYERS},seed=0", dtype="float64")
+        m2.load_state_dict(m.state_dict())
+        m2.generation_config.eos_token_id = reference(m, prompts[1], 30)[8]
+        m = m2
+    head = prev_head(m, 2, 0, cls=ForwardSpyHead)
+    s = build(name, m, {2: head}, layer=2, **cfg)
+    head.spy_path = str(tmp_path / "seen.pt")  # (after a dynamic tree's cost profile)
+    if name.startswith("batched"):
+        results = s.generate_batch(prompts, 30)
+        for p, r in zip(prompts, results):
+            assert r.tokens == reference(m, p, 30)
+        assert len({len(r.tokens) for r in results}) > 1  # some rows left the batch before others
+        sequences = [p + r.tokens for p, r in zip(prompts, results)]
+    else:
+        r = s.generate(prompts[0], 30)
+        assert r.tokens == reference(m, prompts[0], 30)
+        sequences = [prompts[0] + r.tokens]
+    assert check_fed_f_prev(m, 2, sequences, torch.load(tmp_path / "seen.pt")) >= 5
 
 
 @pytest.mark.parametrize("lookup", [False, True])

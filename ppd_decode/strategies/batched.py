@@ -10,6 +10,9 @@ blocks in one forward of layers d+1..L that reuses the drafts' cache of layers 1
 own longest matching prefix. gamma is fixed, or (``draft_tokens="adaptive"``) looked up each step for the live
 batch size from a profiled cost model (``profiling/gamma.py``) and the acceptance observed so far, with 0 (plain
 greedy) allowed: speculation turns itself off where it does not pay.
+
+A head that reads f(t-1) gets it, row by row, for the first draft of a step: the final normed state of the verified
+row that produced that row's current token (unknown after the prefill).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from ppd_decode.errors import PPDError
 from ppd_decode.profiling.gamma import CostModel, profile
 from ppd_decode.runtime.ragged import RaggedBatch
-from ppd_decode.runtime.stack import embed, final_argmax, num_layers
+from ppd_decode.models.heads import F_PREV, H_D
+from ppd_decode.runtime.stack import decoder, embed, final_argmax, num_layers
 from ppd_decode.runtime.timing import stopwatch
 from ppd_decode.strategies.base import DecodeResult, DecodingStrategy, pick_head, register
 
@@ -67,12 +71,15 @@ class BatchedDecoding(DecodingStrategy):
         batch = RaggedBatch(m, prompts, self.pad)
         results = [self.new_result([], steps=1) for _ in prompts]
         self._finish_rows(batch, results, [[t] for t in batch.cur.tolist()], max_new_tokens)
+        reads_prev = getattr(self.head, "reads_prev", False)
+        prev = None  # [B, 1, H]: f(t-1) of each row's `cur`, for a head that reads it (unknown after the prefill)
         while batch.size:
             g = self.gamma_for(batch.size)
             dev = batch.cur.device
             if g == 0:
                 h = batch.run(embed(m, batch.cur[:, None]), 0, L, batch.pos[:, None])
                 target = final_argmax(m, h)  # [B, 1]
+                final = h
                 accepted = torch.zeros(batch.size, dtype=torch.long, device=dev)
                 drafts = target[:, :0]
             else:
@@ -82,15 +89,19 @@ class BatchedDecoding(DecodingStrategy):
                     h = batch.run(embed(m, tok[:, None]), 0, d, (batch.pos + i)[:, None], offset=i)
                     hidden.append(h)
                     if i < g:
-                        tok = self.head(h)[:, -1].argmax(-1)
+                        tok = self.head(h, prev if i == 0 else None)[:, -1].argmax(-1)
                         drafted.append(tok)
                 drafts = torch.stack(drafted, dim=1)  # [B, g]
                 positions = batch.pos[:, None] + torch.arange(g + 1, device=dev)
-                target = final_argmax(m, batch.run(torch.cat(hidden, dim=1), d, L, positions))
+                final = batch.run(torch.cat(hidden, dim=1), d, L, positions)
+                target = final_argmax(m, final)
                 accepted = (drafts == target[:, :g]).long().cumprod(dim=1).sum(dim=1)  # longest matching prefix
                 self.observe(g, accepted)
             batch.commit(accepted, g + 1)
             batch.cur = target.gather(1, accepted[:, None])[:, 0]
+            if reads_prev:  # each row's verified state whose argmax is its new `cur`
+                at = accepted[:, None, None].expand(-1, 1, final.shape[-1])
+                prev = decoder(m).norm(final.gather(1, at))
             new = []
             for r, (row, a) in enumerate(zip(batch.rows, accepted.tolist())):
                 res = results[row]
@@ -98,14 +109,20 @@ class BatchedDecoding(DecodingStrategy):
                 res.drafted += g
                 res.accepted += a
                 new.append(drafts[r, :a].tolist() + [int(batch.cur[r])])
-            self._finish_rows(batch, results, new, max_new_tokens)
+            live = self._finish_rows(batch, results, new, max_new_tokens)
+            if prev is not None and live is not None:
+                prev = prev[live]
         return results
 
-    def _finish_rows(self, batch: RaggedBatch, results, new: list[list[int]], max_new_tokens: int) -> None:
+    def _finish_rows(self, batch: RaggedBatch, results, new: list[list[int]], max_new_tokens: int):
+        """Hand each row its new tokens; rows that finished leave the batch. Returns the live rows' indices when
+        some left (None when none did)."""
         live = [r for r, (row, toks) in enumerate(zip(batch.rows, new))
                 if not self.finish(results[row].tokens, toks, max_new_tokens)]
         if len(live) < batch.size:
             batch.drop(live)
+            return live
+        return None
 
 
 @dataclass
@@ -143,6 +160,7 @@ class BatchedSelfSpeculative(BatchedDecoding):
     name = "batched_self_speculative"
     Config = BatchedSelfSpeculativeConfig
     needs_heads = True
+    head_inputs = (H_D, F_PREV)  # f(t-1) for each row's first draft of a step (see above)
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)

@@ -26,7 +26,7 @@ from ppd_decode.runtime.ragged import RaggedBatch
 from ppd_decode.runtime.stack import embed, final_argmax, num_layers
 from ppd_decode.runtime.timing import stopwatch
 from ppd_decode.runtime.token_tree import Tree, accepted_path
-from ppd_decode.strategies.base import DecodeResult, register
+from ppd_decode.strategies.base import DecodeResult, pick_head, register
 from ppd_decode.strategies.batched import BatchedDecoding
 from ppd_decode.strategies.tree_speculative import (
     TREE_ROWS,
@@ -67,6 +67,7 @@ class BatchedTreeSpeculative(BatchedDecoding):
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
+        pick_head(self, self.config.layer)  # refuses what this strategy cannot feed (the single-row one feeds more)
         # The single-row strategy checks the configuration and holds the heads; its pruning rule is reused (not its
         # batch-1 cost profile: this one profiles by batch size below).
         self.single = TreeSpeculative(model, replace(self.config, dynamic=False), heads, tokenizer)

@@ -16,6 +16,9 @@ One step:
 4. **Accept** the longest root path whose tokens equal the final layer's argmax chain, plus the final layer's next
    token; only that path's cache entries are kept (moved into place per layer range: pruned layers hold fewer
    columns).
+
+A head that reads f(t-1) gets it for the root's children: the final normed state of the verified row that produced
+the root's token (unknown after the prefill); deeper levels follow drafts the final layer has not run yet.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import torch
 from torch.nn.functional import linear as nn_linear
 
 from ppd_decode.errors import HeadMismatchError, PPDError
-from ppd_decode.models.heads import check_layer
+from ppd_decode.models.heads import F_PREV, H_D, check_layer
 from ppd_decode.profiling.step_cost import StepCosts, profile_steps
 from ppd_decode.runtime.stack import (
+    decoder,
     embed,
     final_argmax,
     new_cache,
@@ -85,6 +89,7 @@ class TreeSpeculative(DecodingStrategy):
     Stats = TreeStats
     Config = TreeSpeculativeConfig
     needs_heads = True
+    head_inputs = (H_D, F_PREV)  # f(t-1) for the root's children (see above)
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
@@ -121,8 +126,9 @@ class TreeSpeculative(DecodingStrategy):
         return ((expected + gain) / (spent + self.costs.lower_time(1, 1) + self.costs.upper_time(1, N + 1))
                 > expected / (spent + self.costs.upper_time(1, N)))
 
-    def _draft(self, cur: int, n: int, budget_depth: int, cache, dev):
-        """Build the tree level by level; returns it and every node's layer-d state [1, N, H] in node order."""
+    def _draft(self, cur: int, n: int, budget_depth: int, cache, dev, prev: torch.Tensor | None = None):
+        """Build the tree level by level; returns it and every node's layer-d state [1, N, H] in node order.
+        ``prev``: f(t-1) of the root [1, 1, H], for a head that reads it (the root's level only)."""
         m, d, c = self.model, self.layer, self.config
         tree = Tree()
         tree.add(cur, -1, 1.0)
@@ -144,7 +150,8 @@ class TreeSpeculative(DecodingStrategy):
                 if not self._child_could_pay(tree, level, spent, expected):
                     break  # not even a certain child would pay for its cost: skip the head too
             width = c.max_children if c.dynamic else c.branching[depth]
-            logits = self.head(h)[0]
+            logits = self.head(h, prev)[0]
+            prev = None
             if self.prune_head is not None and c.prune_shortlist:
                 self._shortlist.append(logits.topk(min(c.prune_shortlist, logits.shape[-1]), dim=-1).indices.flatten())
             tok, pr = self._children(logits, width)
@@ -189,7 +196,8 @@ class TreeSpeculative(DecodingStrategy):
         return lambda i: bool(logits[tree.parent[i], col[tree.tokens[i]]] >= kth[tree.parent[i]])
 
     def _verify(self, tree: Tree, states: torch.Tensor, n: int, cache, dev):
-        """Final-layer argmax per surviving node; returns (survivors in node order, argmax by node)."""
+        """Final-layer argmax per surviving node; returns (survivors in node order, argmax by node, the last layer's
+        states of the survivors [1, S, H] in that order)."""
         m, d, L = self.model, self.layer, num_layers(self.model)
         nodes = list(range(len(tree.tokens)))
         see = tree.ancestors(nodes)
@@ -198,7 +206,7 @@ class TreeSpeculative(DecodingStrategy):
         p = self.config.prune_layer
         if self.prune_head is None:
             h = run_layers(m, states, d, L, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
-            return nodes, dict(zip(nodes, final_argmax(m, h)[0].tolist()))
+            return nodes, dict(zip(nodes, final_argmax(m, h)[0].tolist())), h
         h = run_layers(m, states, d, p, cache, position_ids=pos, attention_mask=tree_mask(see, nodes, n, dtype, dev))
         alive = [True] * len(nodes)
         survives = self._prune_test(tree, h, self._shortlist)
@@ -209,7 +217,7 @@ class TreeSpeculative(DecodingStrategy):
         idx = torch.tensor(keep, device=dev)
         h = run_layers(m, h.index_select(1, idx), p, L, cache, position_ids=pos.index_select(1, idx),
                        attention_mask=tree_mask(sub, list(range(len(keep))), n, dtype, dev))
-        return keep, dict(zip(keep, final_argmax(m, h)[0].tolist()))
+        return keep, dict(zip(keep, final_argmax(m, h)[0].tolist())), h
 
     def _generate(self, ids, max_new_tokens):
         m, L = self.model, num_layers(self.model)
@@ -222,11 +230,12 @@ class TreeSpeculative(DecodingStrategy):
             return res
         n = ids.numel()
         p = self.config.prune_layer if self.prune_head is not None else L
+        prev = None  # f(t-1) of `cur`, for a head that reads it (unknown after the prefill)
         while True:
             self._shortlist = []
-            tree, states = self._draft(cur, n, max_new_tokens - len(out) - 1, cache, dev)
+            tree, states = self._draft(cur, n, max_new_tokens - len(out) - 1, cache, dev, prev)
             with stopwatch(dev) as t:
-                alive, target = self._verify(tree, states, n, cache, dev)
+                alive, target, final = self._verify(tree, states, n, cache, dev)
             res.stats.verify_seconds.append(t.seconds)  # pruning's saving
             path = accepted_path(tree, alive, target)
             nxt_token = target[path[-1]]
@@ -247,4 +256,7 @@ class TreeSpeculative(DecodingStrategy):
             if self.finish(out, [tree.tokens[i] for i in path[1:]] + [nxt_token], max_new_tokens):
                 return res
             cur = nxt_token
+            if self.head.reads_prev:  # the verified row whose argmax is the new `cur` (rows in `alive`'s order)
+                row = alive.index(path[-1])
+                prev = decoder(m).norm(final[:, row:row + 1])
 
