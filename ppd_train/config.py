@@ -44,6 +44,7 @@ class TrainerConfig:
     save_every: int = 50
     save_every_minutes: float | None = None  # also checkpoint when this long has passed since the last save
     keep_checkpoints: int = 2
+    keep_best: bool = True  # export each head as it was at its best validation top-1, not at the last step
     threads: int | None = None
     autocast: str | None = None  # bf16 | null
     debug_kill_at_step: int | None = None

@@ -326,6 +326,10 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             print(f"[ppd_train] resumed from {ckpt_dir} at step {step}/{total_steps}")
 
     run = _init_wandb(cfg, run_dir, data, total_steps) if is_main else None
+    keep_best = bool(cfg.trainer.keep_best)
+    best_path = run_dir / "best_heads.pt"
+    # only a resumed run continues a best-so-far (a fresh run in the same directory starts its own)
+    best = torch.load(best_path, weights_only=True) if keep_best and is_main and step and best_path.is_file() else {}
     history = []
     t_last, tokens_since = time.time(), 0
     log_every, eval_every = int(cfg.trainer.log_every), int(cfg.trainer.eval_every)
@@ -364,7 +368,10 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             t_last, tokens_since = time.time(), 0
             bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
         if step % eval_every == 0 or step == total_steps:
-            metrics.update(evaluate(backbone, engine.module, val, micro, device))
+            scores = evaluate(backbone, engine.module, val, micro, device)
+            metrics.update(scores)
+            if keep_best and is_main:
+                _track_best(best, best_path, engine.module, scores, step)
         if metrics and is_main:
             history.append({"step": step, **metrics})
             if run is not None:
@@ -380,18 +387,27 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
-    final = evaluate(backbone, engine.module, val, micro, device)
-    result = {"final": final, "steps": total_steps, "train_blocks": len(data.train), "seq_len": seq_len}
+    last = evaluate(backbone, engine.module, val, micro, device)
+    final, selected = dict(last), {}
+    if keep_best and is_main:
+        _track_best(best, best_path, engine.module, last, total_steps)
+        for d, rec in best.items():  # each head independently: the backbone is frozen, heads never interact
+            engine.module.heads[str(d)].load_state_dict(rec["state"], strict=False)
+            final.update({k: v for k, v in rec["metrics"].items() if k.endswith(f"/layer{d}")})
+            selected[d] = rec["step"]
+    result = {"final": final, "steps": total_steps, "train_blocks": len(data.train), "seq_len": seq_len,
+              "selected_steps": selected, "last": last}
     if is_main:
-        _export(run_dir, engine.module, model, cfg, data, final)
+        _export(run_dir, engine.module, model, cfg, data, final, selected)
         (run_dir / "metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))
         if run is not None:
             run.summary.update(final)
             run.finish()
         print(f"[ppd_train] done: heads in {run_dir / 'heads'}")
         for d in layers:
+            at = f" (step {selected[d]} of {total_steps}, the best validation top-1)" if d in selected else ""
             print(f"  layer {d}: val top-1 agreement {final[f'val/top1_agree/layer{d}']:.3f}, "
-                  f"top-5 {final[f'val/top5_agree/layer{d}']:.3f}")
+                  f"top-5 {final[f'val/top5_agree/layer{d}']:.3f}{at}")
     torch.distributed.barrier()
     return result
 
@@ -417,12 +433,34 @@ def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _export(run_dir: Path, bank: HeadBank, model, cfg, data, final: dict) -> None:
+def _track_best(best: dict, path: Path, bank: HeadBank, scores: dict, step: int) -> None:
+    """Keep each head's weights from the evaluation where its validation top-1 was highest (a later one wins a tie).
+    Small heads on a small corpus overfit within an epoch, so the last step is often not the best; the file lets an
+    interrupted run resume with what it had found."""
+    changed = False
+    for d, head in bank.heads.items():
+        score = scores[f"val/top1_agree/layer{d}"]
+        if int(d) not in best or score >= best[int(d)]["metrics"][f"val/top1_agree/layer{d}"]:
+            trained = {id(p) for p in head.trainable()}
+            state = {n: p.detach().to("cpu", copy=True) for n, p in head.named_parameters() if id(p) in trained}
+            best[int(d)] = {"step": step, "metrics": {k: v for k, v in scores.items() if k.endswith(f"/layer{d}")},
+                            "state": state}
+            changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(best, tmp)
+        os.replace(tmp, path)  # a kill mid-write leaves the previous file whole
+
+
+def _export(run_dir: Path, bank: HeadBank, model, cfg, data, final: dict, selected: dict | None = None) -> None:
     heads = {int(d): h for d, h in bank.heads.items()}
     meta = {"objective": cfg.head.objective, "distill_kind": cfg.head.distill_kind,
             "data": data.source, "model_spec": cfg.model.spec}
     per_head = {d: {"metrics": {k.split("/layer")[0].replace("val/", "val_"): v for k, v in final.items()
                                 if k.endswith(f"/layer{d}")}} for d in heads}
+    for d, step in (selected or {}).items():
+        per_head[d]["selected_step"] = step
     save_heads(run_dir / "heads", heads, model, meta, per_head)
 
 

@@ -82,35 +82,44 @@ def main(a) -> None:
             from ppd_decode.errors import PPDError
 
             raise PPDError(f"unknown recipe or data {name!r}. Fix: recipes from {list(RECIPES)}, data from {list(DATA)}")
+    pairs = [(r, d) for d in datas for r in recipes]
+    if a.cells:  # an explicit list instead of every recipe x data
+        pairs = [tuple(c.split("@")) for c in a.cells.split(",")]
+        bad = [c for c in pairs if len(c) != 2 or c[0] not in RECIPES or c[1] not in DATA]
+        if bad:
+            from ppd_decode.errors import PPDError
+
+            raise PPDError(f"--cells {bad}: each cell is recipe@data. Fix: recipes from {list(RECIPES)}, data from "
+                           f"{list(DATA)}")
     cells = []
     model, _ = load_model(a.model)
-    for data in datas:
-        for recipe in recipes:
-            run_dir = Path(a.runs) / f"{recipe}-{data}"
-            if not (run_dir / "metrics.json").is_file():
-                run([sys.executable, "-m", "ppd_train", f"model={a.model}", f"head.layers=[{a.layers}]", *DATA[data],
-                     f"data.max_train_tokens={a.tokens}", f"data.self_distill.num_prompts={a.self_distill_prompts}",
-                     f"trainer.epochs={a.epochs}", "wandb.mode=disabled", f"output_dir={run_dir}", *BASE,
-                     *RECIPES[recipe], *a.overrides])
-            eval_dir = run_dir / "eval"
-            if not (eval_dir / "match_rate.json").is_file():
-                run([sys.executable, "-m", "ppd_decode.evaluation", f"model={a.model}", f"heads=[{run_dir / 'heads'}]",
-                     "lens_layers=[]", "ks=[1,2,4,5,10]", f"n={a.n}", f"max_new_tokens={a.max_new_tokens}", "timing.enabled=false",
-                     "cost_baseline=false", "wandb.mode=disabled", f"hydra.run.dir={eval_dir}",
-                     *EVAL.get(recipe, []), *a.eval_overrides.split()])
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            report = json.loads((eval_dir / "match_rate.json").read_text())
-            speeds = [h["train/tokens_per_s"] for h in metrics["history"] if "train/tokens_per_s" in h][1:]
-            cost = head_cost_ms(model, run_dir / "heads")
-            for d in layers:
-                cell = {"recipe": recipe, "data": data, "layer": d, "steps": metrics["steps"],
-                        "train_tokens_per_s": statistics.median(speeds) if speeds else None, "head_ms": cost[d],
-                        "val_top1": metrics["final"][f"val/top1_agree/layer{d}"], "tasks": {}}
-                for task, t in report["tasks"].items():
-                    r = next((r for r in t.get("rates", []) if r["layer"] == d), None)
-                    if r:
-                        cell["tasks"][task] = {k: r[k] for k in r if k.startswith(("p@", "full@", "noprev@"))}
-                cells.append(cell)
+    for recipe, data in pairs:
+        run_dir = Path(a.runs) / f"{recipe}-{data}"
+        if not (run_dir / "metrics.json").is_file():
+            run([sys.executable, "-m", "ppd_train", f"model={a.model}", f"head.layers=[{a.layers}]", *DATA[data],
+                 f"data.max_train_tokens={a.tokens}", f"data.self_distill.num_prompts={a.self_distill_prompts}",
+                 f"trainer.epochs={a.epochs}", "wandb.mode=disabled", f"output_dir={run_dir}", *BASE,
+                 *RECIPES[recipe], *a.overrides])
+        eval_dir = run_dir / "eval"
+        if not (eval_dir / "match_rate.json").is_file():
+            run([sys.executable, "-m", "ppd_decode.evaluation", f"model={a.model}", f"heads=[{run_dir / 'heads'}]",
+                 "lens_layers=[]", "ks=[1,2,4,5,10]", f"n={a.n}", f"max_new_tokens={a.max_new_tokens}", "timing.enabled=false",
+                 "cost_baseline=false", "wandb.mode=disabled", f"hydra.run.dir={eval_dir}",
+                 *EVAL.get(recipe, []), *a.eval_overrides.split()])
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        report = json.loads((eval_dir / "match_rate.json").read_text())
+        speeds = [h["train/tokens_per_s"] for h in metrics["history"] if "train/tokens_per_s" in h][1:]
+        cost = head_cost_ms(model, run_dir / "heads")
+        for d in layers:
+            cell = {"recipe": recipe, "data": data, "layer": d, "steps": metrics["steps"],
+                    "train_tokens_per_s": statistics.median(speeds) if speeds else None, "head_ms": cost[d],
+                    "val_top1": metrics["final"][f"val/top1_agree/layer{d}"],
+                    "selected_step": metrics.get("selected_steps", {}).get(str(d)), "tasks": {}}
+            for task, t in report["tasks"].items():
+                r = next((r for r in t.get("rates", []) if r["layer"] == d), None)
+                if r:
+                    cell["tasks"][task] = {k: r[k] for k in r if k.startswith(("p@", "full@", "noprev@"))}
+            cells.append(cell)
     write(a, cells, layers)
 
 
@@ -124,15 +133,16 @@ def write(a, cells: list[dict], layers: list[int]) -> None:
              f"rates on {a.n} prompts per task, up to {a.max_new_tokens} greedy tokens, ranked as decoding ranks; "
              f"`{' '.join(['python scripts/compare_heads.py', *sys.argv[1:]])}`)", "",
              "| recipe | data | d | " + " | ".join(f"{t} p@1 / p@4" for t in tasks)
-             + " | p@1 without f(t-1) (SQuAD) | train tok/s | head ms/token |",
-             "|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+             + " | p@1 without f(t-1) (SQuAD) | exported step / steps | train tok/s | head ms/token |",
+             "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     for c in cells:
         rates = [c["tasks"].get(t, {}) for t in tasks]
         cols = [f"{r.get('p@1', float('nan')):.3f} / {r.get('p@4', float('nan')):.3f}" for r in rates]
         alone = c["tasks"].get("squad", {}).get("noprev@1")
         tps = c["train_tokens_per_s"]
         lines.append(f"| {c['recipe']} | {c['data']} | {c['layer']} | " + " | ".join(cols)
-                     + f" | {'-' if alone is None else f'{alone:.3f}'} | {'-' if tps is None else f'{tps:.0f}'} | "
+                     + f" | {'-' if alone is None else f'{alone:.3f}'} | {c.get('selected_step') or c['steps']} / "
+                     f"{c['steps']} | {'-' if tps is None else f'{tps:.0f}'} | "
                      f"{c['head_ms']:.3f} |")
     (docs / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -167,6 +177,7 @@ if __name__ == "__main__":
     p.add_argument("--layers", default="11,13,15,22")
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--data", default=",".join(DATA))
+    p.add_argument("--cells", default="", help="recipe@data,... (instead of every --recipes x --data)")
     p.add_argument("--tokens", type=int, default=200_000, help="training tokens per cell (data.max_train_tokens)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--self-distill-prompts", type=int, default=800, help="prompts the model answers (self-distilled)")

@@ -269,6 +269,39 @@ def test_block_heads_train_and_export(corpus, tmp_path):
     assert _cfg("head.block=true").run_name.endswith("-block")  # never resumes another kind's checkpoints
 
 
+def test_each_head_is_exported_at_its_best_validation_step(corpus, tmp_path, tiny):
+    """With a high learning rate the heads' validation top-1 moves up and down; each exported head is the weights of
+    its own best evaluation (scored again here), and keep_best=false exports the last step's."""
+    from ppd_train.trainer import HeadBank, evaluate
+    from ppd_train.data import build_training_data
+
+    common = ["head.layers=[1,2]", f"data.files=[{corpus}]", "trainer.max_steps=10", "trainer.eval_every=1",
+              "trainer.lr=0.5", "head.adapter_rank=0"]
+    out = train(_cfg(*common), run_dir=tmp_path / "best")
+    last = train(_cfg(*common, "trainer.keep_best=false"), run_dir=tmp_path / "last")
+    history = json.loads((tmp_path / "best" / "metrics.json").read_text())["history"]
+    model, tok = tiny
+    cfg = _cfg(*common)
+    val = build_training_data(DataConfig.from_cfg(cfg.data), tok, 32).val[: int(cfg.trainer.eval_blocks)]
+    for run, res in (("best", out), ("last", last)):
+        heads = load_heads(tmp_path / run / "heads", model)
+        rescored = evaluate(FrozenBackbone(model, [1, 2]), HeadBank(heads, "distill", "argmax", 1.0), val, 2,
+                            torch.device("cpu"))
+        for d in (1, 2):
+            key = f"val/top1_agree/layer{d}"
+            assert rescored[key] == pytest.approx(res["final"][key], abs=1e-6)
+    for d in (1, 2):
+        key = f"val/top1_agree/layer{d}"
+        scores = [h[key] for h in history if key in h]
+        assert out["final"][key] == max(scores) and last["final"][key] == scores[-1]
+        step = out["selected_steps"][d]
+        assert next(h for h in history if h["step"] == step)[key] == max(scores)
+        saved = json.loads((tmp_path / "best" / "heads" / f"layer{d}" / "config.json").read_text())
+        assert saved["selected_step"] == step
+    # the setting is worth having only if a head's best is not its last step
+    assert any(out["final"][f"val/top1_agree/layer{d}"] > last["final"][f"val/top1_agree/layer{d}"] for d in (1, 2))
+
+
 def test_one_forward_for_several_heads_equals_training_each_alone(corpus, tmp_path):
     common = [f"data.files=[{corpus}]", "trainer.max_steps=4", "head.adapter_rank=8"]  # a random init too
     together = train(_cfg("head.layers=[1,3]", *common), run_dir=tmp_path / "both")
