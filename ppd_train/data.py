@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,9 @@ class DataConfig:
     sd_max_prompt_tokens: int = 384
     sd_batch_size: int = 16
     sd_num_prompts: int | None = None
+    # held-out prompts answered too, so validation scores the heads on the model's own text, as decoding does
+    # (None: every held-out prompt; 0: validate on the held-out human text instead)
+    sd_val_prompts: int | None = 64
 
     @classmethod
     def from_cfg(cls, c) -> "DataConfig":
@@ -47,7 +50,7 @@ class DataConfig:
         sd = d.pop("self_distill", {}) or {}
         if isinstance(sd, dict):
             d["self_distill"] = bool(sd.get("enabled", False))
-            for k in ("max_new_tokens", "max_prompt_tokens", "batch_size", "num_prompts"):
+            for k in ("max_new_tokens", "max_prompt_tokens", "batch_size", "num_prompts", "val_prompts"):
                 if k in sd:
                     d[f"sd_{k}"] = sd[k]
         else:
@@ -251,6 +254,11 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
         self_distill(train_c, model, tokenizer, cfg, cache, rank=rank, world=world, gather=gather)
         train_c = read_self_distilled(cache, cfg.sd_num_prompts)
         source += " (self-distilled)"
+        if cfg.sd_val_prompts != 0:  # the held-out prompts' own answers (a file of their own: other prompts)
+            val_cache = cache.with_name(f"{cache.stem}-val.jsonl")
+            self_distill(val_c, model, tokenizer, replace(cfg, sd_num_prompts=cfg.sd_val_prompts), val_cache,
+                         rank=rank, world=world, gather=gather)
+            val_c = read_self_distilled(val_cache, cfg.sd_val_prompts)
     train = pack([render(tokenizer, c) for c in train_c], seq_len)
     val = pack([render(tokenizer, c) for c in val_c], seq_len)
     if cfg.max_train_tokens is not None:

@@ -188,6 +188,29 @@ def test_asking_for_more_self_distilled_prompts_extends_the_same_cache(tiny, cor
         self_distill(convs[::-1], model, tok, more, cache, progress=False)
 
 
+def test_self_distilled_training_validates_on_the_models_own_answers(tiny, corpus, tmp_path):
+    """The held-out prompts are answered by the model too (their own cache), so validation scores the text the
+    heads are trained for; sd_val_prompts=0 keeps the held-out human text."""
+    from dataclasses import replace
+
+    from ppd_train.data import build_training_data, read_self_distilled, self_distill_cache_path
+
+    model, tok = tiny
+    cfg = DataConfig(files=(str(corpus),), val_examples=8, max_train_tokens=None, self_distill=True,
+                     sd_max_new_tokens=6, sd_batch_size=4, sd_val_prompts=3)
+    data = build_training_data(cfg, tok, 32, model=model, model_spec="tiny-random", cache_root=tmp_path)
+    cache = self_distill_cache_path(cfg, "tiny-random", tmp_path)
+    val_rows = read_self_distilled(cache.with_name(f"{cache.stem}-val.jsonl"))
+    _, val_c = split_train_val(load_conversations(cfg), 8, 0)
+    assert [r[0]["content"] for r in val_rows] == [c[0]["content"] for c in val_c[:3]]
+    assert [r[1]["content"] for r in val_rows] != [c[1]["content"] for c in val_c[:3]]  # the model's, not the human's
+    assert torch.equal(data.val, pack([render(tok, c) for c in val_rows], 32))
+    human = build_training_data(replace(cfg, sd_val_prompts=0), tok, 32, model=model, model_spec="tiny-random",
+                                cache_root=tmp_path)
+    assert torch.equal(human.val, pack([render(tok, c) for c in val_c], 32))
+    assert torch.equal(human.train, data.train)
+
+
 def _sharded_self_distill(rank: int, world: int, port: int, corpus: str, cache: str, stop_after: int | None):
     """One rank of a self-distillation (spawned by the test below)."""
     import torch.distributed as dist

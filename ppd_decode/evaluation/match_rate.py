@@ -192,6 +192,14 @@ def _score_positions(scores: dict, heads: dict, hidden: dict, y: torch.Tensor, k
         sc.seconds += time.perf_counter() - t0
 
 
+def refuse_block_heads_for_capture(heads: dict[tuple[str, int], torch.nn.Module]) -> None:
+    """Captured generation keeps the layer-d state of generated positions only; a block head reads the prompt's too."""
+    blocks = [f"{lab}@{d}" for (lab, d), h in heads.items() if getattr(h, "block", None) is not None]
+    if blocks:
+        raise PPDError(f"the block heads {blocks} read the layer-d states of the prompt too, which captured "
+                       f"generation does not keep. Fix: measure=teacher_forced")
+
+
 @torch.no_grad()
 def score_captured(model, heads: dict[tuple[str, int], torch.nn.Module], continuations: list[list[int]],
                    states: list[dict[int, torch.Tensor]], ks=KS, progress=None,
@@ -200,10 +208,7 @@ def score_captured(model, heads: dict[tuple[str, int], torch.nn.Module], continu
     generated tokens themselves (each is the final layer's argmax at its position). All prompts' positions are
     scored together, ``chunk`` rows per product: short continuations (SQuAD answers) would otherwise make many
     small, slow products."""
-    blocks = [f"{lab}@{d}" for (lab, d), h in heads.items() if getattr(h, "block", None) is not None]
-    if blocks:
-        raise PPDError(f"the block heads {blocks} read the layer-d states of the prompt too, which captured "
-                       f"generation does not keep. Fix: measure=teacher_forced")
+    refuse_block_heads_for_capture(heads)
     scores = _new_scores(model, heads, ks)
     items = [i for i, c in enumerate(continuations) if c]
     start = 0

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from ppd_decode.data.prompts import build_prompts, context_length
 from ppd_decode.data.tasks import TaskConfig, load_task
 from ppd_decode.errors import PPDError
-from ppd_decode.evaluation.match_rate import greedy_continuations, merge_scores, score_captured, score_heads
+from ppd_decode.evaluation.match_rate import (greedy_continuations, merge_scores, refuse_block_heads_for_capture,
+                                              score_captured, score_heads)
 from ppd_decode.evaluation.metrics import TASK_METRIC, load_metric
 from ppd_decode.models.heads import EarlyExitHead, head_dirs, load_heads, read_head_config
 from ppd_decode.models.loading import load_model
@@ -153,10 +154,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     match_metric = load_metric("match_rate")
     report = {"model": cfg.model.spec, "layers": L, "ks": ks, "heads": list(cfg.heads or []), "tasks": {},
               "n": cfg.n, "max_new_tokens": cfg.max_new_tokens}
-    blocks = [f"{lab}@{d}" for (lab, d), h in heads.items() if getattr(h, "block", None) is not None]
-    if blocks and cfg.measure == "capture":  # (before any generation: the states it captures would not do)
-        raise PPDError(f"the block heads {blocks} read the layer-d states of the prompt too, which captured "
-                       f"generation does not keep. Fix: measure=teacher_forced")
+    if cfg.measure == "capture":  # before any generation: the states it would capture would not do
+        refuse_block_heads_for_capture(heads)
     rank, world, owned = _distributed(model)
     layers = sorted({d for _, d in heads})
     final = any(getattr(h, "reads_prev", False) for h in heads.values())  # f(t-1) is captured for such heads

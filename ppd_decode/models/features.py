@@ -20,27 +20,35 @@ def _layer_output(output):
     return output if torch.is_tensor(output) else output[0]
 
 
+@contextmanager
+def layer_outputs(model, layers, store: dict, stop: bool = False):
+    """While open, every forward of ``model`` puts layer ``d``'s output (the hidden state after decoder layer d,
+    1-based) in ``store[d]`` for each ``d`` in ``layers``; with ``stop`` the forward ends after the deepest of them
+    (``FrozenBackbone`` catches that). The model's own forward runs: masks, caches and rotary embeddings are its."""
+    decoder_layers = model.model.layers
+    deepest = max(layers)
+    handles = []
+    for d in layers:
+        def hook(_module, _args, output, d=d):
+            store[d] = _layer_output(output)
+            if stop and d == deepest:
+                raise _StopForward
+        handles.append(decoder_layers[d - 1].register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class FrozenBackbone:
     def __init__(self, model, layers: list[int]):
         self.model = model.eval().requires_grad_(False)
         self.layers = sorted(set(layers))
         self.deepest = self.layers[-1]
 
-    @contextmanager
     def _hooks(self, store: dict, stop: bool):
-        decoder_layers = self.model.model.layers
-        handles = []
-        for d in self.layers:
-            def hook(_module, _args, output, d=d):
-                store[d] = _layer_output(output)
-                if stop and d == self.deepest:
-                    raise _StopForward
-            handles.append(decoder_layers[d - 1].register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return layer_outputs(self.model, self.layers, store, stop)
 
     @contextmanager
     def _final_state(self, store: dict, on: bool = True):

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ppd_decode.errors import HeadMismatchError
+from ppd_decode.models.kv import causal_mask, crop_cache
 
 FORMAT = "ppd-head/1"
 _PROBE = 16  # probe the first 16x16 block of the input embeddings
@@ -273,11 +274,7 @@ class EarlyExitHead(nn.Module):
         hidden = hidden.to(self.norm.weight.dtype)
         q = hidden.shape[1]
         pos = torch.arange(start, start + q, device=hidden.device)[None]
-        mask = None
-        if q > 1:  # (one row reads everything before it: no mask)
-            see = torch.ones(q, start + q, dtype=torch.bool, device=hidden.device).tril(start)
-            mask = torch.zeros(see.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-                ~see, torch.finfo(hidden.dtype).min)[None, None]
+        mask = causal_mask(q, start, hidden.dtype, hidden.device)
         # (positionally: the cache argument's keyword changed name across transformers versions)
         out = self.block(hidden, mask, pos, cache, cache is not None,
                          position_embeddings=self.rotary(hidden, position_ids=pos))
@@ -351,9 +348,7 @@ class HeadContext:
             raise RuntimeError(f"the head context holds {self.length} positions; position {start} cannot follow "
                                f"them (positions {self.length}..{start - 1} were never fed)")
         if start < self.length:
-            for layer in self.cache.layers:  # (slicing, as the runtime's caches do: DynamicCache.crop's
-                layer.keys = layer.keys[..., :start, :]  # argument changed meaning across versions)
-                layer.values = layer.values[..., :start, :]
+            crop_cache(self.cache, start)
         self.length = start + hidden.shape[1]
         return self.head.contextual(hidden, self.cache, start)
 

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from ppd_decode.models.kv import causal_mask, crop_cache, select_cache  # noqa: F401  (the runtime's own API too)
 from ppd_decode.runtime.exact_argmax import exact_argmax
 from ppd_decode.runtime.packed_linear import packed_linears
 
@@ -84,39 +85,6 @@ def random_context(model, context: int, batch: int = 1, high: int = 100):
 
 def cache_len(cache, layer: int = 0) -> int:
     return cache.get_seq_length(layer)
-
-
-def crop_cache(cache, length: int, layers: range | None = None) -> None:
-    """Keep the first ``length`` positions of the given layers (all by default)."""
-    select_cache(cache, length, [], layers)
-
-
-def select_cache(cache, keep: int, moved: list[int], layers: range | None = None) -> None:
-    """Keep the first ``keep`` positions of the given layers (all by default), followed by the positions ``moved``
-    (in this order): accepted tokens moved into place; everything after them is dropped. Only the moved entries
-    are copied."""
-    idx = None
-    for i, layer in enumerate(cache.layers):
-        if (layers is not None and i not in layers) or getattr(layer, "keys", None) is None:
-            continue
-        if moved:
-            if idx is None:
-                idx = torch.tensor(moved, device=layer.keys.device)
-            layer.keys[..., keep:keep + len(moved), :] = layer.keys.index_select(-2, idx)
-            layer.values[..., keep:keep + len(moved), :] = layer.values.index_select(-2, idx)
-        layer.keys = layer.keys[..., :keep + len(moved), :]
-        layer.values = layer.values[..., :keep + len(moved), :]
-
-
-def causal_mask(q: int, past: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-    """Additive mask [1, 1, q, past + q]: query i (at position past + i) sees keys 0..past + i. None when q == 1."""
-    if q == 1:
-        return None
-    k = torch.arange(past + q, device=device)
-    qpos = torch.arange(q, device=device)[:, None] + past
-    mask = torch.zeros(q, past + q, dtype=dtype, device=device)
-    mask.masked_fill_(k[None, :] > qpos, torch.finfo(dtype).min)
-    return mask[None, None]
 
 
 def embed(model, input_ids: torch.Tensor) -> torch.Tensor:

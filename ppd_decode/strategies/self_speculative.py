@@ -47,6 +47,7 @@ from ppd_decode.runtime.stack import (
     run_layers,
     select_cache,
 )
+from ppd_decode.models.features import layer_outputs
 from ppd_decode.models.heads import F_PREV, H_D, H_PREFIX
 from ppd_decode.runtime.text_guesses import NextTokenLookup
 from ppd_decode.runtime.token_tree import Tree, accepted_path, accepted_prefix, tree_mask
@@ -134,8 +135,12 @@ class SelfSpeculative(DecodingStrategy):
                 if copied:
                     drafts = conts[0]
                     block = torch.tensor([[cur] + drafts], device=ids.device)
-                    at_d = run_layers(m, pad_block(embed(m, block), c.min_block), 0, self.layer, cache, past=n)
-                    verify = run_layers(m, at_d, self.layer, L, cache, past=n)
+                    x = pad_block(embed(m, block), c.min_block)
+                    if self.head.block is None:
+                        at_d, verify = None, run_layers(m, x, 0, L, cache, past=n)
+                    else:  # (a block head reads the accepted rows' layer-d states: stop there on the way)
+                        at_d = run_layers(m, x, 0, self.layer, cache, past=n)
+                        verify = run_layers(m, at_d, self.layer, L, cache, past=n)
                 else:
                     drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device, prev, ctx)
                     at_d = None  # (the head read every drafted row's layer-d state already)
@@ -173,17 +178,9 @@ class SelfSpeculative(DecodingStrategy):
         (taken from the prefill itself by a hook, so the prefill is the one ``generate`` runs)."""
         if self.head.block is None:
             return prefill(self.model, ids, cache)
-        seen = {}
-
-        def keep(_module, _args, out):
-            seen["h"] = out if torch.is_tensor(out) else out[0]
-
-        handle = decoder(self.model).layers[self.layer - 1].register_forward_hook(keep)
-        try:
+        with layer_outputs(self.model, [self.layer], {}) as seen:
             logits = prefill(self.model, ids, cache)
-        finally:
-            handle.remove()
-        ctx.read(seen["h"], 0)
+        ctx.read(seen[self.layer], 0)
         return logits
 
     def _adapt(self, length: int, all_accepted: bool) -> int:
@@ -213,12 +210,15 @@ class SelfSpeculative(DecodingStrategy):
         nodes = list(range(len(tree.tokens)))
         pos = torch.tensor([[n + x for x in tree.depth]], device=dev)
         mask = tree_mask(tree.ancestors(nodes), nodes, n, m.dtype, dev)
-        at_d = run_layers(m, embed(m, torch.tensor([tree.tokens], device=dev)), 0, self.layer, cache,
-                          position_ids=pos, attention_mask=mask)
-        h = run_layers(m, at_d, self.layer, L, cache, position_ids=pos, attention_mask=mask)
+        x = embed(m, torch.tensor([tree.tokens], device=dev))
+        at_d = None
+        if self.head.block is not None:  # (it reads the accepted path's layer-d states: stop there on the way)
+            x = at_d = run_layers(m, x, 0, self.layer, cache, position_ids=pos, attention_mask=mask)
+        h = run_layers(m, x, 0 if at_d is None else self.layer, L, cache, position_ids=pos, attention_mask=mask)
         target = dict(zip(nodes, final_argmax(m, h)[0].tolist()))
         path = accepted_path(tree, nodes, target)
-        ctx.read(at_d[:, path], n)  # the accepted path (cur first), for a block head
+        if at_d is not None:
+            ctx.read(at_d[:, path], n)  # the accepted path (cur first)
         select_cache(cache, n, [n + i for i in path])
         drafts = [tree.tokens[i] for i in path[1:]]
         return drafts, drafts + [target[path[-1]]], drafted, h[:, path[-1]]
