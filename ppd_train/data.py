@@ -155,6 +155,53 @@ def _read_rows(path: Path, repair: bool = True) -> list[dict]:
     return rows
 
 
+def shipped_answers_path(cache: Path) -> Path | None:
+    """Where the package keeps a self-distillation cache's answers, beside the heads trained on them
+    (``shipped_heads/<name>/self_distill/``, written by ``scripts/ship_heads.py --answers``), or None: the same file
+    name (its key holds the model, the data files and the generation settings), prompts by their SHA-1."""
+    from ppd_decode.models.catalog import SHIPPED
+
+    return next(iter(sorted(SHIPPED.glob(f"*/self_distill/{cache.stem}.jsonl.gz"))), None)
+
+
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha1(prompt.encode()).hexdigest()
+
+
+def _with_shipped(done: list[dict], prompts: list[str], cache: Path) -> list[dict]:
+    """``done`` continued, in prompt order, by the answers the package ships for this cache (up to the first prompt
+    it has no answer for), so a fresh machine generates only what nobody has generated before."""
+    path = shipped_answers_path(cache)
+    if len(done) >= len(prompts) or path is None:
+        return done
+    import gzip
+
+    with gzip.open(path, "rt") as f:
+        shipped = {r["sha1"]: r["response"] for r in map(json.loads, f)}
+    more = []
+    for p in prompts[len(done):]:
+        if prompt_key(p) not in shipped:
+            break
+        more.append({"prompt": p, "response": shipped[prompt_key(p)]})
+    return done + more
+
+
+def write_shipped_answers(cache: Path, out: Path) -> Path:
+    """A self-distillation cache as the package ships it (answers keyed by the prompt's SHA-1: no prompt text);
+    ``out`` is a directory (the file keeps the cache's name) or a file."""
+    import gzip
+
+    if out.is_dir():
+        out = out / f"{cache.stem}.jsonl.gz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with gzip.GzipFile(tmp, "wb", mtime=0) as f:  # (mtime 0: the same answers give the same bytes)
+        for r in _read_rows(cache, repair=False):
+            f.write((json.dumps({"sha1": prompt_key(r["prompt"]), "response": r["response"]}) + "\n").encode())
+    tmp.replace(out)
+    return out
+
+
 def _check_prompts(rows: list[dict], prompts: list[str], path: Path) -> None:
     if any(r["prompt"] != p for r, p in zip(rows, prompts)):
         raise TaskDataError(f"{path} holds answers to other prompts than this configuration's (the data files "
@@ -162,9 +209,11 @@ def _check_prompts(rows: list[dict], prompts: list[str], path: Path) -> None:
 
 
 @torch.no_grad()
-def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, progress: bool) -> None:
+def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, progress: bool,
+            shipped: Path | None = None) -> None:
     """Append to ``path`` the model's greedy answer to each of ``prompts`` it does not hold yet (batched, flushed
-    batch by batch: an interrupted run resumes where it stopped)."""
+    batch by batch: an interrupted run resumes where it stopped); first those the package ships for the cache
+    ``shipped``."""
     from tqdm import tqdm
 
     from ppd_decode.data.prompts import render as render_prompt
@@ -172,6 +221,12 @@ def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, p
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _read_rows(path)
     _check_prompts(done, prompts, path)
+    if shipped is not None:
+        filled = _with_shipped(done, prompts, shipped)
+        if len(filled) > len(done):
+            with path.open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in filled[len(done):]))
+            done = filled
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     todo = prompts[len(done):]
     bs = cfg.sd_batch_size
@@ -207,10 +262,11 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
     if cfg.sd_num_prompts is not None:
         prompts = prompts[: cfg.sd_num_prompts]
     if world == 1:
-        _answer(prompts, model, tokenizer, cfg, cache, progress)
+        _answer(prompts, model, tokenizer, cfg, cache, progress, shipped=cache)
         return
     done = _read_rows(cache, repair=False)  # other ranks may be reading it (a shared filesystem)
     _check_prompts(done, prompts, cache)
+    done = _with_shipped(done, prompts, cache)  # (written with the merge below)
     n = min(gather(len(done)))  # node-local caches may differ: all ranks start from what every one has
     todo = prompts[n:]
     shard = cache.with_name(f"{cache.stem}.from{n}.rank{rank}of{world}.jsonl")

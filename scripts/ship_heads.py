@@ -2,7 +2,8 @@
 """Copy a training run's heads into the package (ppd_decode/models/shipped_heads/<name>/), in fp16.
 
     python scripts/ship_heads.py --heads outputs/train/<run>/heads --name smollm2-135m --layers 13,15,22 \\
-        --command "make train LAYERS=13,15,22 ARGS='...'" [--match-rates outputs/eval/.../match_rate.json]
+        --command "make train LAYERS=13,15,22 ARGS='...'" [--match-rates outputs/eval/.../match_rate.json] \\
+        [--answers ~/.cache/ppd/self_distill/<name>.jsonl,...]
 
 Each head keeps its directory format (config.json + model.safetensors); floating-point tensors are stored in fp16
 (they load into the model's dtype), token ids as they are. Every config.json gains a ``shipped`` record (the
@@ -13,6 +14,7 @@ and, with ``--match-rates``, what they measure (an evaluation report's rates for
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -42,7 +44,12 @@ def ship(src: Path, dst: Path, record: dict) -> int:
     return (dst / "model.safetensors").stat().st_size
 
 
-def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None) -> str:
+def _count(path: Path) -> int:
+    with gzip.open(path, "rt") as f:
+        return sum(1 for _ in f)
+
+
+def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None, answers: list[Path] = ()) -> str:
     lines = [f"# Shipped heads for {name}", "",
              "Loaded by default by `ppd-generate`, the decode benchmark and the demo when the model they load is the "
              "one these heads were trained for (`--heads lens` decodes with the untrained logit lens instead).", "",
@@ -50,7 +57,11 @@ def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None) 
              f"- shipped at commit {record['commit']} from the run `{record['source_run']}`",
              "- weights: fp16 (loaded into the model's dtype)",
              "- `decode.json`: the drafting layer of rows that name none (`layer`) and per-row layers (`rows`); a "
-             "layer the user sets wins", "",
+             "layer the user sets wins",
+             *([f"- `self_distill/`: the model's answers the heads were trained and validated on ("
+                f"{', '.join(f'{a.name}: {_count(a)} prompts' for a in answers)}), by "
+                "prompt hash; training with the same data settings reads them instead of generating them"]
+               if answers else []), "",
              "| layer | projection | objective | data | size (MB) | validation top-1 agreement |",
              "|---|---|---|---|---|---|"]
     for d, c in sorted(heads.items()):
@@ -90,8 +101,14 @@ def main(a) -> None:
     for stale in out.glob("layer*"):
         if stale.is_dir() and int(stale.name[5:]) not in layers:
             shutil.rmtree(stale)
+    for cache in filter(None, (a.answers or "").split(",")):  # the run's self-distilled data, for fresh machines
+        from ppd_train.data import write_shipped_answers
+
+        (out / "self_distill").mkdir(exist_ok=True)
+        print(f"shipped the answers of {cache} to {write_shipped_answers(Path(cache), out / 'self_distill')}")
     rates = json.loads(Path(a.match_rates).read_text()) if a.match_rates else None
-    (out / "README.md").write_text(readme(a.name, configs, record, rates))
+    answers = sorted((out / "self_distill").glob("*.jsonl.gz"))
+    (out / "README.md").write_text(readme(a.name, configs, record, rates, answers))
     total = sum(c["_bytes"] for c in configs.values())
     print(f"shipped {len(layers)} heads ({total / 1e6:.1f} MB) to {out}")
 
@@ -105,5 +122,8 @@ if __name__ == "__main__":
     p.add_argument("--match-rates", default=None, help="an evaluation report (match_rate.json) for the README")
     p.add_argument("--eval-command", default=None, help="the command that produced --match-rates")
     p.add_argument("--eval-when", default="", help="its date, machine and commit, for the README")
+    p.add_argument("--answers", default=None,
+                   help="self-distillation caches the run read (comma-separated; ~/.cache/ppd/self_distill/*.jsonl): "
+                        "shipped as answers by prompt hash, so training on a fresh machine skips their generation")
     torch.set_num_threads(1)
     run_cli(main, "ship_heads.py", p.parse_args())

@@ -59,9 +59,13 @@ def test_shipped_heads_are_found_by_fingerprint_and_bring_their_decode_defaults(
     ship = _ship_script()
     monkeypatch.setattr(ship, "SHIPPED", shipped)
     monkeypatch.setattr(sys, "argv", ["ship_heads.py"])
+    answers = tmp_path / "dolly_self_distill-0123.jsonl"  # a self-distillation cache the run read
+    answers.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(2)))
     args = type("A", (), {"heads": str(tmp_path / "src"), "name": "tiny", "layers": None, "command": "make train",
-                          "match_rates": None, "eval_command": None, "eval_when": ""})
+                          "match_rates": None, "eval_command": None, "eval_when": "", "answers": str(answers)})
     ship.main(args)
+    assert (shipped / "tiny" / "self_distill" / "dolly_self_distill-0123.jsonl.gz").is_file()
+    assert "dolly_self_distill-0123.jsonl.gz: 2 prompts" in (shipped / "tiny" / "README.md").read_text()
     (shipped / "tiny" / "decode.json").write_text(json.dumps({"layer": 2, "rows": {"ppd": 1, "self_speculative_text": 9}}))
     cfg = json.loads((shipped / "tiny" / "layer2" / "config.json").read_text())
     assert cfg["dtype"] == "float16" and cfg["shipped"]["command"] == "make train"

@@ -211,6 +211,36 @@ def test_self_distilled_training_validates_on_the_models_own_answers(tiny, corpu
     assert torch.equal(human.train, data.train)
 
 
+def test_shipped_answers_fill_a_fresh_cache_without_generating(tiny, corpus, tmp_path, monkeypatch):
+    """The package's copy of a cache (answers by prompt hash, no prompt text) is read before anything is generated:
+    the prompts it covers cost nothing, the rest are generated after them, in prompt order."""
+    import gzip
+
+    import ppd_train.data as data_mod
+    from ppd_train.data import read_self_distilled, self_distill, write_shipped_answers
+
+    model, tok = tiny
+    convs = load_conversations(DataConfig(files=(str(corpus),)))[:8]
+    cfg = DataConfig(files=(str(corpus),), self_distill=True, sd_max_new_tokens=5, sd_batch_size=4, sd_num_prompts=6)
+    made = tmp_path / "made.jsonl"
+    self_distill(convs, model, tok, cfg, made, progress=False)
+    shipped = write_shipped_answers(made, tmp_path / "shipped.jsonl.gz")
+    with gzip.open(shipped, "rt") as f:
+        assert not any(c[0]["content"] in line for line in f for c in convs)  # hashes, not the prompts
+    monkeypatch.setattr(data_mod, "shipped_answers_path", lambda cache: shipped)
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(len(k["input_ids"])) or real(*a, **k))
+    fresh = tmp_path / "fresh.jsonl"
+    self_distill(convs, model, tok, cfg, fresh, progress=False)
+    assert calls == [] and read_self_distilled(fresh) == read_self_distilled(made)
+    from dataclasses import replace
+
+    self_distill(convs, model, tok, replace(cfg, sd_num_prompts=8), fresh, progress=False)
+    assert calls == [2] and read_self_distilled(fresh, 6) == read_self_distilled(made)  # only the two not shipped
+    assert len(read_self_distilled(fresh)) == 8
+
+
 def _sharded_self_distill(rank: int, world: int, port: int, corpus: str, cache: str, stop_after: int | None):
     """One rank of a self-distillation (spawned by the test below)."""
     import torch.distributed as dist
