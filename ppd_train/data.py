@@ -122,6 +122,21 @@ def render(tokenizer, messages: list[dict]) -> list[int]:
     return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
+def answer_positions(tokenizer, messages: list[dict], ids: list[int]) -> list[bool]:
+    """For each position of ``ids`` (= ``render(tokenizer, messages)``): is the next token part of the answer? These
+    are the positions decoding predicts from (the prompt's last one, then every answer token but the last); the
+    match rate is scored there. Where the prompt's rendering is not a prefix of ``ids`` (no chat template, one
+    message) every position but the last counts."""
+    from ppd_decode.data.prompts import render as render_prompt
+
+    start = 0
+    if len(messages) >= 2 and messages[0]["role"] == "user":
+        prompt = render_prompt(tokenizer, messages[0]["content"])[1]
+        start = len(prompt) if ids[:len(prompt)] == prompt else 0
+    first = max(start - 1, 0)
+    return [first <= t < len(ids) - 1 for t in range(len(ids))]
+
+
 def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
     """Concatenate and cut into [N, seq_len] blocks (the remainder is dropped)."""
     flat = [t for ids in token_lists for t in ids]
@@ -295,6 +310,7 @@ class TrainingData:
     val: torch.Tensor
     source: str
     conversations: int
+    val_scored: torch.Tensor | None = None  # bool, val's shape: the answer positions validation scores
 
 
 def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, model_spec: str = "",
@@ -316,7 +332,9 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
                          rank=rank, world=world, gather=gather)
             val_c = read_self_distilled(val_cache, cfg.sd_val_prompts)
     train = pack([render(tokenizer, c) for c in train_c], seq_len)
-    val = pack([render(tokenizer, c) for c in val_c], seq_len)
+    val_ids = [render(tokenizer, c) for c in val_c]
+    val = pack(val_ids, seq_len)
+    val_scored = pack([answer_positions(tokenizer, c, ids) for c, ids in zip(val_c, val_ids)], seq_len).bool()
     if cfg.max_train_tokens is not None:
         train = train[: max(1, cfg.max_train_tokens // seq_len)]
     if len(train) == 0:
@@ -325,4 +343,4 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
     if len(val) == 0:
         raise TaskDataError(f"the validation slice of {source} yields no full block of {seq_len} tokens. "
                             f"Fix: raise data.val_examples.")
-    return TrainingData(train, val, source, len(convs))
+    return TrainingData(train, val, source, len(convs), val_scored)

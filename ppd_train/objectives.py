@@ -91,9 +91,17 @@ def frequent_tokens(blocks: torch.Tensor, n: int, vocab_size: int) -> torch.Tens
 
 
 @torch.no_grad()
-def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
-    """Fraction of positions where the final layer's argmax is among the head's top-k (the match rate p_k)."""
+def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ks=(1, 5),
+              scored: torch.Tensor | None = None, shortlist: torch.Tensor | None = None) -> dict[int, float]:
+    """Fraction of positions (those ``scored`` marks, if given) where the final layer's argmax is among the head's
+    top-k (the match rate p_k); with ``shortlist`` (token ids), the head's top-k among those rows only, as a
+    frequent-rows head guesses in decoding."""
     target = teacher_logits.argmax(-1, keepdim=True)
-    top = student_logits.topk(max(ks), dim=-1).indices
+    if shortlist is not None:
+        top = shortlist[student_logits.index_select(-1, shortlist).topk(max(ks), dim=-1).indices]
+    else:
+        top = student_logits.topk(max(ks), dim=-1).indices
     hit = top == target
+    if scored is not None:
+        return {k: hit[..., :k].any(-1)[scored].float().mean().item() for k in ks}
     return {k: hit[..., :k].any(-1).float().mean().item() for k in ks}

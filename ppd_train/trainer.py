@@ -229,14 +229,29 @@ def _batch_rows(perm: torch.Tensor, micro_index: int, micro: int, world: int, ra
 
 
 @torch.no_grad()
-def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro: int, device) -> dict:
-    """Mean validation loss and top-1/top-5 agreement with the final layer, per head."""
+def decoding_shortlist(head) -> torch.Tensor | None:
+    """The rows a head guesses from in decoding (a frequent-rows head's, trained or loaded), or None: all."""
+    short = getattr(head, "shortlist", None)
+    return head.rows if short is None and head.projection == "frequent" else short
+
+
+def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro: int, device,
+             scored: torch.Tensor | None = None) -> dict:
+    """Mean validation loss and top-1/top-5 agreement with the final layer, per head, as decoding sees it: over the
+    positions ``scored`` marks (the answers, where decoding predicts) and ranked as decoding ranks (a frequent-rows
+    head over its rows; ``val/top{k}_agree_full`` over the whole vocabulary beside it). The loss is over every
+    position."""
     bank.eval()
     sums: dict[str, float] = {}
     n = 0
+    if scored is None:
+        scored = torch.ones_like(val, dtype=torch.bool)
+    weight = scored.sum().item()  # (the agreements are means over the scored positions of every batch)
     reads_prev = any(h.reads_prev for h in bank.heads.values())
     for i in range(0, len(val), micro):
         ids = val[i:i + micro].to(device)
+        mask = scored[i:i + micro].to(device)
+        w = mask.sum().item()
         if reads_prev:
             hidden, teacher, final = backbone(ids, final_logits=True, final_hidden=True)
             prev, known = previous_states(final)
@@ -245,17 +260,23 @@ def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro:
         hidden = bank.contextual(hidden)
         for d, head in bank.heads.items():
             logits = head(hidden[int(d)], prev, known)
-            for k, v in agreement(logits, teacher, ks=(1, 5)).items():
-                sums[f"val/top{k}_agree/layer{d}"] = sums.get(f"val/top{k}_agree/layer{d}", 0.0) + v * len(ids)
-            if head.reads_prev:  # the same head where decoding cannot give it f(t-1)
-                for k, v in agreement(head(hidden[int(d)]), teacher, ks=(1, 5)).items():
-                    key = f"val/top{k}_agree_noprev/layer{d}"
-                    sums[key] = sums.get(key, 0.0) + v * len(ids)
+            short = decoding_shortlist(head)
+            if w:
+                ranked = {"": short, "_full": None} if short is not None else {"": None}
+                for suffix, rows in ranked.items():
+                    for k, v in agreement(logits, teacher, ks=(1, 5), scored=mask, shortlist=rows).items():
+                        key = f"val/top{k}_agree{suffix}/layer{d}"
+                        sums[key] = sums.get(key, 0.0) + v * w
+                if head.reads_prev:  # the same head where decoding cannot give it f(t-1)
+                    for k, v in agreement(head(hidden[int(d)]), teacher, ks=(1, 5), scored=mask,
+                                          shortlist=short).items():
+                        key = f"val/top{k}_agree_noprev/layer{d}"
+                        sums[key] = sums.get(key, 0.0) + v * w
             loss = head_loss(logits, ids, teacher, bank.objective, bank.kind, bank.temperature).item()
             sums[f"val/loss/layer{d}"] = sums.get(f"val/loss/layer{d}", 0.0) + loss * len(ids)
         n += len(ids)
     bank.train()
-    return {k: v / n for k, v in sums.items()}
+    return {k: v / (n if "/loss/" in k else weight) for k, v in sums.items()}
 
 
 def train(cfg, run_dir: str | Path | None = None) -> dict:
@@ -284,6 +305,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     data = build_training_data(data_cfg, tok, seq_len, model=model, model_spec=cfg.model.spec, rank=rank,
                                world=world, gather=_all_gather)
     val = data.val[: int(cfg.trainer.eval_blocks)]
+    val_scored = None if data.val_scored is None else data.val_scored[: int(cfg.trainer.eval_blocks)]
     global_batch = micro * accum * world
     steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
@@ -368,7 +390,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             t_last, tokens_since = time.time(), 0
             bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.3f}")
         if step % eval_every == 0 or step == total_steps:
-            scores = evaluate(backbone, engine.module, val, micro, device)
+            scores = evaluate(backbone, engine.module, val, micro, device, val_scored)
             metrics.update(scores)
             if keep_best and is_main:
                 _track_best(best, best_path, engine.module, scores, step)
@@ -387,7 +409,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
-    last = evaluate(backbone, engine.module, val, micro, device)
+    last = evaluate(backbone, engine.module, val, micro, device, val_scored)
     final, selected = dict(last), {}
     if keep_best and is_main:
         _track_best(best, best_path, engine.module, last, total_steps)

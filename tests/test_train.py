@@ -82,6 +82,9 @@ def test_agreement_and_losses():
     teacher = torch.tensor([[[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]]])
     student = torch.tensor([[[0.0, 1.0, 5.0], [3.0, 2.0, 1.0]]])
     assert agreement(student, teacher, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+    # over the scored positions only; over a shortlist, the head's top-k among its rows (as decoding guesses)
+    assert agreement(student, teacher, ks=(1,), scored=torch.tensor([[True, False]])) == {1: 0.0}
+    assert agreement(student, teacher, ks=(1,), shortlist=torch.tensor([0, 1])) == {1: 1.0}
     ids = torch.tensor([[1, 2]])
     ce = head_loss(student, ids, None, "ce")
     assert torch.isclose(ce, torch.nn.functional.cross_entropy(student[0, :1], ids[0, 1:]))
@@ -127,6 +130,21 @@ def test_corpus_loading_split_and_packing(corpus, tiny):
     assert split_train_val(convs, 8, seed=0) == (train_c, val_c)
     blocks = pack([render(tok, c) for c in train_c], 32)
     assert blocks.shape[1] == 32 and blocks.numel() <= sum(len(render(tok, c)) for c in train_c)
+
+
+def test_validation_scores_the_answer_positions(corpus, tiny):
+    from ppd_decode.data.prompts import render as render_prompt
+    from ppd_train.data import answer_positions
+
+    _, tok = tiny
+    conv = load_conversations(DataConfig(files=(str(corpus),)))[0]
+    ids = render(tok, conv)
+    prompt = render_prompt(tok, conv[0]["content"])[1]
+    assert ids[:len(prompt)] == prompt and len(ids) > len(prompt) + 2
+    scored = answer_positions(tok, conv, ids)
+    # from the prompt's last position (it predicts the first answer token) to the answer's last but one
+    assert scored == [len(prompt) - 1 <= t <= len(ids) - 2 for t in range(len(ids))]
+    assert answer_positions(tok, conv[1:], ids) == [t < len(ids) - 1 for t in range(len(ids))]  # no prompt: all
 
 
 def test_bad_corpus_rows(tmp_path):
@@ -335,11 +353,14 @@ def test_each_head_is_exported_at_its_best_validation_step(corpus, tmp_path, tin
     history = json.loads((tmp_path / "best" / "metrics.json").read_text())["history"]
     model, tok = tiny
     cfg = _cfg(*common)
-    val = build_training_data(DataConfig.from_cfg(cfg.data), tok, 32).val[: int(cfg.trainer.eval_blocks)]
+    data = build_training_data(DataConfig.from_cfg(cfg.data), tok, 32)
+    val, scored = data.val[: int(cfg.trainer.eval_blocks)], data.val_scored[: int(cfg.trainer.eval_blocks)]
+    assert 0 < scored.float().mean() < 1  # the answers only
+    assert "val/top1_agree_full/layer1" in history[-1]  # frequent-rows heads: the full-vocabulary ranking beside
     for run, res in (("best", out), ("last", last)):
-        heads = load_heads(tmp_path / run / "heads", model)
+        heads = load_heads(tmp_path / run / "heads", model)  # (as decoding loads them: shortlist and all)
         rescored = evaluate(FrozenBackbone(model, [1, 2]), HeadBank(heads, "distill", "argmax", 1.0), val, 2,
-                            torch.device("cpu"))
+                            torch.device("cpu"), scored)
         for d in (1, 2):
             key = f"val/top1_agree/layer{d}"
             assert rescored[key] == pytest.approx(res["final"][key], abs=1e-6)
