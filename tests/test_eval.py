@@ -78,6 +78,17 @@ def test_teacher_forced_measurement_gives_the_same_rates(tmp_path, shared_data):
     assert b["tasks"]["squad"]["teacher_forced_disagreements"] == 0
 
 
+def test_block_heads_are_scored_teacher_forced_and_refused_for_capture(tmp_path, shared_data):
+    model, _ = load_model("tiny-random")
+    save_heads(tmp_path / "run" / "heads", {2: EarlyExitHead.from_model(model, 2, block=True)}, model,
+               meta={"objective": "distill", "distill_kind": "argmax"})
+    heads = f"heads=[{tmp_path / 'run' / 'heads'}]"
+    report = run(_cfg(heads, "timing.enabled=false", "cost_baseline=false", "measure=teacher_forced"), tmp_path / "a")
+    assert any(r["head"] != "lens" for r in report["tasks"]["squad"]["rates"])
+    with pytest.raises(PPDError, match="measure=teacher_forced"):
+        run(_cfg(heads, "timing.enabled=false", "cost_baseline=false"), tmp_path / "b")
+
+
 def test_missing_data_is_a_reported_skip(tmp_path, monkeypatch):
     monkeypatch.setenv("PPD_DATA", str(tmp_path / "nothing"))
     report = run(_cfg("source=local", "timing.enabled=false"), tmp_path / "out")

@@ -172,8 +172,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                                        context_length=context_length(model))
         ids = [p.input_ids for p in prompts]
         if not warmed:  # the first task's timings would otherwise carry one-off start-up costs
-            c, st = greedy_continuations(model, ids[:2], 4, batch_size=2, capture_layers=layers, capture_final=final)
-            score_captured(model, heads, c, st, ks=ks)
+            if cfg.measure == "capture":
+                c, st = greedy_continuations(model, ids[:2], 4, batch_size=2, capture_layers=layers,
+                                             capture_final=final)
+                score_captured(model, heads, c, st, ks=ks)
+            else:  # (block heads are scored teacher-forced only: warm that path)
+                c = greedy_continuations(model, ids[:2], 4, batch_size=2)
+                score_heads(model, heads, ids[:2], c, ks=ks)
             warmed = True
         if cfg.measure not in ("capture", "teacher_forced"):
             raise ValueError(f"measure={cfg.measure!r}; use capture or teacher_forced")
