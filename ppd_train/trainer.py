@@ -228,13 +228,13 @@ def _batch_rows(perm: torch.Tensor, micro_index: int, micro: int, world: int, ra
     return perm[start:start + micro]
 
 
-@torch.no_grad()
 def decoding_shortlist(head) -> torch.Tensor | None:
     """The rows a head guesses from in decoding (a frequent-rows head's, trained or loaded), or None: all."""
     short = getattr(head, "shortlist", None)
     return head.rows if short is None and head.projection == "frequent" else short
 
 
+@torch.no_grad()
 def evaluate(backbone: FrozenBackbone, bank: HeadBank, val: torch.Tensor, micro: int, device,
              scored: torch.Tensor | None = None) -> dict:
     """Mean validation loss and top-1/top-5 agreement with the final layer, per head, as decoding sees it: over the
