@@ -17,7 +17,7 @@ NPROC ?= 1
 # HEADS=lens: the untrained logit lens).
 HEADS ?=
 
-.PHONY: install demo test test-slow train eval bench bench-train clean-cache
+.PHONY: install demo test test-slow train self-distill eval bench bench-train clean-cache
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ test: install
 
 train: install
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m ppd_train $(if $(LAYERS),head.layers=[$(LAYERS)]) $(ARGS)
+
+# The model's own answers to the training prompts alone (the slow part of a self-distilled run; resumable, sharded
+# over NPROC ranks): `make train ARGS="data=dolly_self_distill ..."` with the same data settings then reads them.
+self-distill: install
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m ppd_train data=dolly_self_distill trainer.data_only=true $(ARGS)
 
 # `make eval HEADS=outputs/train/<run>/heads` (HEADS may list several, comma-separated, e.g. one per objective).
 eval: install

@@ -47,6 +47,7 @@ class TrainerConfig:
     keep_best: bool = True  # export each head as it was at its best validation top-1, not at the last step
     threads: int | None = None
     autocast: str | None = None  # bf16 | null
+    data_only: bool = False  # prepare the training data (self-distillation included), then stop
     debug_kill_at_step: int | None = None
 
 

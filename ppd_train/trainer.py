@@ -304,6 +304,16 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     data_cfg = DataConfig.from_cfg(cfg.data)
     data = build_training_data(data_cfg, tok, seq_len, model=model, model_spec=cfg.model.spec, rank=rank,
                                world=world, gather=_all_gather)
+    if cfg.trainer.data_only:
+        # Self-distillation is the slow part of a run: a cluster (or an idle machine) can pay for it once, sharded
+        # over every rank, before any training is scheduled; the training run then reads the same cache.
+        summary = {"data_only": True, "source": data.source, "conversations": data.conversations,
+                   "train_blocks": len(data.train), "val_blocks": len(data.val), "seq_len": seq_len}
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "data.json").write_text(json.dumps(summary, indent=1))
+            print(f"data ready: {summary}", flush=True)
+        return summary
     val = data.val[: int(cfg.trainer.eval_blocks)]
     val_scored = None if data.val_scored is None else data.val_scored[: int(cfg.trainer.eval_blocks)]
     global_batch = micro * accum * world

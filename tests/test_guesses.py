@@ -129,17 +129,39 @@ def test_merge_keeps_lookup_first_then_the_ranking_without_repeats():
     assert merge_guesses([1, 1, 2], [2, 3], 2) == [1, 2]
 
 
-def test_a_shortlist_head_guesses_its_best_shortlisted_tokens():
+def _shortlist_head():
+    """A materialised frequent-rows head with trained (random) rows, its rows, the model and some states."""
     m = model(0, 0.3)
     rows = torch.tensor([3, 10, 11, 40, 77, 200])
     head = EarlyExitHead.from_model(m, 2, projection="frequent", rows=rows)
     with torch.no_grad():
         head.row_weight.add_(torch.randn_like(head.row_weight))
     head.materialize()
-    h = torch.randn(5, m.config.hidden_size, dtype=torch.float64)
+    return head, rows, m, torch.randn(5, m.config.hidden_size, dtype=torch.float64)
+
+
+def test_a_shortlist_head_guesses_its_best_shortlisted_tokens():
+    head, rows, m, h = _shortlist_head()
     full = head(h)
     want = rows[full[:, rows].topk(2, dim=-1).indices]
     assert torch.equal(head.guess(h, 2), want)
     assert torch.equal(head.guess(h, 7), full.topk(7, dim=-1).indices)  # more than the shortlist: whole vocabulary
     plain = EarlyExitHead.from_model(m, 2)
     assert torch.equal(plain.guess(h, 3), plain(h).topk(3, dim=-1).indices)
+
+
+def test_a_shortlist_head_ranks_and_weighs_its_shortlist_as_it_guesses():
+    """``ranked`` (what token trees branch on): the guesses' ids with the softmax over the shortlist, the head's
+    trained candidate softmax; without a shortlist, over the vocabulary."""
+    head, rows, m, h = _shortlist_head()
+    ids, probs = head.ranked(h, 3)
+    assert torch.equal(ids, head.guess(h, 3))
+    want = head(h)[:, rows].softmax(-1).topk(3, dim=-1).values
+    assert torch.allclose(probs, want.float())
+    one, p1 = head.guess_with_confidence(h)
+    assert torch.equal(one, ids[:, 0]) and torch.equal(p1, probs[:, 0])
+    plain = EarlyExitHead.from_model(m, 2)
+    ids, probs = plain.ranked(h, 2)
+    assert torch.equal(ids, plain.guess(h, 2))
+    assert torch.allclose(probs, plain(h).softmax(-1).topk(2, dim=-1).values.float())
+

@@ -277,7 +277,8 @@ def test_a_strategy_refuses_a_head_it_cannot_feed():
     from prev_heads import block_head, prev_head
 
     m = model(0, 1.0)
-    assert READS_PREV == ["batched_self_speculative", "ppd", "self_speculative", "tree_speculative"]
+    assert READS_PREV == ["batched_self_speculative", "batched_tree_speculative", "ppd", "self_speculative",
+                          "tree_speculative"]
     assert BLOCK == ["ppd", "self_speculative"]
     for head, reads, able in ((prev_head(m, 2, 0), "f_prev", READS_PREV), (block_head(m, 2, 0), "h_d_prefix", BLOCK)):
         cannot = sorted(n for n, c in REGISTRY.items() if c.needs_heads and reads not in c.head_inputs)
@@ -305,7 +306,8 @@ def test_block_heads_decode_exactly(name, prompt, mdl, layer, noise, lookup, can
 
 @pytest.mark.parametrize("name,cfg", [("tree_speculative", {"branching": (2, 2, 1)}),
                                       ("tree_speculative", {"dynamic": True}),
-                                      ("batched_self_speculative", {"draft_tokens": 3})])
+                                      ("batched_self_speculative", {"draft_tokens": 3}),
+                                      ("batched_tree_speculative", {"branching": (2, 2, 1)})])
 def test_trees_and_batches_feed_f_prev_of_the_verified_row(tmp_path, name, cfg):
     """The root's children of a tree, and each batch row's first draft, read f(t-1): the final normed state of the
     verified row that produced the token they draft from (in a batch, also after other rows have finished)."""
@@ -332,6 +334,29 @@ def test_trees_and_batches_feed_f_prev_of_the_verified_row(tmp_path, name, cfg):
         assert r.tokens == reference(m, prompts[0], 30)
         sequences = [prompts[0] + r.tokens]
     assert check_fed_f_prev(m, 2, sequences, torch.load(tmp_path / "seen.pt")) >= 5
+
+
+@pytest.mark.parametrize("name,cfg", [("tree_speculative", {"branching": (2, 1)}),
+                                      ("batched_tree_speculative", {"branching": (2, 1)}),
+                                      ("batched_self_speculative", {"draft_tokens": 2})])
+def test_trees_and_batches_draft_from_the_heads_shortlist(name, cfg):
+    """A frequent-rows head drafts as its guesses rank: over its trained rows. Here those rows' logits are tiny, so
+    over the whole vocabulary an untrained row would always come first and no draft could ever be accepted."""
+    m = model(0, 0.05)
+    prompt = list(range(10, 30))
+    ref = reference(m, prompt, 30)
+    rows = torch.tensor(sorted(set(ref)))
+    head = EarlyExitHead.from_model(m, 2, projection="frequent", rows=rows)
+    with torch.no_grad():
+        head.row_weight.mul_(1e-3)
+    head.materialize()
+    with torch.no_grad():
+        states = m(torch.tensor([prompt + ref]), output_hidden_states=True).hidden_states[2][0]
+        assert not torch.isin(head(states).argmax(-1), rows).any()  # the premise: the full ranking never drafts them
+    s = build(name, m, {2: head}, layer=2, **cfg)
+    r = s.generate_batch([prompt], 30)[0] if name.startswith("batched") else s.generate(prompt, 30)
+    assert r.tokens == ref
+    assert r.accepted >= 5
 
 
 @pytest.mark.parametrize("lookup", [False, True])

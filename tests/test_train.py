@@ -259,6 +259,25 @@ def test_shipped_answers_fill_a_fresh_cache_without_generating(tiny, corpus, tmp
     assert len(read_self_distilled(fresh)) == 8
 
 
+def test_data_only_prepares_the_self_distilled_data_and_trains_nothing(corpus, tmp_path, monkeypatch):
+    """``trainer.data_only=true`` pays for self-distillation alone; the training run after it generates nothing."""
+    import transformers
+
+    monkeypatch.setenv("PPD_CACHE", str(tmp_path / "cache"))
+    sd = ["head.layers=[1]", f"data.files=[{corpus}]", "data.self_distill.enabled=true", "trainer.max_steps=2",
+          "data.self_distill.max_new_tokens=4", "data.self_distill.num_prompts=6", "data.self_distill.val_prompts=4"]
+    out = train(_cfg(*sd, "trainer.data_only=true"), run_dir=tmp_path / "prep")
+    assert out["data_only"] and out["train_blocks"] > 0
+    assert json.loads((tmp_path / "prep" / "data.json").read_text()) == out
+    assert not (tmp_path / "prep" / "checkpoints").exists() and not (tmp_path / "prep" / "heads").exists()
+    caches = sorted((tmp_path / "cache" / "self_distill").glob("*.jsonl"))
+    assert [len(c.read_text().splitlines()) for c in caches] == [4, 6]  # the validation and training answers
+    calls = []
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", lambda *a, **k: calls.append(1))
+    train(_cfg(*sd), run_dir=tmp_path / "run")
+    assert calls == [] and (tmp_path / "run" / "heads").is_dir()
+
+
 def _sharded_self_distill(rank: int, world: int, port: int, corpus: str, cache: str, stop_after: int | None):
     """One rank of a self-distillation (spawned by the test below)."""
     import torch.distributed as dist

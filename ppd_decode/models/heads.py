@@ -105,6 +105,12 @@ def previous_states(final: torch.Tensor, drop: float = 0.0) -> tuple[torch.Tenso
     return prev, known
 
 
+def ranked_size(head) -> int:
+    """How many tokens a head's guesses are ranked among (``EarlyExitHead.ranked``): its shortlist or the vocabulary."""
+    short = getattr(head, "shortlist", None)
+    return len(short) if short is not None else head.lm_head.out_features
+
+
 class ResidualAdapter(nn.Module):
     """h + up(act(down(h))), with ``up`` zero-initialised so a fresh adapter changes nothing."""
 
@@ -257,11 +263,20 @@ class EarlyExitHead(nn.Module):
                               prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's top-1 token ids [...] and their softmax probabilities (over the shortlist where the head has
         one, the set its candidate softmax was trained on): how sure the head is, for stopping a draft early."""
+        i, p = self.ranked(hidden, 1, prev)
+        return i[..., 0], p[..., 0]
+
+    def ranked(self, hidden: torch.Tensor, k: int,
+               prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's top-``k`` token ids [..., k] and their softmax probabilities, as ``guess`` ranks them: over the
+        shortlist where the head has one (the set its candidate softmax was trained on; over the full vocabulary a
+        frequent-rows head's trained rows compete with untrained ones on another scale), else the vocabulary. What
+        token trees branch on."""
         short = getattr(self, "shortlist", None)
-        if short is None:
-            p, i = self(hidden, prev).float().softmax(-1).max(-1)
+        if short is None or k > len(short):
+            p, i = self(hidden, prev).float().softmax(-1).topk(k, dim=-1)
             return i, p
-        p, i = self.shortlist_logits(hidden, prev).float().softmax(-1).max(-1)
+        p, i = self.shortlist_logits(hidden, prev).float().softmax(-1).topk(k, dim=-1)
         return short[i], p
 
     def contextual(self, hidden: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:

@@ -151,7 +151,8 @@ def profile_steps(model, head, layer: int, batches=(1,), lower_rows=(1,), upper_
         if key in per_model:
             return per_model[key]
     L, dev = num_layers(model), model.device
-    early = (lambda h: head(h).argmax(-1)) if head_in_lower else None
+    # the head as decoding calls it: its guesses, over its shortlist where it has one (not the whole projection)
+    early = (lambda h: head.guess(h, 1)) if head_in_lower else None
     final = (lambda h: final_argmax(model, h))
     lower, upper, heads = [], [], []
     bar = None
@@ -165,7 +166,7 @@ def profile_steps(model, head, layer: int, batches=(1,), lower_rows=(1,), upper_
         upper.append([median_time(ctx.step(layer, L, q, final), repeats, dev) for q in upper_rows])
         if not head_in_lower:
             h1 = torch.randn(b, 1, model.config.hidden_size, device=dev, dtype=model.dtype)
-            heads.append(median_time(lambda: head(h1).argmax(-1), repeats, dev))
+            heads.append(median_time(lambda: head.guess(h1, 1), repeats, dev))
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -89,7 +89,9 @@ class BatchedDecoding(DecodingStrategy):
                     h = batch.run(embed(m, tok[:, None]), 0, d, (batch.pos + i)[:, None], offset=i)
                     hidden.append(h)
                     if i < g:
-                        tok = self.head(h, prev if i == 0 else None)[:, -1].argmax(-1)
+                        # ranked as the head's guesses are (over its shortlist), f(t-1) for the first draft only
+                        known = prev[:, -1] if i == 0 and prev is not None else None
+                        tok = self.head.guess(h[:, -1], 1, known)[:, 0]
                         drafted.append(tok)
                 drafts = torch.stack(drafted, dim=1)  # [B, g]
                 positions = batch.pos[:, None] + torch.arange(g + 1, device=dev)

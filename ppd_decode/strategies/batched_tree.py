@@ -21,9 +21,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ppd_decode.models.heads import F_PREV, H_D
 from ppd_decode.profiling.step_cost import StepCosts, profile_steps
 from ppd_decode.runtime.ragged import RaggedBatch
-from ppd_decode.runtime.stack import embed, final_argmax, num_layers
+from ppd_decode.runtime.stack import decoder, embed, final_argmax, num_layers
 from ppd_decode.runtime.timing import stopwatch
 from ppd_decode.runtime.token_tree import Tree, accepted_path
 from ppd_decode.strategies.base import DecodeResult, pick_head, register
@@ -64,6 +65,7 @@ class BatchedTreeSpeculative(BatchedDecoding):
     Stats = TreeStats
     Config = BatchedTreeConfig
     needs_heads = True
+    head_inputs = (H_D, F_PREV)  # f(t-1) for each row's root level (a block head's prefix is not kept per row)
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
@@ -80,9 +82,11 @@ class BatchedTreeSpeculative(BatchedDecoding):
         self.calibration = 1.0
 
     # ------------------------------------------------------------------------------------------------ drafting
-    def _draft(self, batch: RaggedBatch, trees: list[Tree], shortlists: list[list[torch.Tensor]]):
+    def _draft(self, batch: RaggedBatch, trees: list[Tree], shortlists: list[list[torch.Tensor]],
+               prev: torch.Tensor | None = None):
         """Grow every row's tree level by level. Returns the block layout: ``col[b][node]`` (column of each node in
-        this step's block), the layer-d states [B, N, H] and the block's tree visibility [B, N, N]."""
+        this step's block), the layer-d states [B, N, H] and the block's tree visibility [B, N, N]. ``prev``: each
+        root's f(t-1) [B, 1, H], for a head that reads it (the roots' level only)."""
         m, d, c = self.model, self.layer, self.config
         B, dev = batch.size, batch.cur.device
         col = [[0] for _ in range(B)]
@@ -113,16 +117,15 @@ class BatchedTreeSpeculative(BatchedDecoding):
                         <= expected / (spent + self.costs.upper_time(B, N)):
                     break  # not even one certain child per row would pay: skip the head too
             width = c.max_children if c.dynamic else c.branching[depth]
-            logits = self.head(h)  # [B, W, V]
-            probs = logits.float().softmax(-1).topk(width, dim=-1)
+            toks, prs, short = self.single._children(h, width, prev)  # [B][W][<= width]
+            prev = None
             cands = []
             for b, lvl in enumerate(levels):
-                if self.prune_head is not None and c.prune_shortlist:
-                    k = min(c.prune_shortlist, logits.shape[-1])
-                    shortlists[b].append(logits[b, :len(lvl)].topk(k, dim=-1).indices.flatten())
-                tok, pr = probs.indices[b].tolist(), probs.values[b].tolist()
-                cands.append(sorted(((trees[b].prob[p] * pr[i][j], p, tok[i][j]) for i, p in enumerate(lvl)
-                                     for j in range(width)), reverse=True))
+                if short is not None:
+                    shortlists[b].append(short[b, :len(lvl)].flatten())
+                tok, pr = toks[b], prs[b]
+                cands.append(sorted(((trees[b].prob[p] * q, p, t) for i, p in enumerate(lvl)
+                                     for t, q in zip(tok[i], pr[i])), reverse=True))
             room = c.max_nodes - (max(len(t.tokens) for t in trees) - 1)
             if c.dynamic:
                 best_q, best, gain = 0, expected / (spent + self.costs.upper_time(B, N)), 0.0
@@ -157,7 +160,8 @@ class BatchedTreeSpeculative(BatchedDecoding):
         return [i for i in range(len(tree.tokens)) if alive[i]]
 
     def _verify(self, batch: RaggedBatch, trees, col, states, see_all, shortlists):
-        """Final-layer argmax at every surviving node: (alive nodes per row, {node: argmax} per row)."""
+        """Final-layer argmax at every surviving node: (alive nodes per row, {node: argmax} per row, the final
+        layer's states [B, *, H], {node: its index there} per row)."""
         m, d, L = self.model, self.layer, num_layers(self.model)
         B, N, dev = batch.size, states.shape[1], states.device
         positions = batch.pos[:, None].repeat(1, N)
@@ -170,7 +174,8 @@ class BatchedTreeSpeculative(BatchedDecoding):
         if p == L:
             target = final_argmax(m, h).tolist()
             return [list(range(len(t.tokens))) for t in trees], [
-                {i: target[b][col[b][i]] for i in range(len(t.tokens))} for b, t in enumerate(trees)]
+                {i: target[b][col[b][i]] for i in range(len(t.tokens))} for b, t in enumerate(trees)], h, [
+                dict(enumerate(cols)) for cols in col]
         alive = [self._survivors(t, shortlists[b], col[b], h[b]) for b, t in enumerate(trees)]
         S = max(map(len, alive))
         idx = torch.zeros(B, S, dtype=torch.long)
@@ -196,13 +201,15 @@ class BatchedTreeSpeculative(BatchedDecoding):
                 full.scatter_(2, dump[:, None, :, None].expand(Bk, Hh, S, D), kv[..., K:, :])
                 setattr(layer, name, torch.cat([kv[..., :K, :], full[..., :N, :]], dim=2))
         target = final_argmax(m, h).tolist()
-        return alive, [{i: target[b][j] for j, i in enumerate(keep)} for b, keep in enumerate(alive)]
+        return alive, [{i: target[b][j] for j, i in enumerate(keep)} for b, keep in enumerate(alive)], h, [
+            {i: j for j, i in enumerate(keep)} for keep in alive]
 
     # ------------------------------------------------------------------------------------------------ the loop
     def _decode(self, prompts: list[list[int]], max_new_tokens: int) -> list[DecodeResult]:
         batch = RaggedBatch(self.model, prompts, self.pad)
         results = [self.new_result([], steps=1) for _ in prompts]
         self._finish_rows(batch, results, [[t] for t in batch.cur.tolist()], max_new_tokens)
+        prev = None  # [B, 1, H]: f(t-1) of each row's `cur`, for a head that reads it (unknown after the prefill)
         while batch.size:
             trees = []
             for t in batch.cur.tolist():
@@ -210,14 +217,15 @@ class BatchedTreeSpeculative(BatchedDecoding):
                 tree.add(t, -1, 1.0)
                 trees.append(tree)
             shortlists = [[] for _ in trees]
-            col, states, see_all = self._draft(batch, trees, shortlists)
+            col, states, see_all = self._draft(batch, trees, shortlists, prev)
             with stopwatch(self.model.device) as t:
-                alive, target = self._verify(batch, trees, col, states, see_all, shortlists)
+                alive, target, final, where = self._verify(batch, trees, col, states, see_all, shortlists)
             verify_s = t.seconds
             keep = torch.zeros(batch.size, states.shape[1], dtype=torch.bool)
-            new, predicted, got = [], 0.0, 0
+            new, predicted, got, last = [], 0.0, 0, []
             for b, (tree, row) in enumerate(zip(trees, batch.rows)):
                 path = accepted_path(tree, alive[b], target[b])
+                last.append(where[b][path[-1]])
                 for i in path:
                     keep[b, col[b][i]] = True
                 res = results[row]
@@ -234,5 +242,10 @@ class BatchedTreeSpeculative(BatchedDecoding):
                 self.calibration = updated_calibration(self.calibration, predicted, got)
             batch.commit_columns(keep.to(batch.valid.device))
             batch.cur = torch.tensor([toks[-1] for toks in new], device=batch.cur.device)
-            self._finish_rows(batch, results, new, max_new_tokens)
+            if self.head.reads_prev:  # each row's verified state whose argmax is its new `cur`
+                at = torch.tensor(last, device=final.device)[:, None, None].expand(-1, 1, final.shape[-1])
+                prev = decoder(self.model).norm(final.gather(1, at))
+            live = self._finish_rows(batch, results, new, max_new_tokens)
+            if prev is not None and live is not None:
+                prev = prev[live]
         return results

@@ -29,7 +29,7 @@ import torch
 from torch.nn.functional import linear as nn_linear
 
 from ppd_decode.errors import HeadMismatchError, PPDError
-from ppd_decode.models.heads import F_PREV, H_D, check_layer
+from ppd_decode.models.heads import F_PREV, H_D, check_layer, ranked_size
 from ppd_decode.profiling.step_cost import StepCosts, profile_steps
 from ppd_decode.runtime.stack import (
     decoder,
@@ -114,9 +114,15 @@ class TreeSpeculative(DecodingStrategy):
         self.calibration = 1.0  # observed / predicted accepted length (dynamic trees), learned online
 
     # ------------------------------------------------------------------------------------------------ drafting
-    def _children(self, logits: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]]]:
-        probs = logits.float().softmax(-1).topk(k, dim=-1)
-        return probs.indices.tolist(), probs.values.tolist()
+    def _children(self, h: torch.Tensor, k: int, prev: torch.Tensor | None = None):
+        """Each row's ``k`` most probable children (token ids, probabilities), ranked as the head's guesses rank
+        (``EarlyExitHead.ranked``), from one head call, and the pruning shortlist (the draft's top
+        ``prune_shortlist`` ids per row, None without pruning by shortlist). ``h``: [B, W, H]."""
+        c = self.config
+        want = c.prune_shortlist if self.prune_head is not None and c.prune_shortlist else 0
+        ids, probs = self.head.ranked(h, min(max(k, want), ranked_size(self.head)), prev)
+        short = ids[..., :want] if want else None
+        return ids[..., :k].tolist(), probs[..., :k].tolist(), short
 
     def _child_could_pay(self, tree: Tree, level: list[int], spent: float, expected: float) -> bool:
         """Would one child, accepted as surely as its parent, raise expected tokens per predicted second?
@@ -150,13 +156,12 @@ class TreeSpeculative(DecodingStrategy):
                 if not self._child_could_pay(tree, level, spent, expected):
                     break  # not even a certain child would pay for its cost: skip the head too
             width = c.max_children if c.dynamic else c.branching[depth]
-            logits = self.head(h, prev)[0]
+            (tok,), (pr,), short = self._children(h, width, prev)
             prev = None
-            if self.prune_head is not None and c.prune_shortlist:
-                self._shortlist.append(logits.topk(min(c.prune_shortlist, logits.shape[-1]), dim=-1).indices.flatten())
-            tok, pr = self._children(logits, width)
-            cands = sorted(((tree.prob[p] * pr[i][j], p, tok[i][j]) for i, p in enumerate(level)
-                            for j in range(width)), reverse=True)
+            if short is not None:
+                self._shortlist.append(short.flatten())
+            cands = sorted(((tree.prob[p] * q, p, t) for i, p in enumerate(level)
+                            for t, q in zip(tok[i], pr[i])), reverse=True)
             room = c.max_nodes - (len(tree.tokens) - 1)
             if c.dynamic:
                 # Keep the q most probable children that maximise expected tokens per predicted second of the
