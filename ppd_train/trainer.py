@@ -370,6 +370,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc="train heads", disable=not is_main, dynamic_ncols=True)
+    last = None  # the last step's validation scores
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
@@ -404,6 +405,8 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             metrics.update(scores)
             if keep_best and is_main:
                 _track_best(best, best_path, engine.module, scores, step)
+            if step == total_steps:
+                last = scores
         if metrics and is_main:
             history.append({"step": step, **metrics})
             if run is not None:
@@ -419,10 +422,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
-    last = evaluate(backbone, engine.module, val, micro, device, val_scored)
+    if last is None:  # resumed after its last step: the loop did not score it in this process
+        last = evaluate(backbone, engine.module, val, micro, device, val_scored)
+        if keep_best and is_main:
+            _track_best(best, best_path, engine.module, last, total_steps)
     final, selected = dict(last), {}
     if keep_best and is_main:
-        _track_best(best, best_path, engine.module, last, total_steps)
         for d, rec in best.items():  # each head independently: the backbone is frozen, heads never interact
             engine.module.heads[str(d)].load_state_dict(rec["state"], strict=False)
             final.update({k: v for k, v in rec["metrics"].items() if k.endswith(f"/layer{d}")})

@@ -359,6 +359,27 @@ def test_trees_and_batches_draft_from_the_heads_shortlist(name, cfg):
     assert r.accepted >= 5
 
 
+def test_transformers_assistant_drafts_what_the_head_guesses():
+    """early_exit_assisted's draft model is the model's layers 1..d, then the head's adapter, norm and ranking (over
+    its shortlist): its next-token argmax is the head's guess, and decoding with it stays exact."""
+    m = model(0, 0.3)
+    rows = torch.tensor([3, 10, 11, 40, 77, 200])
+    head = EarlyExitHead.from_model(m, 2, adapter_rank=8, projection="frequent", rows=rows)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (head.adapter.up.weight, head.row_weight):
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    head.materialize()
+    s = build("early_exit_assisted", m, {2: head}, layer=2)
+    prompt = list(range(10, 30))
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        drafted = s.assistant(ids).logits.argmax(-1)
+        h = m(ids, output_hidden_states=True).hidden_states[2]
+    assert torch.equal(drafted, head.guess(h, 1)[..., 0]) and torch.isin(drafted, rows).all()
+    assert s.generate(prompt, 20).tokens == reference(m, prompt, 20)
+
+
 @pytest.mark.parametrize("lookup", [False, True])
 def test_self_speculation_feeds_a_block_head_the_accepted_text(tmp_path, lookup):
     """Whichever source drafted a position (the head, a copied draft, a tree of them), the block head's cache holds

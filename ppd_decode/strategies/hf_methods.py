@@ -51,9 +51,36 @@ class AssistantEarlyExit(_HFGenerate):
         return {"assistant_early_exit": self.config.layer or self.model.config.num_hidden_layers // 2}
 
 
+class _HeadFeatures(torch.nn.Module):
+    """The head's features (adapter, norm; the f(t-1) stand-in) in place of the draft model's final norm."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.features(hidden)
+
+
+class _ShortlistProjection(torch.nn.Module):
+    """The draft model's LM head for a head with a shortlist: the shortlist's logits and the dtype's lowest value
+    for every other token, so transformers' assistant drafts what the head's guesses rank first."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.head.shortlist_weight
+        out = x.new_full((*x.shape[:-1], self.head.lm_head.out_features), torch.finfo(x.dtype).min, dtype=w.dtype)
+        out[..., self.head.shortlist] = torch.nn.functional.linear(x.to(w.dtype), w)
+        return out
+
+
 def early_exit_model(model, head):
     """A causal LM made of the model's own embedding and layers 1..d plus our head, sharing their weights: the
-    draft model for transformers' assisted generation (it keeps its own KV cache)."""
+    draft model for transformers' assisted generation (it keeps its own KV cache). The head's adapter and norm
+    replace the final norm, and its projection ranks as its guesses do (over its shortlist where it has one)."""
     import copy
 
     from torch import nn
@@ -65,8 +92,8 @@ def early_exit_model(model, head):
     draft.model.embed_tokens = model.model.embed_tokens
     draft.model.layers = nn.ModuleList(model.model.layers[: head.layer])
     draft.model.rotary_emb = model.model.rotary_emb
-    draft.model.norm = head.norm
-    draft.lm_head = head.lm_head
+    draft.model.norm = _HeadFeatures(head)
+    draft.lm_head = _ShortlistProjection(head) if getattr(head, "shortlist", None) is not None else head.lm_head
     draft.generation_config = copy.deepcopy(model.generation_config)
     return draft.eval()
 
@@ -87,10 +114,7 @@ class EarlyExitAssisted(_HFGenerate):
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
-        
         self.config.layer, head = pick_head(self, self.config.layer)
-        if head.adapter is not None:
-            raise NotImplementedError("heads with an adapter are not supported as transformers assistants yet")
         self.assistant = early_exit_model(model, head)
         self.assistant.generation_config.num_assistant_tokens = self.config.num_assistant_tokens
 
