@@ -245,6 +245,25 @@ def test_a_hung_worker_times_out_and_without_fallback_raises():
     assert all(_gone(p) for p in pids)
 
 
+def test_a_script_without_the_main_guard_fails_fast_and_names_the_fix(tmp_path):
+    """spawn imports the main script again in each worker; unguarded, the script builds an engine there too. The
+    user gets the guard as the fix, not a hang or a bare exit code."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from ppd_decode import load_model\n"
+        "from ppd_decode.models.heads import EarlyExitHead\n"
+        "from ppd_decode.strategies.ppd import PPDConfig, PPDEngine\n"
+        "m, _ = load_model('tiny-random:layers=4,seed=0')\n"
+        "PPDEngine(m, EarlyExitHead.from_model(m, 2).materialize(), PPDConfig(k=2)).start()\n")
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and time.monotonic() - t < 120
+    assert "WorkerError" in r.stderr and 'if __name__ == "__main__":` guard' in r.stderr, r.stderr[-2000:]
+
+
 def test_bad_requests_are_refused_before_workers_start():
     m = model(0, 1.0)
     with pytest.raises(PPDError, match="k must be >= 1"):

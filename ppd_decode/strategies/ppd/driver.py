@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import time
 
 import torch
@@ -115,7 +116,13 @@ class PPDEngine(Managed):
         kind, msg = self._next(timeout=self.cfg.timeout_s + 60)
         if kind != "ready":
             self.close()
-            raise WorkerError(f"pipeline workers failed to start: {msg}")
+            hint = ""
+            if kind == "dead" and getattr(sys.modules["__main__"], "__file__", None):
+                # spawn imports the main script again in each worker: unguarded, it builds an engine there too
+                hint = (". If the workers' traceback above says a process was started before bootstrapping finished, "
+                        "the script that builds the engine has no `if __name__ == \"__main__\":` guard and the "
+                        "spawned workers import it again. Fix: build and run the engine under that guard")
+            raise WorkerError(f"pipeline workers failed to start: {msg}{hint}")
 
     def alive(self) -> bool:
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
