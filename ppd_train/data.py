@@ -225,10 +225,10 @@ def _check_prompts(rows: list[dict], prompts: list[str], path: Path) -> None:
 
 @torch.no_grad()
 def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, progress: bool,
-            shipped: Path | None = None) -> None:
+            shipped: bool = False) -> None:
     """Append to ``path`` the model's greedy answer to each of ``prompts`` it does not hold yet (batched, flushed
-    batch by batch: an interrupted run resumes where it stopped); first those the package ships for the cache
-    ``shipped``."""
+    batch by batch: an interrupted run resumes where it stopped); with ``shipped``, first those the package ships
+    for this cache (a rank's shard file has none)."""
     from tqdm import tqdm
 
     from ppd_decode.data.prompts import render as render_prompt
@@ -236,8 +236,8 @@ def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, p
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _read_rows(path)
     _check_prompts(done, prompts, path)
-    if shipped is not None:
-        filled = _with_shipped(done, prompts, shipped)
+    if shipped:
+        filled = _with_shipped(done, prompts, path)
         if len(filled) > len(done):
             with path.open("a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in filled[len(done):]))
@@ -277,7 +277,7 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
     if cfg.sd_num_prompts is not None:
         prompts = prompts[: cfg.sd_num_prompts]
     if world == 1:
-        _answer(prompts, model, tokenizer, cfg, cache, progress, shipped=cache)
+        _answer(prompts, model, tokenizer, cfg, cache, progress, shipped=True)
         return
     done = _read_rows(cache, repair=False)  # other ranks may be reading it (a shared filesystem)
     _check_prompts(done, prompts, cache)

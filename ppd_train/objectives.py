@@ -102,6 +102,5 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ks=(1,
     else:
         top = student_logits.topk(max(ks), dim=-1).indices
     hit = top == target
-    if scored is not None:
-        return {k: hit[..., :k].any(-1)[scored].float().mean().item() for k in ks}
-    return {k: hit[..., :k].any(-1).float().mean().item() for k in ks}
+    keep = (lambda x: x[scored]) if scored is not None else (lambda x: x)
+    return {k: keep(hit[..., :k].any(-1)).float().mean().item() for k in ks}
