@@ -21,6 +21,7 @@ from ppd_decode.data.tasks import TASKS, data_root
 from ppd_decode.errors import TaskDataError
 
 EVAL_FOLDERS = tuple(TASKS) + ("bench",)
+SORT_WINDOW = 8  # self-distillation sorts this many batches of prompts by length, and flushes them together
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _check_prompts(rows: list[dict], prompts: list[str], path: Path) -> None:
 def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, progress: bool,
             shipped: bool = False) -> None:
     """Append to ``path`` the model's greedy answer to each of ``prompts`` it does not hold yet (batched, flushed
-    batch by batch: an interrupted run resumes where it stopped); with ``shipped``, first those the package ships
+    every ``SORT_WINDOW`` batches: an interrupted run resumes where it stopped); with ``shipped``, first those the package ships
     for this cache (a rank's shard file has none)."""
     from tqdm import tqdm
 
@@ -245,18 +246,31 @@ def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, p
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     todo = prompts[len(done):]
     bs = cfg.sd_batch_size
+    window = bs * SORT_WINDOW
+    bar = tqdm(total=len(todo), desc="self-distill: generating", unit="prompt", disable=not progress or not todo)
     with path.open("a") as f:
-        for i in tqdm(range(0, len(todo), bs), desc="self-distill: generating", disable=not progress or not todo):
-            batch = [render_prompt(tokenizer, p)[1] for p in todo[i:i + bs]]
-            width = max(map(len, batch))
-            ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=model.device)
-            mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=model.device)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.sd_max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
-            for p, row in zip(todo[i:i + bs], out[:, width:].tolist()):
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                f.write(json.dumps({"prompt": p, "response": text}) + "\n")
+        for w in range(0, len(todo), window):
+            # Batches of similar prompt lengths: a batch pads to its longest prompt, and dolly's lengths vary so
+            # much that random batches of 16 pad to about 3x the mean. The window is written in prompt order.
+            chunk = todo[w:w + window]
+            rendered = [render_prompt(tokenizer, p)[1] for p in chunk]
+            order = sorted(range(len(chunk)), key=lambda i: len(rendered[i]))
+            answers = {}
+            for j in range(0, len(order), bs):
+                rows = order[j:j + bs]
+                width = max(len(rendered[i]) for i in rows)
+                ids = torch.tensor([[pad] * (width - len(rendered[i])) + rendered[i] for i in rows],
+                                   device=model.device)
+                mask = torch.tensor([[0] * (width - len(rendered[i])) + [1] * len(rendered[i]) for i in rows],
+                                    device=model.device)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.sd_max_new_tokens,
+                                     do_sample=False, pad_token_id=pad)
+                for i, row in zip(rows, out[:, width:].tolist()):
+                    answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+                bar.update(len(rows))
+            f.write("".join(json.dumps({"prompt": p, "response": answers[i]}) + "\n" for i, p in enumerate(chunk)))
             f.flush()
+    bar.close()
 
 
 def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cache: Path,

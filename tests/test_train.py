@@ -182,6 +182,23 @@ def test_self_distillation_writes_the_models_own_answers_and_resumes(tiny, corpu
     assert read_self_distilled(cache) == rows
 
 
+def test_self_distillation_batches_prompts_of_similar_length_and_keeps_their_order(tiny, tmp_path, monkeypatch):
+    """Within a window of batches the prompts are generated shortest first (a batch pads to its longest prompt);
+    the cache keeps the prompts' order."""
+    from ppd_train.data import _answer, _read_rows
+
+    model, tok = tiny
+    prompts = [("word " * n).strip() for n in (30, 1, 25, 2, 28, 3, 27, 4)]
+    lengths = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **k: lengths.append(sorted(k["attention_mask"].sum(-1).tolist()))
+                        or generate(**k))
+    cache = tmp_path / "sd.jsonl"
+    _answer(prompts, model, tok, DataConfig(sd_max_new_tokens=2, sd_batch_size=4), cache, progress=False)
+    assert len(lengths) == 2 and max(lengths[0]) < min(lengths[1])  # the four short prompts together
+    assert [r["prompt"] for r in _read_rows(cache)] == prompts
+
+
 def test_asking_for_more_self_distilled_prompts_extends_the_same_cache(tiny, corpus, tmp_path):
     from dataclasses import replace
 
