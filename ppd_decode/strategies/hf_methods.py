@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ppd_decode.models.heads import F_PREV, H_D
 from ppd_decode.strategies.base import DecodingStrategy, pick_head, register
 
 
@@ -111,6 +112,9 @@ class EarlyExitAssisted(_HFGenerate):
     name = "early_exit_assisted"
     Config = EarlyExitAssistedConfig
     needs_heads = True
+    # f(t-1) as unknown at every draft: transformers' assistant never sees the main model's states, and a head that
+    # reads f(t-1) is trained for that case too (head.prev_drop), so it drafts with its learned stand-in
+    head_inputs = (H_D, F_PREV)
 
     def __init__(self, model, config=None, heads=None, tokenizer=None):
         super().__init__(model, config, heads, tokenizer)
