@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -155,6 +156,40 @@ def self_distill_cache_path(cfg: DataConfig, model_spec: str, cache_root: Path) 
     return cache_root / "self_distill" / f"{cfg.name}-{h}.jsonl"
 
 
+def generation_key(cfg: DataConfig, model_spec: str) -> dict:
+    """What an answer depends on besides its prompt: the model and the generation settings."""
+    return {"model": model_spec, "max_new_tokens": cfg.sd_max_new_tokens, "max_prompt_tokens": cfg.sd_max_prompt_tokens}
+
+
+def declare(cache: Path, key: dict) -> None:
+    """Write the generation key of ``cache`` beside it (``<stem>.json``), so other configurations can reuse its
+    answers (``known_answers``)."""
+    side = cache.with_suffix(".json")
+    if not side.is_file() or json.loads(side.read_text()) != key:
+        side.parent.mkdir(parents=True, exist_ok=True)
+        tmp = side.with_name(f"{side.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(key))
+        tmp.replace(side)
+
+
+def known_answers(cache: Path, key: dict) -> dict[str, str]:
+    """The answers, by prompt, that the other caches beside ``cache`` with the same generation key hold: a prompt
+    answered for one configuration (e.g. dolly alone) is not generated again for another (dolly + gpteacher, another
+    seed or split)."""
+    known = {}
+    for side in sorted(cache.parent.glob("*.json")):
+        if side == cache.with_suffix(".json"):
+            continue
+        try:
+            if json.loads(side.read_text()) != key:
+                continue
+        except (OSError, json.JSONDecodeError):
+            continue
+        for r in _read_rows(side.with_suffix(".jsonl"), repair=False):
+            known.setdefault(r["prompt"], r["response"])
+    return known
+
+
 def _read_rows(path: Path, repair: bool = True) -> list[dict]:
     """The rows of a self-distillation file; a line cut by a kill is dropped (and, with ``repair``, the file is
     rewritten without it: only for a file no other process reads)."""
@@ -226,10 +261,10 @@ def _check_prompts(rows: list[dict], prompts: list[str], path: Path) -> None:
 
 @torch.no_grad()
 def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, progress: bool,
-            shipped: bool = False) -> None:
+            shipped: bool = False, known: dict[str, str] | None = None) -> None:
     """Append to ``path`` the model's greedy answer to each of ``prompts`` it does not hold yet (batched, flushed
-    every ``SORT_WINDOW`` batches: an interrupted run resumes where it stopped); with ``shipped``, first those the package ships
-    for this cache (a rank's shard file has none)."""
+    every ``SORT_WINDOW`` batches: an interrupted run resumes where it stopped); with ``shipped``, first those the
+    package ships for this cache (a rank's shard file has none). Prompts in ``known`` take that answer instead."""
     from tqdm import tqdm
 
     from ppd_decode.data.prompts import render as render_prompt
@@ -247,15 +282,17 @@ def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, p
     todo = prompts[len(done):]
     bs = cfg.sd_batch_size
     window = bs * SORT_WINDOW
-    bar = tqdm(total=len(todo), desc="self-distill: generating", unit="prompt", disable=not progress or not todo)
+    known = known or {}
+    bar = tqdm(total=sum(p not in known for p in todo), desc="self-distill: generating", unit="prompt",
+               disable=not progress or not todo)
     with path.open("a") as f:
         for w in range(0, len(todo), window):
             # Batches of similar prompt lengths: a batch pads to its longest prompt, and dolly's lengths vary so
             # much that random batches of 16 pad to about 3x the mean. The window is written in prompt order.
             chunk = todo[w:w + window]
-            rendered = [render_prompt(tokenizer, p)[1] for p in chunk]
-            order = sorted(range(len(chunk)), key=lambda i: len(rendered[i]))
-            answers = {}
+            answers = {i: known[p] for i, p in enumerate(chunk) if p in known}
+            rendered = {i: render_prompt(tokenizer, p)[1] for i, p in enumerate(chunk) if i not in answers}
+            order = sorted(rendered, key=lambda i: len(rendered[i]))
             for j in range(0, len(order), bs):
                 rows = order[j:j + bs]
                 width = max(len(rendered[i]) for i in rows)
@@ -274,7 +311,8 @@ def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, p
 
 
 def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cache: Path,
-                 progress: bool = True, rank: int = 0, world: int = 1, gather=None) -> None:
+                 progress: bool = True, rank: int = 0, world: int = 1, gather=None,
+                 known: dict[str, str] | None = None) -> None:
     """Write (first user turn, the model's own greedy answer) for each conversation to ``cache``. Resumable: rows
     already in it are not generated again.
 
@@ -291,7 +329,7 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
     if cfg.sd_num_prompts is not None:
         prompts = prompts[: cfg.sd_num_prompts]
     if world == 1:
-        _answer(prompts, model, tokenizer, cfg, cache, progress, shipped=True)
+        _answer(prompts, model, tokenizer, cfg, cache, progress, shipped=True, known=known)
         return
     done = _read_rows(cache, repair=False)  # other ranks may be reading it (a shared filesystem)
     _check_prompts(done, prompts, cache)
@@ -299,7 +337,7 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
     n = min(gather(len(done)))  # node-local caches may differ: all ranks start from what every one has
     todo = prompts[n:]
     shard = cache.with_name(f"{cache.stem}.from{n}.rank{rank}of{world}.jsonl")
-    _answer(todo[rank::world], model, tokenizer, cfg, shard, progress and rank == 0)
+    _answer(todo[rank::world], model, tokenizer, cfg, shard, progress and rank == 0, known=known)
     parts = gather(_read_rows(shard))
     merged = [parts[i % world][i // world] for i in range(len(todo))]
     if any(r["prompt"] != p for r, p in zip(merged, todo)):
@@ -337,13 +375,17 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
         from ppd_decode.models.loading import cache_dir
 
         cache = self_distill_cache_path(cfg, model_spec, Path(cache_root or cache_dir()))
-        self_distill(train_c, model, tokenizer, cfg, cache, rank=rank, world=world, gather=gather)
+        key = generation_key(cfg, model_spec)
+        known = known_answers(cache, key)  # (read before this configuration's own files are declared)
+        declare(cache, key)
+        self_distill(train_c, model, tokenizer, cfg, cache, rank=rank, world=world, gather=gather, known=known)
         train_c = read_self_distilled(cache, cfg.sd_num_prompts)
         source += " (self-distilled)"
         if cfg.sd_val_prompts != 0:  # the held-out prompts' own answers (a file of their own: other prompts)
             val_cache = cache.with_name(f"{cache.stem}-val.jsonl")
+            declare(val_cache, key)
             self_distill(val_c, model, tokenizer, replace(cfg, sd_num_prompts=cfg.sd_val_prompts), val_cache,
-                         rank=rank, world=world, gather=gather)
+                         rank=rank, world=world, gather=gather, known=known)
             val_c = read_self_distilled(val_cache, cfg.sd_val_prompts)
     train = pack([render(tokenizer, c) for c in train_c], seq_len)
     val_ids = [render(tokenizer, c) for c in val_c]

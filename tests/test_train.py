@@ -199,6 +199,33 @@ def test_self_distillation_batches_prompts_of_similar_length_and_keeps_their_ord
     assert [r["prompt"] for r in _read_rows(cache)] == prompts
 
 
+def test_answers_are_reused_by_configurations_with_the_same_model_and_settings(tiny, corpus, tmp_path, monkeypatch):
+    """A prompt answered for one data configuration is not generated again for another (another seed, split or
+    mix of files) with the same model and generation settings; other settings generate their own."""
+    from dataclasses import replace
+
+    from ppd_train.data import build_training_data, read_self_distilled, self_distill_cache_path
+
+    model, tok = tiny
+    base = DataConfig(files=(str(corpus),), val_examples=8, max_train_tokens=None, self_distill=True,
+                      sd_max_new_tokens=4, sd_batch_size=4, sd_num_prompts=10, sd_val_prompts=0)
+
+    def answers(cfg):
+        build_training_data(cfg, tok, 32, model=model, model_spec="tiny-random", cache_root=tmp_path)
+        return read_self_distilled(self_distill_cache_path(cfg, "tiny-random", tmp_path))
+
+    first = {u["content"]: a["content"] for u, a in answers(base)}
+    generated = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **k: generated.append(len(k["input_ids"])) or generate(**k))
+    other = answers(replace(base, seed=1, sd_num_prompts=None))  # every prompt, in another order
+    reused = [(u, a) for u, a in other if u["content"] in first]
+    assert len(reused) >= 5 and all(first[u["content"]] == a["content"] for u, a in reused)
+    assert sum(generated) == len(other) - len(reused)
+    generated.clear()
+    assert len(answers(replace(base, sd_max_new_tokens=3))) == sum(generated) == 10
+
+
 def test_asking_for_more_self_distilled_prompts_extends_the_same_cache(tiny, corpus, tmp_path):
     from dataclasses import replace
 
