@@ -20,6 +20,7 @@ import torch
 
 from ppd_decode.data.tasks import TASKS, data_root
 from ppd_decode.errors import TaskDataError
+from ppd_decode.models.packed_linear import packed_linears
 
 EVAL_FOLDERS = tuple(TASKS) + ("bench",)
 SORT_WINDOW = 8  # self-distillation sorts this many batches of prompts by length, and flushes them together
@@ -38,7 +39,7 @@ class DataConfig:
     self_distill: bool = False
     sd_max_new_tokens: int = 128
     sd_max_prompt_tokens: int = 384
-    sd_batch_size: int = 16
+    sd_batch_size: int = 32
     sd_num_prompts: int | None = None
     # held-out prompts answered too, so validation scores the heads on the model's own text, as decoding does
     # (None: every held-out prompt; 0: validate on the held-out human text instead)
@@ -300,8 +301,9 @@ def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, p
                                    device=model.device)
                 mask = torch.tensor([[0] * (width - len(rendered[i])) + [1] * len(rendered[i]) for i in rows],
                                     device=model.device)
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.sd_max_new_tokens,
-                                     do_sample=False, pad_token_id=pad)
+                with packed_linears(model):  # (on a CPU; elsewhere the model's own linears)
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.sd_max_new_tokens,
+                                         do_sample=False, pad_token_id=pad)
                 for i, row in zip(rows, out[:, width:].tolist()):
                     answers[i] = tokenizer.decode(row, skip_special_tokens=True)
                 bar.update(len(rows))

@@ -1,4 +1,4 @@
-"""Time a model's decoder matmuls with its own weights and with ppd's packed copies (ppd_decode/runtime/packed_linear.py).
+"""Time a model's decoder matmuls with its own weights and with ppd's packed copies (ppd_decode/models/packed_linear.py).
 
 Every nn.Linear of every decoder layer, called in layer order as one forward calls them, over 1..16 rows, one thread
 by default: the plain module (MKL on the row-major weight) against the same module inside ``packed_linears`` (oneDNN
@@ -34,7 +34,7 @@ def main() -> None:
     a = p.parse_args()
 
     from ppd_decode.models.loading import load_model
-    from ppd_decode.runtime.packed_linear import available, packed_linears
+    from ppd_decode.models.packed_linear import available, packed_linears
 
     torch.set_num_threads(a.threads)
     model, _ = load_model(a.model)

@@ -1,4 +1,4 @@
-"""The packed decoder matmuls (ppd_decode/runtime/packed_linear.py): used inside ppd's stack only, fp32-accurate there, the
+"""The packed decoder matmuls (ppd_decode/models/packed_linear.py): used inside ppd's stack only, fp32-accurate there, the
 model's own linears everywhere else, remade when a weight changes, and off where asked."""
 
 import threading
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ppd_decode.models.loading import load_tiny_random
-from ppd_decode.runtime import packed_linear
-from ppd_decode.runtime.packed_linear import PackedLinear, packed_linears
+from ppd_decode.models import packed_linear
+from ppd_decode.models.packed_linear import PackedLinear, packed_linears
 from ppd_decode.runtime.stack import embed, new_cache, prefill, run_layers
 
 pytestmark = pytest.mark.skipif(not packed_linear.available(load_tiny_random("tiny-random:layers=1")[0]),
@@ -116,7 +116,7 @@ def test_a_model_that_ran_packed_still_pickles_and_copies():
 
 def test_unpacked_turns_the_stack_back_to_the_models_own_linears():
     """The latency model times plain greedy's step as generate runs it (theory.greedy_step_time)."""
-    from ppd_decode.runtime.packed_linear import unpacked
+    from ppd_decode.models.packed_linear import unpacked
 
     model = fresh()
     block = embed(model, torch.tensor([[5, 6, 7]]))

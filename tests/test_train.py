@@ -184,19 +184,26 @@ def test_self_distillation_writes_the_models_own_answers_and_resumes(tiny, corpu
 
 def test_self_distillation_batches_prompts_of_similar_length_and_keeps_their_order(tiny, tmp_path, monkeypatch):
     """Within a window of batches the prompts are generated shortest first (a batch pads to its longest prompt);
-    the cache keeps the prompts' order."""
+    the cache keeps the prompts' order. On a CPU the decoder's matmuls run packed (ppd's own CPU kernels)."""
+    from ppd_decode.models import packed_linear
     from ppd_train.data import _answer, _read_rows
 
     model, tok = tiny
     prompts = [("word " * n).strip() for n in (30, 1, 25, 2, 28, 3, 27, 4)]
-    lengths = []
+    lengths, packed = [], []
     generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda **k: lengths.append(sorted(k["attention_mask"].sum(-1).tolist()))
-                        or generate(**k))
+
+    def spy(**k):
+        lengths.append(sorted(k["attention_mask"].sum(-1).tolist()))
+        packed.append(getattr(packed_linear._local, "on", False))
+        return generate(**k)
+
+    monkeypatch.setattr(model, "generate", spy)
     cache = tmp_path / "sd.jsonl"
     _answer(prompts, model, tok, DataConfig(sd_max_new_tokens=2, sd_batch_size=4), cache, progress=False)
     assert len(lengths) == 2 and max(lengths[0]) < min(lengths[1])  # the four short prompts together
     assert [r["prompt"] for r in _read_rows(cache)] == prompts
+    assert packed == [packed_linear.available(model)] * 2
 
 
 def test_answers_are_reused_by_configurations_with_the_same_model_and_settings(tiny, corpus, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ppd_decode.profiling.step_cost import CachedContext, median_time
-from ppd_decode.runtime.packed_linear import unpacked
+from ppd_decode.models.packed_linear import unpacked
 from ppd_decode.runtime.stack import final_argmax, final_logits, num_layers
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ppd_decode.runtime.packed_linear import switched_on, weight_key
+from ppd_decode.models.packed_linear import switched_on, weight_key
 
 _U32 = 2.0 ** -24  # unit roundoff of fp32
 _UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}

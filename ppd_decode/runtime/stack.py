@@ -17,7 +17,7 @@ import torch
 
 from ppd_decode.models.kv import causal_mask, crop_cache, select_cache  # noqa: F401  (the runtime's own API too)
 from ppd_decode.runtime.exact_argmax import exact_argmax
-from ppd_decode.runtime.packed_linear import packed_linears
+from ppd_decode.models.packed_linear import packed_linears
 
 
 @functools.cache

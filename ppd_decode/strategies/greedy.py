@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ppd_decode.runtime.packed_linear import packed_linears
+from ppd_decode.models.packed_linear import packed_linears
 from ppd_decode.runtime.stack import embed, final_argmax, new_cache, num_layers, prefill, run_layers
 from ppd_decode.strategies.base import DecodingStrategy, register
 

@@ -8,8 +8,8 @@ are in the README's results). Speculative methods gain twice: every step is chea
 about what one token does.
 
 Scoped: ``packed_linears(model)`` turns the packed path on for the calling thread while ppd's stack runs layers
-(``stack.run_layers``, ``stack.prefill``); outside it every linear is the model's own (``model.generate`` as loaded,
-the benchmark's baselines). The packed copies cost as much memory as the decoder's weights; they are made on first
+(``stack.run_layers``, ``stack.prefill``) and while self-distillation generates training answers; outside it every
+linear is the model's own (``model.generate`` as loaded, the benchmark's baselines). The packed copies cost as much memory as the decoder's weights; they are made on first
 use per layer (a PPD stage packs only its own layers) and remade if a weight changes. Results are fp32, accumulated in
 another order than MKL's (differences of a few units in the last place, as between any two block sizes), so decoding
 stays exact in the sense every method here is tested for: token-identical to ``generate``, near-ties counted.
