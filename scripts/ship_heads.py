@@ -58,9 +58,10 @@ def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None, 
              "- weights: fp16 (loaded into the model's dtype)",
              "- `decode.json`: the drafting layer of rows that name none (`layer`) and per-row layers (`rows`); a "
              "layer the user sets wins",
-             *([f"- `self_distill/`: the model's answers the heads were trained and validated on ("
-                f"{', '.join(f'{a.name}: {_count(a)} prompts' for a in answers)}), by "
-                "prompt hash; training with the same data settings reads them instead of generating them"]
+             *([f"- `self_distill/`: the model's greedy answers, by prompt hash, to the prompts of the "
+                f"self-distillation caches ({', '.join(f'{a.name}: {_count(a)} prompts' for a in answers)}; "
+                "the heads trained on the first `data.self_distill.num_prompts` of them and validated on the "
+                "`-val` file); training with the same data settings reads them instead of generating them"]
                if answers else []), "",
              "| layer | projection | objective | data | size (MB) | validation top-1 agreement |",
              "|---|---|---|---|---|---|"]

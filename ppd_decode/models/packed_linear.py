@@ -9,10 +9,11 @@ about what one token does.
 
 Scoped: ``packed_linears(model)`` turns the packed path on for the calling thread while ppd's stack runs layers
 (``stack.run_layers``, ``stack.prefill``) and while self-distillation generates training answers; outside it every
-linear is the model's own (``model.generate`` as loaded, the benchmark's baselines). The packed copies cost as much memory as the decoder's weights; they are made on first
-use per layer (a PPD stage packs only its own layers) and remade if a weight changes. Results are fp32, accumulated in
-another order than MKL's (differences of a few units in the last place, as between any two block sizes), so decoding
-stays exact in the sense every method here is tested for: token-identical to ``generate``, near-ties counted.
+linear is the model's own (``model.generate`` as loaded, the benchmark's baselines). The packed copies cost as much
+memory as the decoder's weights; they are made on first use per layer (a PPD stage packs only its own layers) and
+remade if a weight changes. Results are fp32, accumulated in another order than MKL's (differences of a few units in
+the last place, as between any two block sizes), so decoding stays exact in the sense every method here is tested
+for: token-identical to ``generate``, near-ties counted.
 
 Used only for fp32 weights on a CPU with oneDNN at full fp32 precision (not where torch lets oneDNN round fp32
 matmuls to bf16 or tf32), without autograd; ``PPD_PACKED_LINEAR=0`` turns it off.
