@@ -336,7 +336,9 @@ def test_trees_and_batches_feed_f_prev_of_the_verified_row(tmp_path, name, cfg):
 
 
 @pytest.mark.parametrize("name,cfg", [("tree_speculative", {"branching": (2, 1)}),
+                                      ("tree_speculative", {"branching": (3, 2), "prune_layer": 3}),
                                       ("batched_tree_speculative", {"branching": (2, 1)}),
+                                      ("batched_tree_speculative", {"branching": (3, 2), "prune_layer": 3}),
                                       ("batched_self_speculative", {"draft_tokens": 2})])
 def test_trees_and_batches_draft_from_the_heads_shortlist(name, cfg):
     """A frequent-rows head drafts as its guesses rank: over its trained rows. Here those rows' logits are tiny, so
@@ -352,7 +354,7 @@ def test_trees_and_batches_draft_from_the_heads_shortlist(name, cfg):
     with torch.no_grad():
         states = m(torch.tensor([prompt + ref]), output_hidden_states=True).hidden_states[2][0]
         assert not torch.isin(head(states).argmax(-1), rows).any()  # the premise: the full ranking never drafts them
-    s = build(name, m, {2: head}, layer=2, **cfg)
+    s = build(name, m, {2: head, 3: EarlyExitHead.from_model(m, 3)}, layer=2, **cfg)  # (3: the pruning head)
     r = s.generate_batch([prompt], 30)[0] if name.startswith("batched") else s.generate(prompt, 30)
     assert r.tokens == ref
     assert r.accepted >= 5
