@@ -133,6 +133,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce (``deepspeed_shm_comm``) at init.
+
+    On the CPU accelerator every first ``init_distributed`` in a process builds (or re-checks) that C++ op with g++
+    and ninja under a file lock in ``~/.cache/torch_extensions``. Training here all-reduces through gloo and never calls
+    it (it serves DeepSpeed's inference all-reduce), and a process killed while it holds the lock (a SIGKILLed run, a
+    job's time limit) leaves the lock behind, so every later run on that machine waits on it forever. DeepSpeed keeps
+    its op probe in one module-level dict (``deepspeed.ops.__compatible_ops__``) that ``build_shm_op`` reads."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed():
     """torchrun sets RANK/WORLD_SIZE; a plain `python -m ppd_train` becomes a world of one."""
     import deepspeed
@@ -146,6 +159,7 @@ def init_distributed():
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=backend)
     return device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 

@@ -15,7 +15,7 @@ from ppd_decode.models.features import FrozenBackbone
 from ppd_decode.models.heads import load_heads, previous_states
 from ppd_train.data import DataConfig, load_conversations, pack, render, split_train_val
 from ppd_train.objectives import agreement, candidate_loss, candidate_set, frequent_tokens, head_loss, targets
-from ppd_train.trainer import CONFIGS, train, validate
+from ppd_train.trainer import CONFIGS, init_distributed, train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny-random", "trainer.seq_len=32", "trainer.micro_batch=2", "trainer.log_every=1",
@@ -308,6 +308,22 @@ def test_shipped_answers_fill_a_fresh_cache_without_generating(tiny, corpus, tmp
     self_distill(convs, model, tok, replace(cfg, sd_num_prompts=8), fresh, progress=False)
     assert calls == [2] and read_self_distilled(fresh, 6) == read_self_distilled(made)  # only the two not shipped
     assert len(read_self_distilled(fresh)) == 8
+
+
+def test_cpu_training_compiles_no_deepspeed_op(monkeypatch):
+    """DeepSpeed's CPU accelerator would JIT-compile its shared-memory all-reduce at init, under a file lock that a
+    killed run leaves behind (every later run then waits on it forever); training on the CPU goes through gloo and
+    builds nothing."""
+    import deepspeed.comm.comm as ds_comm
+    from torch.utils import cpp_extension
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("DeepSpeed compiled an op")
+
+    monkeypatch.setattr(cpp_extension, "load", no_build)
+    monkeypatch.setattr(ds_comm, "cdb", None)  # a first init in this process, as in every training run
+    assert init_distributed()[0].type == "cpu"
+    assert ds_comm.cdb.shm_comm_op is None
 
 
 def test_data_only_prepares_the_self_distilled_data_and_trains_nothing(corpus, tmp_path, monkeypatch):
