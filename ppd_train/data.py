@@ -286,10 +286,10 @@ def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, p
     known = known or {}
     bar = tqdm(total=sum(p not in known for p in todo), desc="self-distill: generating", unit="prompt",
                disable=not progress or not todo)
-    with path.open("a") as f:
+    with path.open("a") as f, packed_linears(model):  # (on a CPU; elsewhere the model's own linears)
         for w in range(0, len(todo), window):
-            # Batches of similar prompt lengths: a batch pads to its longest prompt, and dolly's lengths vary so
-            # much that random batches of 16 pad to about 3x the mean. The window is written in prompt order.
+            # Batches of similar prompt lengths: a batch pads to its longest prompt, and instruction prompts vary in
+            # length by orders of magnitude. The window is written in prompt order.
             chunk = todo[w:w + window]
             answers = {i: known[p] for i, p in enumerate(chunk) if p in known}
             rendered = {i: render_prompt(tokenizer, p)[1] for i, p in enumerate(chunk) if i not in answers}
@@ -301,9 +301,8 @@ def _answer(prompts: list[str], model, tokenizer, cfg: DataConfig, path: Path, p
                                    device=model.device)
                 mask = torch.tensor([[0] * (width - len(rendered[i])) + [1] * len(rendered[i]) for i in rows],
                                     device=model.device)
-                with packed_linears(model):  # (on a CPU; elsewhere the model's own linears)
-                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.sd_max_new_tokens,
-                                         do_sample=False, pad_token_id=pad)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.sd_max_new_tokens,
+                                     do_sample=False, pad_token_id=pad)
                 for i, row in zip(rows, out[:, width:].tolist()):
                     answers[i] = tokenizer.decode(row, skip_special_tokens=True)
                 bar.update(len(rows))

@@ -248,10 +248,16 @@ class EarlyExitHead(nn.Module):
         frequent rows it was trained on) ranks only those: 1/12 of the full projection's cost on SmolLM2 and, measured
         on the evaluation sets, the same match rate (the rest of the vocabulary keeps the base model's untrained
         rows). Guesses never decide what is emitted, so this costs no exactness."""
+        logits, short = self._ranking(hidden, k, prev)
+        i = logits.topk(k, dim=-1).indices
+        return i if short is None else short[i]
+
+    def _ranking(self, hidden: torch.Tensor, k: int, prev: torch.Tensor | None):
+        """The logits decoding ranks ``k`` candidates on, and the token id of each column (None: the vocabulary)."""
         short = getattr(self, "shortlist", None)
         if short is None or k > len(short):
-            return self(hidden, prev).topk(k, dim=-1).indices
-        return short[self.shortlist_logits(hidden, prev).topk(k, dim=-1).indices]
+            return self(hidden, prev), None
+        return self.shortlist_logits(hidden, prev), short
 
     def shortlist_logits(self, hidden: torch.Tensor, prev: torch.Tensor | None = None,
                          known: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,12 +278,9 @@ class EarlyExitHead(nn.Module):
         shortlist where the head has one (the set its candidate softmax was trained on; over the full vocabulary a
         frequent-rows head's trained rows compete with untrained ones on another scale), else the vocabulary. What
         token trees branch on."""
-        short = getattr(self, "shortlist", None)
-        if short is None or k > len(short):
-            p, i = self(hidden, prev).float().softmax(-1).topk(k, dim=-1)
-            return i, p
-        p, i = self.shortlist_logits(hidden, prev).float().softmax(-1).topk(k, dim=-1)
-        return short[i], p
+        logits, short = self._ranking(hidden, k, prev)
+        p, i = logits.float().softmax(-1).topk(k, dim=-1)
+        return (i if short is None else short[i]), p
 
     def contextual(self, hidden: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
         """A block head's decoder layer over ``hidden`` [B, q, H], the layer-d states of positions start..start+q-1
