@@ -63,12 +63,13 @@ def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None, 
                 "the heads trained on the first `data.self_distill.num_prompts` of them and validated on the "
                 "`-val` file); training with the same data settings reads them instead of generating them"]
                if answers else []), "",
-             "| layer | projection | objective | data | size (MB) | validation top-1 agreement |",
-             "|---|---|---|---|---|---|"]
+             "| layer | reads | projection | adapter rank | objective | data | size (MB) | validation top-1 agreement |",
+             "|---|---|---|---|---|---|---|---|"]
     for d, c in sorted(heads.items()):
         m = c.get("metrics") or {}
         agree = m.get("val_top1_agree")
-        lines.append(f"| {d} | {c.get('projection')} | {c.get('objective')}"
+        lines.append(f"| {d} | {', '.join(c.get('inputs') or ['h_d'])} | "
+                     f"{c.get('projection')} | {c.get('adapter_rank') or 0} | {c.get('objective')}"
                      f"{'-' + c['distill_kind'] if c.get('distill_kind') else ''} | {c.get('data', '')} | "
                      f"{c['_bytes'] / 1e6:.1f} | {agree if agree is None else f'{agree:.3f}'} |")
     if rates:

@@ -70,6 +70,7 @@ def test_shipped_heads_are_found_by_fingerprint_and_bring_their_decode_defaults(
     cfg = json.loads((shipped / "tiny" / "layer2" / "config.json").read_text())
     assert cfg["dtype"] == "float16" and cfg["shipped"]["command"] == "make train"
     assert "make train" in (shipped / "tiny" / "README.md").read_text()
+    assert "| 2 | h_d | frequent | 0 | distill |" in (shipped / "tiny" / "README.md").read_text()  # what it reads
     from safetensors.torch import load_file
 
     state = load_file(str(shipped / "tiny" / "layer2" / "model.safetensors"))
