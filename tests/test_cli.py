@@ -12,6 +12,23 @@ def test_set_fields_of_the_methods_config(capsys):
     assert "[self_speculative] 8 tokens" in out and "identical to greedy: yes" in out
 
 
+def test_the_reported_speed_is_of_a_warmed_up_call(capsys, monkeypatch):
+    """The tok/s line times a call after a short untimed one: a first call pays one-off setup (weights packed,
+    kernels built for each block shape), which is not decoding speed."""
+    from ppd_decode.strategies import get_strategy
+
+    cls = get_strategy("self_speculative")
+    calls, generate = [], cls.generate
+
+    def spy(self, ids, max_new_tokens, *args, **kwargs):
+        calls.append(max_new_tokens)
+        return generate(self, ids, max_new_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "generate", spy)
+    main(["--model", "tiny-random", "--method", "self_speculative", "--layer", "2", "--max-new-tokens", "8"])
+    assert calls == [4, 8] and "[self_speculative] 8 tokens" in capsys.readouterr().out
+
+
 def test_an_unknown_field_is_refused_with_the_fields_there_are(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "tiny-random", "--method", "self_speculative", "--layer", "2",
