@@ -2,7 +2,7 @@
 
 In the PPD engine worker A's guess block and worker B's block run at the same time on two cores, and on a CPU
 they share the memory bus and the last-level cache: both stream their layers' weights (matrix-vector work bound
-by memory), so each runs slower beside the other than alone (measured on SmolLM2-135M: 14-28% slower). Stage
+by memory), so each runs slower beside the other than alone (docs/benchmarking.md). Stage
 timings taken with the other core idle therefore make the latency model optimistic. ``StageLoad`` is a helper
 process (one thread) that runs decoder layers ``start..end-1`` over a block of ``rows`` tokens in a loop, against a
 cached prefix of ``context`` tokens, until told to stop: ``latency.measure_stage_times(..., load=StageLoad(model))``
