@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(a: argparse.Namespace) -> None:
+    from ppd_decode.apps import warm_up
     from ppd_decode.data.prompts import encode_chat
     from ppd_decode.models.catalog import choose_heads
     from ppd_decode.models.loading import load_model
@@ -65,9 +66,7 @@ def run(a: argparse.Namespace) -> None:
         engine = getattr(strategy, "engine", None)  # the PPD engine streams tokens as B decides them
         if engine is not None:
             engine.start()  # workers start once (a few seconds); the timing below is generation only
-        # One short untimed run first (as the demo and the benchmark warm up): a first call pays one-off setup
-        # (weights packed, kernels built for each block shape), which is not the decoding speed the line reports.
-        strategy.generate(ids, min(4, a.max_new_tokens))
+        warm_up(strategy, tok)  # (the line below reports decoding speed, not a first call's setup)
         with stopwatch(model.device) as clock:
             if engine is not None:
                 res = engine.generate(ids, a.max_new_tokens, on_token=stream)
@@ -86,7 +85,7 @@ def run(a: argparse.Namespace) -> None:
         print()
         if a.check:
             greedy = get_strategy("greedy")(model)
-            greedy.generate(ids, min(4, a.max_new_tokens))  # (warmed up too, so the two speeds compare)
+            warm_up(greedy, tok)  # (so the two speeds compare)
             ref = greedy.generate(ids, a.max_new_tokens)
             same = ref.tokens == res.tokens
             print(f"identical to greedy: {'yes' if same else 'NO'} (greedy: {len(ref.tokens) / ref.seconds:.1f} tok/s)")

@@ -16,6 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ppd_decode.apps import warm_up
 from ppd_decode.data.prompts import build_prompts, context_length
 from ppd_decode.data.tasks import TaskConfig, load_task
 from ppd_decode.errors import PPDError
@@ -66,9 +67,8 @@ def main(cfg: DictConfig) -> None:
     if heads:
         print(f"drafting with layers 1..{layer} + the head from {label}"
               + (" (rows marked @shipped: the head shipped with ppd)" if shipped else ""))
-    warm = tok("Hello", return_tensors="pt").input_ids[0].tolist()
-    for s in methods.values():  # one short untimed run each: first calls pay one-off setup, not decoding
-        s.generate(warm, 4)
+    for s in methods.values():
+        warm_up(s, tok)
     speeds = {name: [] for name in methods}
     identical = 0
     total = 0
