@@ -24,6 +24,7 @@ class HeadConfig:
     reads_prev: bool = False  # the head also reads f(t-1), the final layer's state at the previous position
     prev_drop: float = 0.25  # fraction of positions trained with f(t-1) unknown (as decoding meets them)
     block: bool = False  # a block head: one decoder layer of its own over the layer-d states of every position
+    init_from: str | None = None  # heads to continue training from (a heads directory, or "shipped"); null: the lens
 
 
 @dataclass

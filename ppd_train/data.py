@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ppd_decode.data.tasks import TASKS, data_root
+from ppd_decode.data.tasks import TASKS, TaskConfig, data_root
 from ppd_decode.errors import TaskDataError
 from ppd_decode.models.packed_linear import packed_linears
 
@@ -44,6 +44,9 @@ class DataConfig:
     # held-out prompts answered too, so validation scores the heads on the model's own text, as decoding does
     # (None: every held-out prompt; 0: validate on the held-out human text instead)
     sd_val_prompts: int | None = 64
+    # prompts in the evaluation tasks' formats made from the training corpus's own text, answered by the model too:
+    # {task name: how many} (``task_format_prompts``); empty: none
+    sd_task_prompts: dict[str, int] | None = None
 
     @classmethod
     def from_cfg(cls, c) -> "DataConfig":
@@ -53,12 +56,13 @@ class DataConfig:
         sd = d.pop("self_distill", {}) or {}
         if isinstance(sd, dict):
             d["self_distill"] = bool(sd.get("enabled", False))
-            for k in ("max_new_tokens", "max_prompt_tokens", "batch_size", "num_prompts", "val_prompts"):
+            for k in ("max_new_tokens", "max_prompt_tokens", "batch_size", "num_prompts", "val_prompts", "task_prompts"):
                 if k in sd:
                     d[f"sd_{k}"] = sd[k]
         else:
             d["self_distill"] = bool(sd)
         d["files"] = tuple(d.get("files") or ())
+        d["sd_task_prompts"] = {str(k): int(v) for k, v in (d.get("sd_task_prompts") or {}).items() if v} or None
         return cls(**d)
 
 
@@ -350,6 +354,72 @@ def self_distill(convs: list[list[dict]], model, tokenizer, cfg: DataConfig, cac
     shard.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------------------ prompts in the tasks' formats
+# A user turn of the corpus "instruction\n\npassage" carries a passage (dolly's closed QA, summarization and
+# information extraction rows); an answer's first paragraph is plain English prose.
+PASSAGE_MIN_CHARS = 300
+INSTRUCTION_MAX_CHARS = 400
+SOURCE_WORDS = (8, 60)
+FIELD_KINDS = {"context": "passage", "article": "passage", "question": "question", "source": "english"}
+
+
+def _derived_fields(conv: list[dict]) -> dict[str, str]:
+    """What one conversation can fill a task template with: a passage and the question about it, and English prose
+    (the first paragraph of the answer, for translation)."""
+    out = {}
+    instruction, sep, passage = conv[0]["content"].partition("\n\n")
+    instruction, passage = instruction.strip(), passage.strip()
+    if sep and len(passage) >= PASSAGE_MIN_CHARS and len(instruction) <= INSTRUCTION_MAX_CHARS:
+        out["passage"] = passage
+        if instruction.endswith("?"):
+            out["question"] = instruction
+    para = conv[-1]["content"].strip().split("\n")[0].strip() if conv[-1]["role"] == "assistant" else ""
+    words = len(para.split())
+    if SOURCE_WORDS[0] <= words <= SOURCE_WORDS[1] and not any(c in para for c in "{}<>#=|") and "http" not in para:
+        out["english"] = para
+    return out
+
+
+def task_format_prompts(convs: list[list[dict]], counts: dict[str, int], tokenizer, seed: int) -> list[str]:
+    """Up to ``counts[task]`` prompts in each evaluation task's format (its ``configs/task`` instruction template),
+    filled with the training corpus's own text: its passages and questions (reading comprehension, summaries) and
+    its English prose (translation). The heads then train on the model's answers to prompts shaped like the ones
+    they are measured on, never on the evaluation sets themselves. Prompts over the task's token budget are left out.
+    The tasks' prompts are interleaved, so any prefix of the list holds each task in proportion; the list depends
+    only on the conversations, the counts and the seed."""
+    from ppd_decode.data.prompts import render as render_prompt
+
+    fields = [_derived_fields(c) for c in convs]
+    per_task = []
+    for name, n in sorted(counts.items()):
+        task = TaskConfig.named(name)
+        kinds = {f: FIELD_KINDS.get(f) for f in task.fields}
+        unknown = [f for f, k in kinds.items() if k is None]
+        if unknown:
+            raise TaskDataError(f"task {name}'s template reads {unknown}, which the training corpus cannot fill "
+                                f"(known fields: {sorted(FIELD_KINDS)}). Fix: drop {name} from "
+                                f"data.self_distill.task_prompts.")
+        order = list(range(len(convs)))
+        random.Random(f"{seed}:{name}").shuffle(order)  # each task draws its own sample of the corpus
+        prompts = []
+        for i in order:
+            if len(prompts) == n:
+                break
+            if all(k in fields[i] for k in kinds.values()):
+                text = task.instruction.format(**{f: fields[i][k] for f, k in kinds.items()})
+                if len(render_prompt(tokenizer, text)[1]) <= task.max_prompt_tokens:
+                    prompts.append(text)
+        per_task.append(prompts)
+    width = max(map(len, per_task), default=0)
+    return [ps[j] for j in range(width) for ps in per_task if j < len(ps)]
+
+
+def task_prompts_cache(cache: Path, cfg: DataConfig) -> Path:
+    """The cache of the task-format prompts' answers, beside the corpus prompts' (its name holds the counts)."""
+    counts = json.dumps(sorted((cfg.sd_task_prompts or {}).items()))
+    return cache.with_name(f"{cache.stem}-tasks-{hashlib.sha1(counts.encode()).hexdigest()[:8]}.jsonl")
+
+
 def read_self_distilled(cache: Path, limit: int | None = None) -> list[list[dict]]:
     """The first ``limit`` (all, if None) cached conversations."""
     rows = cache.read_text().splitlines()[:limit]
@@ -380,8 +450,22 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
         known = known_answers(cache, key)  # (read before this configuration's own files are declared)
         declare(cache, key)
         self_distill(train_c, model, tokenizer, cfg, cache, rank=rank, world=world, gather=gather, known=known)
-        train_c = read_self_distilled(cache, cfg.sd_num_prompts)
+        train_c_all, train_c = train_c, read_self_distilled(cache, cfg.sd_num_prompts)
         source += " (self-distilled)"
+        if cfg.sd_task_prompts:
+            # Their own cache and prompt budget (a task's, up to 768 tokens for news articles); answers with the same
+            # generation settings are reused across counts through the declared key, as for the corpus prompts.
+            budget = max(TaskConfig.named(t).max_prompt_tokens for t in cfg.sd_task_prompts)
+            tcfg = replace(cfg, sd_max_prompt_tokens=budget, sd_num_prompts=None)
+            tcache = task_prompts_cache(cache, cfg)
+            tkey = generation_key(tcfg, model_spec)
+            tknown = known_answers(tcache, tkey)
+            declare(tcache, tkey)
+            derived = task_format_prompts(train_c_all, cfg.sd_task_prompts, tokenizer, cfg.seed)
+            self_distill([[{"role": "user", "content": p}] for p in derived], model, tokenizer, tcfg, tcache,
+                         rank=rank, world=world, gather=gather, known=tknown)
+            train_c = train_c + read_self_distilled(tcache)
+            source += f" + task-format prompts {dict(sorted(cfg.sd_task_prompts.items()))} (self-distilled)"
         if cfg.sd_val_prompts != 0:  # the held-out prompts' own answers (a file of their own: other prompts)
             val_cache = cache.with_name(f"{cache.stem}-val.jsonl")
             declare(val_cache, key)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ppd_decode.errors import PPDError
 from ppd_decode.models.features import FrozenBackbone
-from ppd_decode.models.heads import EarlyExitHead, check_layer, previous_states, save_heads
+from ppd_decode.models.heads import EarlyExitHead, check_layer, load_heads, previous_states, save_heads
 from ppd_decode.models.loading import load_model
 
 from .config import typed
@@ -220,6 +220,36 @@ def validate(cfg, model=None) -> None:
                        f"without f(t-1)")
 
 
+def warm_start(cfg, model, layers: list[int]) -> dict[int, EarlyExitHead]:
+    """``head.init_from``: the heads to continue training from, fp32 and trainable: a run's exported ``heads/`` or
+    the shipped ones (``shipped``), e.g. to train good heads further on new data. They must be of the kind the config
+    describes (a resumed optimizer step or a new head would otherwise silently train something else)."""
+    from ppd_decode.models.catalog import resolve_heads
+
+    path = resolve_heads(cfg.head.init_from, model)
+    if path is None:
+        raise PPDError(f"head.init_from={cfg.head.init_from!r} names no heads for {cfg.model.spec}. Fix: pass a "
+                       f"heads directory a run exported (outputs/train/<run>/heads), or leave it null.")
+    heads = load_heads(path, model, layers, materialize=False)
+    want = {"projection": cfg.head.projection, "adapter_rank": int(cfg.head.adapter_rank),
+            "reads_prev": bool(cfg.head.reads_prev), "block": cfg.head.block}
+    for d, h in heads.items():
+        have = {"projection": h.projection,
+                "adapter_rank": h.adapter_rank, "reads_prev": h.reads_prev, "block": h.block is not None}
+        diff = {k: v for k, v in have.items() if v != want[k]}
+        if diff:
+            raise PPDError(f"{path}: the layer-{d} head is not of the configured kind ({diff} there). Fix: "
+                           + " ".join(f"head.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                      for k, v in diff.items()) + ".")
+        if h.projection == "frequent" and len(h.rows) != int(cfg.head.train_vocab):
+            raise PPDError(f"{path}: the layer-{d} head has {len(h.rows)} own rows. Fix: head.train_vocab="
+                           f"{len(h.rows)}.")
+    rows = [h.rows for h in heads.values() if h.projection == "frequent"]
+    if any(not torch.equal(r, rows[0]) for r in rows):
+        raise PPDError(f"{path}: its heads were trained on different token rows; continue them in separate runs.")
+    return {d: h.train().float_trainable() for d, h in heads.items()}
+
+
 def _all_gather(obj) -> list:
     """Every rank's ``obj``, in rank order (a Python object through torch.distributed)."""
     out = [None] * torch.distributed.get_world_size()
@@ -343,7 +373,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     train_vocab = int(cfg.head.train_vocab or 0)
     frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
     heads = {}
-    for d in layers:  # each head's random init (the adapter's) depends on its layer only, not on the other heads
+    if cfg.head.init_from:
+        heads = warm_start(cfg, model, layers)
+        if projection == "frequent":  # the candidate set keeps the rows the heads were trained on
+            frequent = next(iter(heads.values())).rows
+    for d in [d for d in layers if d not in heads]:
+        # each head's random init (the adapter's) depends on its layer only, not on the other heads
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed * 1000 + d)
             heads[d] = EarlyExitHead.from_model(model, d, int(cfg.head.adapter_rank), projection,

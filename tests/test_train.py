@@ -280,6 +280,82 @@ def test_self_distilled_training_validates_on_the_models_own_answers(tiny, corpu
     assert torch.equal(human.train, data.train)
 
 
+def _passage_corpus(path: Path, n: int = 24) -> Path:
+    """Rows like dolly's: some with a passage after the instruction (half of them questions), all with prose answers."""
+    passage = "The river town of Elm{i} grew around a mill built in 18{i:02d}. " * 6
+    rows = []
+    for i in range(n):
+        user = (f"When was the mill of Elm{i} built?" if i % 2 else f"Summarize the history of Elm{i}.") + \
+            "\n\n" + passage.format(i=i) if i % 3 else f"Name a river near town {i}."
+        rows.append({"id": str(i), "messages": [{"role": "user", "content": user}, {"role": "assistant", "content":
+                     f"The mill of Elm{i} was built in 18{i:02d} by the people of the river town nearby.\nMore."}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_task_format_prompts_fill_the_tasks_templates_with_the_corpus_text(tiny, tmp_path, monkeypatch):
+    from ppd_decode.data.tasks import TaskConfig
+    from ppd_train import data as data_mod
+    from ppd_train.data import task_format_prompts
+
+    _, tok = tiny
+    convs = load_conversations(DataConfig(files=(str(_passage_corpus(tmp_path / "c.jsonl")),)))
+    counts = {"squad": 3, "cnn_dailymail": 2, "wmt15": 50}
+    prompts = task_format_prompts(convs, counts, tok, seed=0)
+    head = {t: TaskConfig.named(t).instruction.split("{")[0] for t in counts}
+    kind = [next(t for t, h in head.items() if p.startswith(h)) for p in prompts]
+    # interleaved (a prefix holds every task), each task up to its count, translation limited by the corpus' prose
+    assert kind[:3] == ["cnn_dailymail", "squad", "wmt15"]
+    assert kind.count("squad") == 3 and kind.count("cnn_dailymail") == 2 and kind.count("wmt15") == len(convs)
+    for p, k in zip(prompts, kind):
+        if k == "squad":  # a question with the passage it is about
+            q = p.split("Question: ")[1]
+            assert q.endswith("built?") and f"Elm{q.split('Elm')[1].split(' ')[0]}" in p.split("Passage: ")[1]
+        elif k == "wmt15":  # the first paragraph of an answer, never its second
+            assert p.endswith("river town nearby.")
+        else:
+            assert "grew around a mill" in p
+    assert task_format_prompts(convs, counts, tok, seed=0) == prompts
+    assert task_format_prompts(convs, counts, tok, seed=1) != prompts
+    monkeypatch.setattr(data_mod, "FIELD_KINDS", {k: v for k, v in data_mod.FIELD_KINDS.items() if k != "source"})
+    with pytest.raises(TaskDataError, match=r"wmt15's template reads \['source'\].*Fix: drop wmt15"):
+        task_format_prompts(convs, counts, tok, seed=0)
+
+
+def test_self_distilled_training_adds_the_models_answers_to_task_format_prompts(tiny, tmp_path):
+    from dataclasses import replace
+
+    from ppd_train.data import (
+        build_training_data,
+        read_self_distilled,
+        self_distill_cache_path,
+        task_format_prompts,
+        task_prompts_cache,
+    )
+
+    model, tok = tiny
+    corpus = _passage_corpus(tmp_path / "c.jsonl")
+    cfg = DataConfig(files=(str(corpus),), val_examples=4, max_train_tokens=None, self_distill=True,
+                     sd_max_new_tokens=4, sd_batch_size=4, sd_val_prompts=0, sd_task_prompts={"squad": 2, "wmt15": 3})
+    data = build_training_data(cfg, tok, 32, model=model, model_spec="tiny-random", cache_root=tmp_path)
+    plain = build_training_data(replace(cfg, sd_task_prompts=None), tok, 32, model=model, model_spec="tiny-random",
+                                cache_root=tmp_path)
+    cache = self_distill_cache_path(cfg, "tiny-random", tmp_path)
+    rows = read_self_distilled(task_prompts_cache(cache, cfg))
+    train_c, _ = split_train_val(load_conversations(cfg), 4, 0)
+    assert [r[0]["content"] for r in rows] == task_format_prompts(train_c, cfg.sd_task_prompts, tok, 0)
+    from ppd_decode.data.prompts import encode_chat
+
+    ids = torch.tensor([encode_chat(tok, rows[0][0]["content"])])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert rows[0][1]["content"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = pack([render(tok, c) for c in read_self_distilled(cache) + rows], 32)
+    assert torch.equal(data.train, expected) and len(data.train) > len(plain.train)
+    assert "task-format prompts" in data.source
+    assert DataConfig.from_cfg({"self_distill": {"enabled": True, "task_prompts": {"squad": 5, "wmt15": 0}}}
+                               ).sd_task_prompts == {"squad": 5}
+
+
 def test_shipped_answers_fill_a_fresh_cache_without_generating(tiny, corpus, tmp_path, monkeypatch):
     """The package's copy of a cache (answers by prompt hash, no prompt text) is read before anything is generated:
     the prompts it covers cost nothing, the rest are generated after them, in prompt order."""
@@ -424,6 +500,28 @@ def test_block_heads_train_and_export(corpus, tmp_path):
         assert moved, "the block head's decoder layer did not train"
         assert 0 <= out["final"][f"val/top1_agree/layer{d}"] <= 1
     assert _cfg("head.block=true").run_name.endswith("-block")  # never resumes another kind's checkpoints
+
+
+def test_training_continues_from_exported_heads_of_the_same_kind(corpus, tmp_path, tiny):
+    """head.init_from: the heads start from the given ones (with lr 0 they stay exactly those), rows included;
+    heads of another kind are refused with the override that matches them."""
+    kind = ["head.layers=[1,2]", f"data.files=[{corpus}]", "head.reads_prev=true", "head.adapter_rank=8",
+            "head.train_vocab=64", "trainer.keep_best=false"]
+    train(_cfg(*kind, "trainer.max_steps=3", "trainer.lr=0.05"), run_dir=tmp_path / "a")
+    train(_cfg(*kind, "trainer.max_steps=2", "trainer.lr=0", f"head.init_from={tmp_path / 'a' / 'heads'}",
+               "data.seed=1"), run_dir=tmp_path / "b")
+    model, _ = tiny
+    a, b = (load_heads(tmp_path / r / "heads", model, materialize=False) for r in "ab")
+    for d in (1, 2):
+        assert a[d].adapter.up.weight.abs().sum() > 0  # trained, so equality below means loaded
+        sa, sb = a[d].state_dict(), b[d].state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(PPDError, match=r"Fix: head.adapter_rank=8\."):
+        train(_cfg(*kind[:3], "head.train_vocab=64", "trainer.max_steps=1",
+                   f"head.init_from={tmp_path / 'a' / 'heads'}"), run_dir=tmp_path / "c")
+    with pytest.raises(PPDError, match=r"Fix: head.train_vocab=64\."):
+        train(_cfg(*kind[:4], "trainer.max_steps=1", f"head.init_from={tmp_path / 'a' / 'heads'}"),
+              run_dir=tmp_path / "d")
 
 
 def test_each_head_is_exported_at_its_best_validation_step(corpus, tmp_path, tiny):

@@ -431,8 +431,10 @@ def read_head_config(directory: str | Path) -> dict:
     return info
 
 
-def load_heads(path: str | Path, model, layers: list[int] | None = None) -> dict[int, EarlyExitHead]:
-    """Heads saved by ``save_head(s)``, checked against ``model``, on its device and dtype."""
+def load_heads(path: str | Path, model, layers: list[int] | None = None,
+               materialize: bool = True) -> dict[int, EarlyExitHead]:
+    """Heads saved by ``save_head(s)``, checked against ``model``, on its device and dtype; ``materialize=False``
+    keeps a frequent-rows head as it trains (its ``rows`` and ``row_weight``), to continue training it."""
     from safetensors.torch import load_file
 
     if not Path(path).exists():
@@ -464,5 +466,5 @@ def load_heads(path: str | Path, model, layers: list[int] | None = None) -> dict
             raise HeadMismatchError(f"{found[layer]} does not hold the weights its config.json describes "
                                     f"(missing {missing}, unexpected {unexpected}); re-export the head.")
         head.metrics = dict(info.get("metrics") or {})  # validation agreement: a prior for drafting policies
-        out[layer] = head.materialize().eval()
+        out[layer] = (head.materialize() if materialize else head).eval()
     return out
