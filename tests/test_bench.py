@@ -21,6 +21,22 @@ def test_decode_benchmark_with_oracle_rows(tmp_path, shared_data):
     assert all(m["mismatches"] == 0 for m in rows.values())
     assert rows["ppd_oracle_100"]["match_rate"] == 1.0 and rows["ppd_oracle_0"]["match_rate"] == 0.0
     assert all(rows[r]["predicted_speedup"] > 0 for r in ("ppd_oracle_0", "ppd_oracle_100"))  # the model's account
+    for r in ("ppd_oracle_0", "ppd_oracle_100"):  # the model fed with the stages' in-pipeline times, beside it
+        ins = rows[r]["latency_model"]["inside"]
+        assert ins["predicted_ms_per_token"] > 0 and ins["decoding_ms_per_token"] > 0
     md = (tmp_path / "oracle_test.md").read_text()
-    assert "measured against the latency model, over p" in md
+    assert "measured against the latency model, over p" in md and "predicted from in-pipeline times" in md
     assert (tmp_path / "oracle_test_oracle.png").is_file()
+
+
+def test_the_in_pipeline_prediction_is_the_latency_model_on_the_measured_block_times():
+    from ppd_decode.strategies.ppd.report import inside_prediction
+
+    bd = {"in_pipeline_ms": {"guess_block": 40.0, "miss_rerun": 30.0, "b_step": 50.0}, "decoding_ms_per_token": 70.0}
+    ins = inside_prediction(bd, 0.1, 0.5, None)  # max(B's block, A's guess block) + a miss's re-run for half the tokens
+    assert abs(ins["predicted_ms_per_token"] - (50.0 + 0.5 * 30.0)) < 1e-9
+    assert abs(ins["structure_efficiency"] - 65.0 / 70.0) < 1e-9
+    chained = inside_prediction(bd, 0.1, 1.0, {"tokens_per_block": 2.0})  # a block decides two tokens on average
+    assert abs(chained["predicted_ms_per_token"] - 25.0) < 1e-9
+    skipped = dict(bd, in_pipeline_ms=dict(bd["in_pipeline_ms"], guess_block=None))  # the split without guessing
+    assert abs(inside_prediction(skipped, 0.1, 0.0, None)["predicted_ms_per_token"] - 80.0) < 1e-9
