@@ -195,14 +195,20 @@ def references(rows: list[dict], prompts: dict, a) -> dict:
 
 
 def oracle_rows(a) -> tuple[list[str], list[str]]:
-    """Row names and overrides for --oracle: the ppd row's settings with guesses from the reference at each p."""
+    """Row names and overrides for --oracle: the ppd row's settings (its YAML and the command's decode.ppd.*
+    overrides) with guesses from the reference at each p."""
     if not a.oracle:
         return [], []
+    from ppd_decode.strategies.configs import load_rows
+
+    yaml_ppd = {k: v for k, v in (load_rows().get("ppd") or {}).items() if k != "method"}
+    user_ppd = [o.lstrip("+")[len("decode.ppd."):] for o in a.overrides if o.lstrip("+").startswith("decode.ppd.")]
     names, overrides = [], []
     for p in (float(x) for x in a.oracle.split(",")):
         name = f"ppd_oracle_{round(100 * p)}"
         names.append(name)
-        overrides += [f"decode.{name}.method=ppd", f"decode.{name}.oracle_p={p}"]
+        overrides += [f"decode.{name}.method=ppd", *(f"decode.{name}.{k}={json.dumps(v)}" for k, v in yaml_ppd.items()),
+                      *(f"decode.{name}.{o}" for o in user_ppd), f"decode.{name}.oracle_p={p}"]
     return names, overrides
 
 

@@ -40,3 +40,20 @@ def test_the_in_pipeline_prediction_is_the_latency_model_on_the_measured_block_t
     assert abs(chained["predicted_ms_per_token"] - 25.0) < 1e-9
     skipped = dict(bd, in_pipeline_ms=dict(bd["in_pipeline_ms"], guess_block=None))  # the split without guessing
     assert abs(inside_prediction(skipped, 0.1, 0.0, None)["predicted_ms_per_token"] - 80.0) < 1e-9
+
+
+def test_oracle_rows_carry_the_ppd_rows_settings():
+    import types
+
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    import bench_decode
+
+    from ppd_decode.strategies.configs import rows
+
+    a = types.SimpleNamespace(oracle="0,0.5", overrides=["decode.ppd.k=2", "++decode.ppd.chain=3",
+                                                          "decode.ppd_paper.k=7"])
+    names, overrides = bench_decode.oracle_rows(a)
+    built = {r.name: r.config for r in rows(names, overrides + a.overrides)}
+    assert {n: (c.k, c.chain, c.oracle_p) for n, c in built.items()} == {
+        "ppd_oracle_0": (2, 3, 0.0), "ppd_oracle_50": (2, 3, 0.5)}
