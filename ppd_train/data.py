@@ -414,10 +414,31 @@ def task_format_prompts(convs: list[list[dict]], counts: dict[str, int], tokeniz
     return [ps[j] for j in range(width) for ps in per_task if j < len(ps)]
 
 
-def task_prompts_cache(cache: Path, cfg: DataConfig) -> Path:
-    """The cache of the task-format prompts' answers, beside the corpus prompts' (its name holds the counts)."""
-    counts = json.dumps(sorted((cfg.sd_task_prompts or {}).items()))
-    return cache.with_name(f"{cache.stem}-tasks-{hashlib.sha1(counts.encode()).hexdigest()[:8]}.jsonl")
+def task_prompts_cache(cache: Path, counts: dict[str, int], val: bool = False) -> Path:
+    """The cache of the task-format prompts' answers, beside the corpus prompts' (its name holds the counts; with
+    ``val``, those of the held-out conversations)."""
+    key = json.dumps(sorted(counts.items()))
+    return cache.with_name(f"{cache.stem}-tasks-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+                           f"{'-val' if val else ''}.jsonl")
+
+
+def _task_format_answers(convs, counts: dict[str, int], cfg: DataConfig, cache: Path, model, tokenizer,
+                         model_spec: str, rank: int, world: int, gather, val: bool = False) -> list[list[dict]]:
+    """The model's answers to ``task_format_prompts(convs, counts)``, generated into a cache of their own with their
+    own prompt budget (a task's, up to 768 tokens for news articles); answers with the same generation settings are
+    reused across counts through the declared key, as for the corpus prompts."""
+    budget = max(TaskConfig.named(t).max_prompt_tokens for t in counts)
+    tcfg = replace(cfg, sd_max_prompt_tokens=budget, sd_num_prompts=None)
+    tcache = task_prompts_cache(cache, counts, val)
+    tkey = generation_key(tcfg, model_spec)
+    known = known_answers(tcache, tkey)
+    declare(tcache, tkey)
+    prompts = task_format_prompts(convs, counts, tokenizer, cfg.seed)
+    if not prompts:
+        return []
+    self_distill([[{"role": "user", "content": p}] for p in prompts], model, tokenizer, tcfg, tcache,
+                 rank=rank, world=world, gather=gather, known=known)
+    return read_self_distilled(tcache)
 
 
 def read_self_distilled(cache: Path, limit: int | None = None) -> list[list[dict]]:
@@ -453,25 +474,27 @@ def build_training_data(cfg: DataConfig, tokenizer, seq_len: int, model=None, mo
         train_c_all, train_c = train_c, read_self_distilled(cache, cfg.sd_num_prompts)
         source += " (self-distilled)"
         if cfg.sd_task_prompts:
-            # Their own cache and prompt budget (a task's, up to 768 tokens for news articles); answers with the same
-            # generation settings are reused across counts through the declared key, as for the corpus prompts.
-            budget = max(TaskConfig.named(t).max_prompt_tokens for t in cfg.sd_task_prompts)
-            tcfg = replace(cfg, sd_max_prompt_tokens=budget, sd_num_prompts=None)
-            tcache = task_prompts_cache(cache, cfg)
-            tkey = generation_key(tcfg, model_spec)
-            tknown = known_answers(tcache, tkey)
-            declare(tcache, tkey)
-            derived = task_format_prompts(train_c_all, cfg.sd_task_prompts, tokenizer, cfg.seed)
-            self_distill([[{"role": "user", "content": p}] for p in derived], model, tokenizer, tcfg, tcache,
-                         rank=rank, world=world, gather=gather, known=tknown)
-            train_c = train_c + read_self_distilled(tcache)
+            tasks = _task_format_answers(train_c_all, cfg.sd_task_prompts, cfg, cache, model, tokenizer, model_spec,
+                                         rank, world, gather)
+            if not tasks:
+                raise TaskDataError(f"{source}: no prompt in the formats of {sorted(cfg.sd_task_prompts)} could be "
+                                    f"made from it (they need a passage after the instruction, or a prose answer). "
+                                    f"Fix: drop data.self_distill.task_prompts, or add such conversations.")
+            train_c = train_c + tasks
             source += f" + task-format prompts {dict(sorted(cfg.sd_task_prompts.items()))} (self-distilled)"
         if cfg.sd_val_prompts != 0:  # the held-out prompts' own answers (a file of their own: other prompts)
             val_cache = cache.with_name(f"{cache.stem}-val.jsonl")
             declare(val_cache, key)
             self_distill(val_c, model, tokenizer, replace(cfg, sd_num_prompts=cfg.sd_val_prompts), val_cache,
                          rank=rank, world=world, gather=gather, known=known)
-            val_c = read_self_distilled(val_cache, cfg.sd_val_prompts)
+            val_held, val_c = val_c, read_self_distilled(val_cache, cfg.sd_val_prompts)
+            if cfg.sd_task_prompts:
+                # validation in the same mix: the held-out conversations' task-format prompts too, alternating with
+                # the plain ones so that the first validation blocks (trainer.eval_blocks) hold both
+                each = -(-len(val_c) // len(cfg.sd_task_prompts))  # as many as the plain ones, split over the tasks
+                tasks = _task_format_answers(val_held, {t: each for t in cfg.sd_task_prompts}, cfg, cache, model,
+                                             tokenizer, model_spec, rank, world, gather, val=True)
+                val_c = [c for pair in zip(val_c, tasks) for c in pair] + val_c[len(tasks):] + tasks[len(val_c):]
     train = pack([render(tokenizer, c) for c in train_c], seq_len)
     val_ids = [render(tokenizer, c) for c in val_c]
     val = pack(val_ids, seq_len)

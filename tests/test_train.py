@@ -282,7 +282,7 @@ def test_self_distilled_training_validates_on_the_models_own_answers(tiny, corpu
 
 def _passage_corpus(path: Path, n: int = 24) -> Path:
     """Rows like dolly's: some with a passage after the instruction (half of them questions), all with prose answers."""
-    passage = "The river town of Elm{i} grew around a mill built in 18{i:02d}. " * 6
+    passage = "The river town of Elm{i} grew around a flour mill built in 18{i:02d}. " * 5  # over 300 characters
     rows = []
     for i in range(n):
         user = (f"When was the mill of Elm{i} built?" if i % 2 else f"Summarize the history of Elm{i}.") + \
@@ -314,7 +314,7 @@ def test_task_format_prompts_fill_the_tasks_templates_with_the_corpus_text(tiny,
         elif k == "wmt15":  # the first paragraph of an answer, never its second
             assert p.endswith("river town nearby.")
         else:
-            assert "grew around a mill" in p
+            assert "grew around a flour mill" in p
     assert task_format_prompts(convs, counts, tok, seed=0) == prompts
     assert task_format_prompts(convs, counts, tok, seed=1) != prompts
     monkeypatch.setattr(data_mod, "FIELD_KINDS", {k: v for k, v in data_mod.FIELD_KINDS.items() if k != "source"})
@@ -336,12 +336,13 @@ def test_self_distilled_training_adds_the_models_answers_to_task_format_prompts(
     model, tok = tiny
     corpus = _passage_corpus(tmp_path / "c.jsonl")
     cfg = DataConfig(files=(str(corpus),), val_examples=4, max_train_tokens=None, self_distill=True,
-                     sd_max_new_tokens=4, sd_batch_size=4, sd_val_prompts=0, sd_task_prompts={"squad": 2, "wmt15": 3})
+                     sd_max_new_tokens=4, sd_max_prompt_tokens=480, sd_batch_size=4, sd_val_prompts=0,
+                     sd_task_prompts={"squad": 2, "wmt15": 3})
     data = build_training_data(cfg, tok, 32, model=model, model_spec="tiny-random", cache_root=tmp_path)
     plain = build_training_data(replace(cfg, sd_task_prompts=None), tok, 32, model=model, model_spec="tiny-random",
                                 cache_root=tmp_path)
     cache = self_distill_cache_path(cfg, "tiny-random", tmp_path)
-    rows = read_self_distilled(task_prompts_cache(cache, cfg))
+    rows = read_self_distilled(task_prompts_cache(cache, cfg.sd_task_prompts))
     train_c, _ = split_train_val(load_conversations(cfg), 4, 0)
     assert [r[0]["content"] for r in rows] == task_format_prompts(train_c, cfg.sd_task_prompts, tok, 0)
     from ppd_decode.data.prompts import encode_chat
@@ -352,8 +353,25 @@ def test_self_distilled_training_adds_the_models_answers_to_task_format_prompts(
     expected = pack([render(tok, c) for c in read_self_distilled(cache) + rows], 32)
     assert torch.equal(data.train, expected) and len(data.train) > len(plain.train)
     assert "task-format prompts" in data.source
+    # Validation on the model's own answers takes the same mix: the held-out conversations' task-format prompts
+    # (as many as the plain ones, split over the tasks) alternate with the plain held-out prompts.
+    mixed = build_training_data(replace(cfg, sd_val_prompts=4), tok, 32, model=model, model_spec="tiny-random",
+                                cache_root=tmp_path)
+    _, held = split_train_val(load_conversations(cfg), 4, 0)
+    plain_val = read_self_distilled(cache.with_name(f"{cache.stem}-val.jsonl"))
+    each = {"squad": -(-len(plain_val) // 2), "wmt15": -(-len(plain_val) // 2)}
+    task_val = read_self_distilled(task_prompts_cache(cache, each, val=True))
+    assert [r[0]["content"] for r in task_val] == task_format_prompts(held, each, tok, 0)
+    assert len(plain_val) == 4 and len(task_val) >= 2
+    order = [c for pair in zip(plain_val, task_val) for c in pair] + plain_val[len(task_val):] + task_val[len(plain_val):]
+    assert torch.equal(mixed.val, pack([render(tok, c) for c in order], 32))
+    assert torch.equal(mixed.train, data.train)
     assert DataConfig.from_cfg({"self_distill": {"enabled": True, "task_prompts": {"squad": 5, "wmt15": 0}}}
                                ).sd_task_prompts == {"squad": 5}
+    with pytest.raises(TaskDataError, match="no prompt in the formats of"):  # a corpus without passages
+        build_training_data(replace(cfg, files=(str(_write_corpus(tmp_path / "qa.jsonl")),),
+                                    sd_task_prompts={"squad": 2}), tok, 32, model=model, model_spec="tiny-random",
+                            cache_root=tmp_path)
 
 
 def test_shipped_answers_fill_a_fresh_cache_without_generating(tiny, corpus, tmp_path, monkeypatch):
