@@ -542,7 +542,8 @@ def _track_best(best: dict, path: Path, bank: HeadBank, scores: dict, step: int)
 def _export(run_dir: Path, bank: HeadBank, model, cfg, data, final: dict, selected: dict | None = None) -> None:
     heads = {int(d): h for d, h in bank.heads.items()}
     meta = {"objective": cfg.head.objective, "distill_kind": cfg.head.distill_kind,
-            "data": data.source, "model_spec": cfg.model.spec}
+            "data": data.source, "model_spec": cfg.model.spec,
+            **({"init_from": str(cfg.head.init_from)} if cfg.head.init_from else {})}  # what training continued
     per_head = {d: {"metrics": {k.split("/layer")[0].replace("val/", "val_"): v for k, v in final.items()
                                 if k.endswith(f"/layer{d}")}} for d in heads}
     for d, step in (selected or {}).items():

@@ -534,6 +534,8 @@ def test_training_continues_from_exported_heads_of_the_same_kind(corpus, tmp_pat
         assert a[d].adapter.up.weight.abs().sum() > 0  # trained, so equality below means loaded
         sa, sb = a[d].state_dict(), b[d].state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert json.loads((tmp_path / "b" / "heads" / "layer1" / "config.json").read_text())["init_from"] == \
+        str(tmp_path / "a" / "heads")
     with pytest.raises(PPDError, match=r"Fix: head.adapter_rank=8\."):
         train(_cfg(*kind[:3], "head.train_vocab=64", "trainer.max_steps=1",
                    f"head.init_from={tmp_path / 'a' / 'heads'}"), run_dir=tmp_path / "c")
