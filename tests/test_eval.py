@@ -39,6 +39,8 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     for r in squad["rates"]:
         assert 0 <= r["p@1"] <= r["p@2"] <= r["p@5"] <= 1
         assert r["ranking"] == "full" and r["full@1"] == r["p@1"]  # no shortlist: the two rankings are one
+        assert r["among_rows"] == 1.0  # ... and every greedy token can be guessed
+    assert "| among its rows |" in (tmp_path / "out" / "match_rate.md").read_text()
     assert squad["measure"] == "capture" and squad["heads_scored"] == 3
     assert squad["measure_cost_vs_generation"] > 0 and squad["seconds_plain_generation"] > 0
     # the trained head alone is charged less than it plus the two lens baselines scored beside it
@@ -185,3 +187,15 @@ def test_an_interrupted_evaluation_resumes_to_the_same_report(tmp_path, shared_d
     resumed = run(_cfg(*DP), tmp_path / "cut")
     assert _comparable(resumed) == _comparable(whole)
     assert not (tmp_path / "cut" / "partial").exists()  # the finished report replaces the partial ones
+
+
+def test_the_share_of_greedy_tokens_a_shortlist_head_can_guess_is_reported():
+    from ppd_decode.evaluation.match_rate import HeadScore
+    from ppd_decode.evaluation.report import _among_rows
+
+    model, _ = load_model("tiny-random")
+    head = EarlyExitHead.from_model(model, 2, projection="frequent", rows=torch.arange(0, 100, 2)).materialize()
+    heads, sc = {("h", 2): head, ("lens", 2): EarlyExitHead.from_model(model, 2)}, HeadScore("h", 2)
+    targets = torch.tensor([0, 2, 3, 4, 5, 7, 8, 98])  # 5 of 8 among the rows 0, 2, ..., 98
+    assert _among_rows(heads, sc, targets) == 5 / 8
+    assert _among_rows(heads, HeadScore("lens", 2), targets) == 1.0

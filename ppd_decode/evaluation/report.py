@@ -63,6 +63,15 @@ def _shortlisted(heads, sc) -> bool:
     return getattr(heads[(sc.label, sc.layer)], "shortlist", None) is not None
 
 
+def _among_rows(heads, sc, targets: torch.Tensor) -> float:
+    """The share of positions whose greedy token the head can guess at all: among its shortlist's rows (a head that
+    ranks the whole vocabulary: every one). No k reaches past it."""
+    short = getattr(heads[(sc.label, sc.layer)], "shortlist", None)
+    if short is None or not len(targets):
+        return 1.0
+    return float(torch.isin(targets, short.cpu()).float().mean())
+
+
 def _has_reference(ref) -> bool:
     if isinstance(ref, (list, tuple)):
         return any(_has_reference(r) for r in ref)
@@ -214,6 +223,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             assert all(abs(res[f"p@{k}"] - sc.rate(k)) < 1e-9 for k in ks), (res, sc.hits)
             rates.append({"head": sc.label, "layer": sc.layer, "positions": sc.positions,
                           "ranking": "shortlist" if _shortlisted(heads, sc) else "full",
+                          "among_rows": _among_rows(heads, sc, torch.cat(sc.targets)),
                           **{f"p@{k}": res[f"p@{k}"] for k in ks},
                           **{f"full@{k}": sc.full_rate(k) for k in ks},
                           **({f"noprev@{k}": sc.noprev_rate(k) for k in ks} if sc.noprev_hits else {})})
@@ -382,14 +392,15 @@ def write_report(report: dict, out_dir: Path, cfg) -> None:
                   "p@k ranks the way decoding does (a head trained on frequent rows guesses from those rows; a head "
                   "that reads f(t-1) is given it wherever the stage-pipelined deployment has it: every position but "
                   "the first); then p@1 over the full vocabulary, and p@1 of a head that reads f(t-1) never given "
-                  "it (as for self-speculation's later draft tokens).", "",
+                  "it (as for self-speculation's later draft tokens); last, how often the greedy token is among the "
+                  "rows the head ranks at all (its shortlist), which no p@k can exceed.", "",
                   "| head | layer | ranking | " + " | ".join(f"p@{k}" for k in ks) + " | p@1 full vocab | "
-                  "p@1 without f(t-1) |", "|---|---|---|" + "---|" * len(ks) + "---|---|"]
+                  "p@1 without f(t-1) | among its rows |", "|---|---|---|" + "---|" * len(ks) + "---|---|---|"]
         for r in sorted(t["rates"], key=lambda r: (r["layer"], r["head"] != "lens", r["head"])):
             alone = f"{r['noprev@1']:.3f}" if "noprev@1" in r else "-"
             lines.append(f"| {r['head']} | {r['layer']} | {r.get('ranking', 'full')} | "
                          + " | ".join(f"{r[f'p@{k}']:.3f}" for k in ks)
-                         + f" | {r.get('full@1', r['p@1']):.3f} | {alone} |")
+                         + f" | {r.get('full@1', r['p@1']):.3f} | {alone} | {r.get('among_rows', 1.0):.3f} |")
         best = report.get("theory", {}).get("best", {}).get(name)
         if best:
             lines += ["", f"Best predicted stage-pipelined setting: head {best['head']} at d={best['layer']}, "
