@@ -7,6 +7,7 @@ each alone on the same batches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -52,6 +53,11 @@ OmegaConf.register_new_resolver("ppd_prev", lambda reads: "-prev" if str(reads).
 # ... and block heads the same way: "-block"
 OmegaConf.register_new_resolver("ppd_block", lambda block: "-block" if str(block).lower() == "true" else "",
                                 replace=True)
+# ... and heads continued from others (head.init_from) by where they came from, so such a run never resumes a run
+# that started from the logit lens: "-from-1a2b3c"
+OmegaConf.register_new_resolver(
+    "ppd_init", lambda src: "" if src is None else "-from-" + hashlib.sha1(str(src).encode()).hexdigest()[:6],
+    replace=True)
 
 
 class HeadBank(nn.Module):

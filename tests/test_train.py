@@ -536,6 +536,9 @@ def test_training_continues_from_exported_heads_of_the_same_kind(corpus, tmp_pat
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert json.loads((tmp_path / "b" / "heads" / "layer1" / "config.json").read_text())["init_from"] == \
         str(tmp_path / "a" / "heads")
+    # a continued run is named apart from one that starts from the logit lens: it never resumes that run's checkpoints
+    assert _cfg(*kind, f"head.init_from={tmp_path}").run_name != _cfg(*kind).run_name
+    assert _cfg(*kind, f"head.init_from={tmp_path}").run_name.startswith(_cfg(*kind).run_name + "-from-")
     with pytest.raises(PPDError, match=r"Fix: head.adapter_rank=8\."):
         train(_cfg(*kind[:3], "head.train_vocab=64", "trainer.max_steps=1",
                    f"head.init_from={tmp_path / 'a' / 'heads'}"), run_dir=tmp_path / "c")
