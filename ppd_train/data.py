@@ -427,15 +427,15 @@ def _task_format_answers(convs, counts: dict[str, int], cfg: DataConfig, cache: 
     """The model's answers to ``task_format_prompts(convs, counts)``, generated into a cache of their own with their
     own prompt budget (a task's, up to 768 tokens for news articles); answers with the same generation settings are
     reused across counts through the declared key, as for the corpus prompts."""
+    prompts = task_format_prompts(convs, counts, tokenizer, cfg.seed)
+    if not prompts:
+        return []  # (no cache declared for nothing)
     budget = max(TaskConfig.named(t).max_prompt_tokens for t in counts)
     tcfg = replace(cfg, sd_max_prompt_tokens=budget, sd_num_prompts=None)
     tcache = task_prompts_cache(cache, counts, val)
     tkey = generation_key(tcfg, model_spec)
     known = known_answers(tcache, tkey)
     declare(tcache, tkey)
-    prompts = task_format_prompts(convs, counts, tokenizer, cfg.seed)
-    if not prompts:
-        return []
     self_distill([[{"role": "user", "content": p}] for p in prompts], model, tokenizer, tcfg, tcache,
                  rank=rank, world=world, gather=gather, known=known)
     return read_self_distilled(tcache)

@@ -229,7 +229,7 @@ def validate(cfg, model=None) -> None:
 def warm_start(cfg, model, layers: list[int]) -> dict[int, EarlyExitHead]:
     """``head.init_from``: the heads to continue training from, fp32 and trainable: a run's exported ``heads/`` or
     the shipped ones (``shipped``), e.g. to train good heads further on new data. They must be of the kind the config
-    describes (a resumed optimizer step or a new head would otherwise silently train something else)."""
+    describes: loading them into another kind would drop or leave untrained the weights that differ."""
     from ppd_decode.models.catalog import resolve_heads
 
     path = resolve_heads(cfg.head.init_from, model)
@@ -377,13 +377,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
 
     projection = cfg.head.projection
     train_vocab = int(cfg.head.train_vocab or 0)
-    frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
-    heads = {}
-    if cfg.head.init_from:
-        heads = warm_start(cfg, model, layers)
-        if projection == "frequent":  # the candidate set keeps the rows the heads were trained on
-            frequent = next(iter(heads.values())).rows
-    for d in [d for d in layers if d not in heads]:
+    heads = warm_start(cfg, model, layers) if cfg.head.init_from else {}
+    if heads and projection == "frequent":  # the candidate set keeps the rows the heads were trained on
+        frequent = next(iter(heads.values())).rows
+    else:
+        frequent = frequent_tokens(data.train, train_vocab, model.get_output_embeddings().weight.shape[0]) if train_vocab else None
+    for d in ([] if heads else layers):  # (warm_start returns every layer or raises)
         # each head's random init (the adapter's) depends on its layer only, not on the other heads
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed * 1000 + d)

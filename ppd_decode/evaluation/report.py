@@ -59,14 +59,18 @@ def collect_heads(model, dirs: list[str], lens_layers: list[int]) -> dict[tuple[
     return heads
 
 
+def _shortlist(heads, sc) -> torch.Tensor | None:
+    return getattr(heads[(sc.label, sc.layer)], "shortlist", None)
+
+
 def _shortlisted(heads, sc) -> bool:
-    return getattr(heads[(sc.label, sc.layer)], "shortlist", None) is not None
+    return _shortlist(heads, sc) is not None
 
 
 def _among_rows(heads, sc, targets: torch.Tensor) -> float:
     """The share of positions whose greedy token the head can guess at all: among its shortlist's rows (a head that
     ranks the whole vocabulary: every one). No k reaches past it."""
-    short = getattr(heads[(sc.label, sc.layer)], "shortlist", None)
+    short = _shortlist(heads, sc)
     if short is None or not len(targets):
         return 1.0
     return float(torch.isin(targets, short.cpu()).float().mean())
