@@ -55,6 +55,13 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     assert set(report["theory"]["best"]) == {"squad", "wmt15", "cnn_dailymail"}
     saved = json.loads((tmp_path / "out" / "match_rate.json").read_text())
     assert saved["tasks"]["squad"]["rates"] == squad["rates"]
+    tm = report["time"]  # the wall time, and the work that data-parallel processes would divide
+    assert tm["processes"] == 1 and tm["prompts"] == 6 and not tm["resumed"]
+    work = sum(t["process_seconds"] for t in report["tasks"].values())
+    assert tm["process_seconds"] == pytest.approx(work) and 0 < work < tm["wall_seconds"]
+    assert tm["divisible_seconds_on"]["8"] == pytest.approx(work / 8)
+    assert tm["fixed_seconds"] == pytest.approx(tm["wall_seconds"] - work)
+    assert "## Time" in (tmp_path / "out" / "match_rate.md").read_text()
 
 
 def test_report_scores_a_head_that_reads_f_prev_with_and_without_it(tmp_path, shared_data):
@@ -186,6 +193,10 @@ def test_an_interrupted_evaluation_resumes_to_the_same_report(tmp_path, shared_d
         run(_cfg(*DP, "max_new_tokens=5"), tmp_path / "cut")  # another evaluation cannot take it over
     resumed = run(_cfg(*DP), tmp_path / "cut")
     assert _comparable(resumed) == _comparable(whole)
+    # the resumed run's work counts the batches timed before the stop; its wall time covers only its own part
+    assert resumed["time"]["resumed"] and "fixed_seconds" not in resumed["time"]
+    assert resumed["time"]["prompts"] == whole["time"]["prompts"]
+    assert "the last part of a resumed run" in (tmp_path / "cut" / "match_rate.md").read_text()
     assert not (tmp_path / "cut" / "partial").exists()  # the finished report replaces the partial ones
 
 
@@ -199,3 +210,13 @@ def test_the_share_of_greedy_tokens_a_shortlist_head_can_guess_is_reported():
     targets = torch.tensor([0, 2, 3, 4, 5, 7, 8, 98])  # 5 of 8 among the rows 0, 2, ..., 98
     assert _among_rows(heads, sc, targets) == 5 / 8
     assert _among_rows(heads, HeadScore("lens", 2), targets) == 1.0
+
+
+def test_a_published_report_takes_its_name(tmp_path, monkeypatch):
+    import ppd_decode.evaluation.report as rep
+
+    monkeypatch.setattr(rep, "REPO", tmp_path)
+    report = {"model": "m", "n": 1, "max_new_tokens": 1, "ks": [1], "tasks": {}, "theory": {}}
+    rep.write_report(report, tmp_path / "out", _cfg("publish=true", "name=match_rate_full"))
+    assert sorted(p.name for p in (tmp_path / "docs" / "benchmarks").iterdir()) == [
+        "match_rate_full.csv", "match_rate_full.json", "match_rate_full.md"]

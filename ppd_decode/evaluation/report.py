@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -158,6 +159,7 @@ def measuring_cost_line(t: dict) -> str:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
+    started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     model, tok = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=cfg.model.device)
@@ -172,7 +174,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     rank, world, owned = _distributed(model)
     layers = sorted({d for _, d in heads})
     final = any(getattr(h, "reads_prev", False) for h in heads.values())  # f(t-1) is captured for such heads
-    warmed = False
+    warmed = resumed = False
     for name, tcfg in cfg.tasks.items():
         task = TaskConfig.from_dict(tcfg)
         try:
@@ -206,6 +208,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                 conts[i] = c
         t_gen, t_plain, t_score = (sum(part[k] for part in batches) for k in ("t_gen", "t_plain", "t_score"))
         stats = {"positions": sum(map(len, conts))}
+        resumed |= any(part.get("resumed") for part in batches)
         if cfg.measure == "teacher_forced":
             stats["teacher_forced_disagreements"] = sum(part["disagreements"] for part in batches)
         cost = {"seconds_plain_generation": t_plain} if cfg.cost_baseline else {}
@@ -234,6 +237,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         report["tasks"][name] = {
             "source": rows.source, "prompts": len(ids), "truncation": str(trunc), "positions": stats["positions"],
             "measure": cfg.measure, **{k: v for k, v in stats.items() if k != "positions"}, **cost,
+            "process_seconds": t_gen + t_plain + t_score,
             "rates": rates, "task_scores": task_scores(name, tok, prompts, conts),
             "_scores": scores}
         print(f"[eval] {name}: {len(ids)} prompts, {stats['positions']} positions; measuring {len(heads)} heads "
@@ -243,6 +247,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     report["theory"] = theory
     for t in report["tasks"].values():
         t.pop("_scores", None)
+    report["time"] = time_division(report, world, time.perf_counter() - started, resumed)
     if rank == 0:  # every rank holds the whole report; one writes it
         write_report(report, out_dir, cfg)
         shutil.rmtree(out_dir / "partial", ignore_errors=True)  # the finished report replaces the partial ones
@@ -252,6 +257,45 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return report
+
+
+PROJECTED_DEVICES = (1, 2, 8, 64)
+
+
+def time_division(report: dict, world: int, wall_seconds: float, resumed: bool) -> dict:
+    """The run's wall time and how its work divides over data-parallel processes.
+
+    Every prompt's generation and scoring is timed inside the process that ran it; summed over processes and tasks
+    that is the run's divisible work (model loading, warm-up and the latency model's timings are not). Prompts
+    share nothing, so N processes each as fast as one of this run's would take the divisible work / N, the per-
+    prompt cost being the one measured here: a GPU's own cost is what this report measures when run on it."""
+    tasks = [t for t in report["tasks"].values() if "process_seconds" in t]
+    work = sum(t["process_seconds"] for t in tasks)
+    prompts = sum(t["prompts"] for t in tasks)
+    out = {"processes": world, "wall_seconds": wall_seconds, "resumed": resumed, "prompts": prompts,
+           "process_seconds": work, "seconds_per_prompt": work / prompts if prompts else None,
+           "divisible_seconds_on": {str(n): work / n for n in PROJECTED_DEVICES}}
+    if not resumed:  # a resumed run's wall time covers only its last part
+        out["fixed_seconds"] = max(0.0, wall_seconds - work / world)
+    return out
+
+
+def time_lines(tm: dict) -> list[str]:
+    if not tm or not tm.get("prompts"):
+        return []
+    wall = f"{tm['wall_seconds'] / 60:.1f} min" + (" (the last part of a resumed run)" if tm["resumed"] else "")
+    lines = ["## Time", "",
+             f"{tm['prompts']} prompts on {tm['processes']} process{'es' if tm['processes'] != 1 else ''}: "
+             f"{wall} wall. Generating and scoring took {tm['seconds_per_prompt']:.2f} s per prompt in one "
+             f"process ({tm['process_seconds'] / 3600:.2f} process-hours in all)"
+             + (f"; loading, warm-up and the stage timings {tm['fixed_seconds'] / 60:.1f} min" if "fixed_seconds" in tm
+                else "") + ".", "",
+             "The prompts are independent, so data-parallel processes divide that work; at this per-prompt cost "
+             "(a GPU has its own, which this report measures when run there):", "",
+             "| processes | " + " | ".join(tm["divisible_seconds_on"]) + " |",
+             "|---|" + "---|" * len(tm["divisible_seconds_on"]),
+             "| hours | " + " | ".join(f"{s / 3600:.2f}" for s in tm["divisible_seconds_on"].values()) + " |", ""]
+    return lines
 
 
 def _distributed(model) -> tuple[int, int, bool]:
@@ -297,7 +341,7 @@ def _evaluate_batches(cfg, model, heads, name, ids, ks, layers, final, out_dir: 
         if saved["key"] != key:
             raise PPDError(f"{path} is a partial evaluation with other settings; it cannot be resumed with these. "
                            f"Fix: use a new run directory, or delete {path.parent}")
-        done = saved["batches"]
+        done = {b: {**part, "resumed": True} for b, part in saved["batches"].items()}
         print(f"[eval] {name}: resuming after {len(done)} of {len(mine)} batches ({path})")
     capture = layers if cfg.measure == "capture" else None
     bar = tqdm(total=len(mine), initial=len(done), desc=f"{name}: generate + score", unit="batch",
@@ -378,8 +422,8 @@ def write_report(report: dict, out_dir: Path, cfg) -> None:
         for name, t in report["tasks"].items():
             for r in t.get("rates", []):
                 w.writerow([name, r["head"], r["layer"], r["positions"], *[f"{r[f'p@{k}']:.4f}" for k in ks]])
-    lines = [f"# Match rates, {report['model']} ({report['n']} prompts per task, up to {report['max_new_tokens']} "
-             f"greedy tokens each)", ""]
+    per_task = "every row of each task" if report["n"] is None else f"{report['n']} prompts per task"
+    lines = [f"# Match rates, {report['model']} ({per_task}, up to {report['max_new_tokens']} greedy tokens each)", ""]
     for name, t in report["tasks"].items():
         if "skipped" in t:
             lines += [f"## {name}: skipped ({t['skipped']})", ""]
@@ -419,15 +463,17 @@ def write_report(report: dict, out_dir: Path, cfg) -> None:
             kmax = max(t["t1"])
             lines.append(f"| {d} | {1e3 * t['t1'][1]:.2f} | {1e3 * t['t1'][kmax]:.2f} (k={kmax}) | "
                          f"{1e3 * t['t2']:.2f} | {1e3 * t['greedy']:.2f} | {1e3 * t['head']:.2f} |")
+    lines += ["", *time_lines(report.get("time"))]
     (out_dir / "match_rate.md").write_text("\n".join(lines) + "\n")
     plot(report, out_dir)
     if cfg.get("publish"):
         docs = REPO / "docs" / "benchmarks"
         docs.mkdir(parents=True, exist_ok=True)
+        name = cfg.get("name") or "match_rate"
         for suffix in ("json", "csv", "md"):
-            (docs / f"match_rate.{suffix}").write_text((out_dir / f"match_rate.{suffix}").read_text())
+            (docs / f"{name}.{suffix}").write_text((out_dir / f"match_rate.{suffix}").read_text())
         for png in out_dir.glob("*.png"):
-            (docs / png.name).write_bytes(png.read_bytes())
+            (docs / (png.name if name == "match_rate" else f"{name}_{png.name}")).write_bytes(png.read_bytes())
     log_wandb(report, out_dir, cfg)
     print((out_dir / "match_rate.md").read_text())
 
