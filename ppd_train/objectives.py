@@ -90,6 +90,13 @@ def frequent_tokens(blocks: torch.Tensor, n: int, vocab_size: int) -> torch.Tens
     return torch.argsort(-counts, stable=True)[:n].sort().values
 
 
+def new_frequent_tokens(blocks: torch.Tensor, have: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` most frequent token ids of the training blocks that are not in ``have`` (ties broken by id)."""
+    counts = torch.bincount(blocks.reshape(-1), minlength=vocab_size)[:vocab_size]
+    order = torch.argsort(-counts, stable=True)
+    return order[~torch.isin(order, have.to(order.device))][:n].sort().values
+
+
 @torch.no_grad()
 def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ks=(1, 5),
               scored: torch.Tensor | None = None, shortlist: torch.Tensor | None = None) -> dict[int, float]:

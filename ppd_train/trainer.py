@@ -35,6 +35,7 @@ from .objectives import (
     candidate_set,
     check_objective,
     frequent_tokens,
+    new_frequent_tokens,
     head_loss,
     needs_final_layer,
     targets,
@@ -226,10 +227,12 @@ def validate(cfg, model=None) -> None:
                        f"without f(t-1)")
 
 
-def warm_start(cfg, model, layers: list[int]) -> dict[int, EarlyExitHead]:
+def warm_start(cfg, model, layers: list[int], blocks: torch.Tensor | None = None) -> dict[int, EarlyExitHead]:
     """``head.init_from``: the heads to continue training from, fp32 and trainable: a run's exported ``heads/`` or
     the shipped ones (``shipped``), e.g. to train good heads further on new data. They must be of the kind the config
-    describes: loading them into another kind would drop or leave untrained the weights that differ."""
+    describes: loading them into another kind would drop or leave untrained the weights that differ. Frequent-rows
+    heads keep their rows; a larger ``head.train_vocab`` adds the training ``blocks``' most frequent tokens that are
+    not among them yet (new data, e.g. another language, brings tokens the first rows were never counted on)."""
     from ppd_decode.models.catalog import resolve_heads
 
     path = resolve_heads(cfg.head.init_from, model)
@@ -247,12 +250,20 @@ def warm_start(cfg, model, layers: list[int]) -> dict[int, EarlyExitHead]:
             raise PPDError(f"{path}: the layer-{d} head is not of the configured kind ({diff} there). Fix: "
                            + " ".join(f"head.{k}={str(v).lower() if isinstance(v, bool) else v}"
                                       for k, v in diff.items()) + ".")
-        if h.projection == "frequent" and len(h.rows) != int(cfg.head.train_vocab):
-            raise PPDError(f"{path}: the layer-{d} head has {len(h.rows)} own rows. Fix: head.train_vocab="
-                           f"{len(h.rows)}.")
+        if h.projection == "frequent" and len(h.rows) > int(cfg.head.train_vocab):
+            raise PPDError(f"{path}: the layer-{d} head has {len(h.rows)} own rows, more than head.train_vocab="
+                           f"{cfg.head.train_vocab}; rows are never dropped. Fix: head.train_vocab={len(h.rows)} (or "
+                           f"more, to add the data's most frequent other tokens).")
     rows = [h.rows for h in heads.values() if h.projection == "frequent"]
     if any(not torch.equal(r, rows[0]) for r in rows):
         raise PPDError(f"{path}: its heads were trained on different token rows; continue them in separate runs.")
+    if rows and len(rows[0]) < int(cfg.head.train_vocab):
+        if blocks is None:
+            raise PPDError(f"{path}: head.train_vocab={cfg.head.train_vocab} asks for more rows than the heads' "
+                           f"{len(rows[0])}, and no training data was given to count the new ones on")
+        more = new_frequent_tokens(blocks, rows[0], int(cfg.head.train_vocab) - len(rows[0]),
+                                   model.get_output_embeddings().weight.shape[0])
+        heads = {d: h.extend_rows(more) for d, h in heads.items()}
     return {d: h.train().float_trainable() for d, h in heads.items()}
 
 
@@ -377,7 +388,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
 
     projection = cfg.head.projection
     train_vocab = int(cfg.head.train_vocab or 0)
-    heads = warm_start(cfg, model, layers) if cfg.head.init_from else {}
+    heads = warm_start(cfg, model, layers, data.train) if cfg.head.init_from else {}
     if heads and projection == "frequent":  # the candidate set keeps the rows the heads were trained on
         frequent = next(iter(heads.values())).rows
     else:

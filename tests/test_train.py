@@ -542,9 +542,31 @@ def test_training_continues_from_exported_heads_of_the_same_kind(corpus, tmp_pat
     with pytest.raises(PPDError, match=r"Fix: head.adapter_rank=8\."):
         train(_cfg(*kind[:3], "head.train_vocab=64", "trainer.max_steps=1",
                    f"head.init_from={tmp_path / 'a' / 'heads'}"), run_dir=tmp_path / "c")
-    with pytest.raises(PPDError, match=r"Fix: head.train_vocab=64\."):
-        train(_cfg(*kind[:4], "trainer.max_steps=1", f"head.init_from={tmp_path / 'a' / 'heads'}"),
-              run_dir=tmp_path / "d")
+    with pytest.raises(PPDError, match=r"rows are never dropped. Fix: head.train_vocab=64 "):
+        train(_cfg(*kind[:4], "head.train_vocab=32", "trainer.max_steps=1",
+                   f"head.init_from={tmp_path / 'a' / 'heads'}"), run_dir=tmp_path / "d")
+
+
+def test_continued_heads_take_more_rows_from_the_new_data(corpus, tmp_path, tiny):
+    """head.init_from with a larger head.train_vocab: the heads keep their rows and trained weights and add the new
+    data's most frequent tokens they lacked, starting from the model's LM head rows (with lr 0 nothing else moves)."""
+    from ppd_train.objectives import new_frequent_tokens
+
+    kind = ["head.layers=[1]", f"data.files=[{corpus}]", "head.adapter_rank=0", "trainer.keep_best=false"]
+    train(_cfg(*kind, "head.train_vocab=48", "trainer.max_steps=3", "trainer.lr=0.05"), run_dir=tmp_path / "a")
+    train(_cfg(*kind, "head.train_vocab=80", "trainer.max_steps=1", "trainer.lr=0",
+               f"head.init_from={tmp_path / 'a' / 'heads'}"), run_dir=tmp_path / "b")
+    model, _ = tiny
+    a, b = (load_heads(tmp_path / r / "heads", model, materialize=False)[1] for r in "ab")
+    assert len(a.rows) == 48 and len(b.rows) == 80 and bool(torch.isin(a.rows, b.rows).all())
+    old = torch.isin(b.rows, a.rows)
+    assert torch.equal(b.row_weight[old], a.row_weight)  # the trained rows as they were
+    lm = model.get_output_embeddings().weight
+    assert torch.equal(b.row_weight[~old], lm[b.rows[~old]].to(b.row_weight.dtype))  # the new ones as a new head's
+    assert not torch.equal(a.row_weight, lm[a.rows].to(a.row_weight.dtype))  # (a's rows did train)
+    # the added rows are the most frequent tokens the first rows lacked
+    blocks = torch.tensor([[5, 5, 5, 7, 7, 9, 9, 1]])
+    assert new_frequent_tokens(blocks, torch.tensor([5]), 2, 12).tolist() == [7, 9]
 
 
 def test_each_head_is_exported_at_its_best_validation_step(corpus, tmp_path, tiny):

@@ -220,6 +220,21 @@ class EarlyExitHead(nn.Module):
         model's, held outside the module tree that ``float()`` casts."""
         return self.float()
 
+    def extend_rows(self, more: torch.Tensor) -> "EarlyExitHead":
+        """This frequent-rows head with the token ids ``more`` among its own rows as well (a wider shortlist): the
+        rows it had keep their trained weights, the new ones start from the model's LM head, as a new head's do."""
+        if self.projection != "frequent":
+            raise HeadMismatchError(f"only a frequent-rows head has own rows to extend (this one: {self.projection})")
+        more = torch.as_tensor(more, dtype=torch.long, device=self.rows.device)
+        if len(more) and (int(more.min()) < 0 or int(more.max()) >= self.lm_head.out_features):
+            raise HeadMismatchError(f"token ids must lie within the vocabulary of {self.lm_head.out_features}")
+        rows = torch.unique(torch.cat([self.rows, more]))  # sorted and distinct, as a head's rows must be
+        weight = self.lm_head.weight.detach().index_select(0, rows).to(self.row_weight.dtype).clone()
+        weight[torch.searchsorted(rows, self.rows)] = self.row_weight.detach()
+        self.rows = rows
+        self.row_weight = nn.Parameter(weight, requires_grad=self.row_weight.requires_grad)
+        return self
+
     @property
     def weight(self) -> torch.Tensor:
         """The full [vocab, hidden] projection (a frequent-rows head: the model's rows with its own in place)."""
