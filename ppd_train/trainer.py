@@ -413,7 +413,7 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
 
     ckpt_dir = run_dir / "checkpoints"
     step = 0
-    layout = {"world_size": world, "micro_batch": micro, "grad_accum": accum}
+    layout = {"world_size": world, "micro_batch": micro, "grad_accum": accum, "heads": _head_shapes(heads)}
     if (ckpt_dir / "latest").is_file():
         _check_layout(ckpt_dir, layout, run_dir)
         _, client = engine.load_checkpoint(str(ckpt_dir))
@@ -514,6 +514,13 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     return result
 
 
+def _head_shapes(heads: dict[int, EarlyExitHead]) -> dict:
+    """What a checkpoint's head weights are shaped by, per layer (JSON keys are strings)."""
+    return {str(d): {"projection": h.projection, "own_rows": len(h.rows) if h.projection == "frequent" else None,
+                     "adapter_rank": int(h.adapter_rank), "reads_prev": bool(h.reads_prev), "block": h.block is not None}
+            for d, h in sorted(heads.items())}
+
+
 def _check_layout(ckpt_dir: Path, layout: dict, run_dir: Path) -> None:
     """A run resumes only as it was laid out: the ZeRO partitions and the order of the batches depend on the world
     size and the batch shape, so another layout stops here, before DeepSpeed reads anything."""
@@ -521,8 +528,18 @@ def _check_layout(ckpt_dir: Path, layout: dict, run_dir: Path) -> None:
     if not saved_path.is_file():
         return  # written by an older ppd: DeepSpeed's own checks apply
     saved = json.loads(saved_path.read_text())
-    if saved != layout:
-        diff = ", ".join(f"{k} {saved.get(k)} there, {v} here" for k, v in layout.items() if saved.get(k) != v)
+    if "heads" in saved and saved["heads"] != layout.get("heads"):  # (older layouts did not record the heads)
+        there, here = saved["heads"], layout.get("heads") or {}
+        diff = "; ".join(f"layer {d}: " + ", ".join(f"{k} {there.get(d, {}).get(k)} there, {here.get(d, {}).get(k)} here"
+                                                    for k in sorted({**there.get(d, {}), **here.get(d, {})})
+                                                    if there.get(d, {}).get(k) != here.get(d, {}).get(k))
+                         for d in sorted(set(there) | set(here), key=int) if there.get(d) != here.get(d))
+        raise PPDError(f"{run_dir} holds checkpoints of other heads ({diff}): the run name does not carry every head "
+                       f"setting, and such a change is another run. Fix: start a new run (run_name=<new name>), or "
+                       f"relaunch with the head settings that wrote it")
+    batch = {k: v for k, v in layout.items() if k != "heads"}
+    if {k: saved.get(k) for k in batch} != batch:
+        diff = ", ".join(f"{k} {saved.get(k)} there, {v} here" for k, v in batch.items() if saved.get(k) != v)
         raise PPDError(f"{run_dir} was trained with another layout ({diff}); its checkpoints resume only with the "
                        f"same one. Fix: relaunch with NPROC={saved.get('world_size')} (torchrun --nproc_per_node) and "
                        f"trainer.micro_batch={saved.get('micro_batch')} trainer.grad_accum={saved.get('grad_accum')}, "

@@ -823,10 +823,16 @@ def test_resuming_with_another_layout_stops_with_the_fix(corpus, tmp_path):
     train(_cfg(*common, "trainer.max_steps=2"), run_dir=tmp_path / "r")
     with pytest.raises(PPDError, match=r"micro_batch 2 there, 1 here.*Fix: relaunch with NPROC=1"):
         train(_cfg(*common, "trainer.max_steps=4", "trainer.micro_batch=1"), run_dir=tmp_path / "r")
-    saved = {"world_size": 1, "micro_batch": 2, "grad_accum": 1}
+    saved = json.loads((tmp_path / "r" / "checkpoints" / "layout.json").read_text())
+    assert {k: saved[k] for k in ("world_size", "micro_batch", "grad_accum")} == \
+        {"world_size": 1, "micro_batch": 2, "grad_accum": 1}
     with pytest.raises(PPDError, match=r"world_size 1 there, 8 here.*NPROC=1"):
         _check_layout(tmp_path / "r" / "checkpoints", {**saved, "world_size": 8}, tmp_path / "r")
     _check_layout(tmp_path / "r" / "checkpoints", saved, tmp_path / "r")  # the same layout resumes
+    # heads of another shape under the same run name (train_vocab is not in it; the tiny vocabulary has 300 tokens)
+    # stop before DeepSpeed reads anything
+    with pytest.raises(PPDError, match=r"other heads \(layer 1: own_rows 300 there, 64 here\).*run_name=<new name>"):
+        train(_cfg(*common, "trainer.max_steps=4", "head.train_vocab=64"), run_dir=tmp_path / "r")
 
 
 def test_checkpoints_by_the_clock_as_well_as_by_steps(corpus, tmp_path):
