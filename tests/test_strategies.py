@@ -241,6 +241,57 @@ def test_self_speculative_verifies_several_text_continuations_as_a_tree():
             build("self_speculative", m, heads_for(m, 0, 1.0), layer=2, **bad)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=st.lists(st.integers(4, 12), min_size=1, max_size=40), mdl=models, layer=st.integers(1, LAYERS - 1),
+       noise=st.sampled_from([0.0, 0.05, 1.0]), reads_prev=st.booleans(), sure=st.sampled_from([0.0, 0.02, 0.5]),
+       min_block=st.sampled_from([1, 4, 7]), adaptive=st.booleans(), n=st.integers(1, 64))
+def test_the_heads_branch_beside_copied_drafts_decodes_exactly(prompt, mdl, layer, noise, reads_prev, sure, min_block,
+                                                                adaptive, n):
+    """head_branch: the head's guess beside a copied draft it disagrees with, verified in the same pass (prompts
+    over a small alphabet, so the text offers drafts at most steps). Whichever branch the final layer takes, the
+    output is greedy's."""
+    from prev_heads import prev_head
+
+    m = model(*mdl)
+    head = prev_head(m, layer, mdl[0], noise=noise) if reads_prev else heads_for(m, mdl[0], noise)[layer]
+    r = build("self_speculative", m, {layer: head}, layer=layer, lookup=True, head_branch=True,
+              head_branch_confidence=sure, min_block=min_block, adaptive=adaptive).generate(prompt, n)
+    assert r.tokens == reference(m, prompt, n)
+    assert r.stats.head_branch_wins <= r.stats.head_branches and r.accepted <= r.drafted
+    assert r.stats.lookup_accepted <= r.stats.lookup_drafted <= r.drafted
+
+
+def test_the_heads_branch_wins_where_the_copied_draft_is_wrong():
+    """On a damped model (a good early head) and loopy prompts the head's branch is taken and accepted at some
+    steps, which saves steps; bad settings are refused naming the fix."""
+    import random
+
+    m = model(0, 0.05)
+    rng = random.Random(0)
+    steps = {False: 0, True: 0}
+    branches = wins = 0
+    for _ in range(4):
+        prompt = [rng.choice(range(5, 12)) for _ in range(30)]
+        ref = reference(m, prompt, 40)
+        for on in (False, True):
+            r = build("self_speculative", m, heads_for(m, 0, 0.0), layer=2, lookup=True, head_branch=on,
+                      head_branch_confidence=0.0).generate(prompt, 40)
+            assert r.tokens == ref
+            steps[on] += r.steps
+            if on:
+                branches, wins = branches + r.stats.head_branches, wins + r.stats.head_branch_wins
+    assert wins >= 3 and branches > wins and steps[True] < steps[False]
+    from prev_heads import block_head
+
+    for heads, bad in ((heads_for(m, 0, 0.0), {"lookup": False}), (heads_for(m, 0, 0.0), {"lookup_candidates": 3}),
+                       ({2: block_head(m, 2, 0)}, {})):
+        with pytest.raises(ValueError, match="Fix: head_branch=false"):
+            build("self_speculative", m, heads, layer=2, head_branch=True, **{"lookup": True, **bad})
+    with pytest.raises(ValueError, match="probability"):
+        build("self_speculative", m, heads_for(m, 0, 0.0), layer=2, lookup=True, head_branch=True,
+              head_branch_confidence=1.5)
+
+
 READS_PREV = sorted(n for n, c in REGISTRY.items() if c.needs_heads and "f_prev" in c.head_inputs)
 
 

@@ -17,6 +17,12 @@ step), ``lookup_tokens`` (a fixed draft length instead of the adaptive one) and 
 different continuations, one per matching suffix length, verified together as a token tree in one forward:
 ``token_tree``; the longest root path equal to the final layer's argmax chain is accepted).
 
+With ``head_branch=True`` the head also checks the text's drafts: the block runs layers 1..d first, the head reads
+cur's layer-d state there, and where it is at least ``head_branch_confidence`` sure of a token other than the text's
+first draft, that token joins the block as a second branch (a sibling of the first draft; its own layers 1..d see
+the prefix and cur only), verified in the same pass of layers d+1..L. The final layer picks at most one of them,
+so the output stays greedy's; a copied draft that the head disagrees with no longer costs the head its turn.
+
 A block head (``h_d_prefix``) reads the layer-d states of the accepted text through its own KV cache
 (``HeadContext``): every verification is run as layers 1..d, then d+1..L (the same products), so the layer-d state
 of every accepted position reaches the head, whichever source drafted it; the prompt's come from the prefill.
@@ -70,6 +76,8 @@ class SelfSpeculativeConfig:
     lookup_tokens: int = 0  # text drafts of this many tokens (0: the adaptive length)
     lookup_candidates: int = 1  # several text continuations verified as one token tree (see above)
     lookup_tree_rows: int = 8  # such a tree's rows at most (cur included): later continuations are cut short
+    head_branch: bool = False  # the head's guess as a second branch beside a copied draft it disagrees with
+    head_branch_confidence: float = 0.5  # ... where it is at least this sure of it (see above)
 
 
 @dataclass
@@ -78,6 +86,8 @@ class SelfSpeculativeStats(Stats):
     lookup_accepted: int = 0
     lookup_trees: int = 0  # steps whose text drafts were verified as a token tree of continuations
     lookup_branch_wins: int = 0  # ... where a continuation other than the first was accepted
+    head_branches: int = 0  # steps where the head's guess joined the text's block as a second branch
+    head_branch_wins: int = 0  # ... and was the greedy token
 
 
 @register
@@ -101,6 +111,11 @@ class SelfSpeculative(DecodingStrategy):
         if c.lookup_min_match < 1 or c.lookup_tokens < 0 or c.lookup_candidates < 1 or c.lookup_tree_rows < 2:
             raise ConfigError("need lookup_min_match >= 1, lookup_tokens >= 0, lookup_candidates >= 1 and "
                               "lookup_tree_rows >= 2")
+        if c.head_branch and not (c.lookup and c.lookup_candidates == 1 and self.head.block is None):
+            raise ConfigError("head_branch sets the head's guess beside one copied draft: it needs lookup=true, "
+                              "lookup_candidates=1 and a head without a decoder block. Fix: head_branch=false, or those")
+        if not 0 <= c.head_branch_confidence <= 1:
+            raise ConfigError(f"head_branch_confidence is a probability; got {c.head_branch_confidence}")
 
     def _generate(self, ids, max_new_tokens):
         m, L, c = self.model, num_layers(self.model), self.config
@@ -128,9 +143,18 @@ class SelfSpeculative(DecodingStrategy):
             copied = bool(conts)
             if copied and len(conts) > 1:
                 drafts, new, g, last = self._verify_tree(cache, cur, conts, n, ids.device, ctx)
-                a = len(drafts)
+                a = text_a = len(drafts)
                 res.stats.lookup_trees += 1
                 res.stats.lookup_branch_wins += bool(a and drafts != conts[0][:a])
+            elif copied and c.head_branch:
+                drafts = conts[0]
+                g, (new, last, branched, won) = len(drafts), self._text_block_with_head(cache, cur, drafts, n,
+                                                                                         ids.device, prev)
+                a = len(new) - 1
+                res.stats.head_branches += branched
+                res.stats.head_branch_wins += won
+                res.drafted += branched  # the head's one drafted token (the text's are counted below)
+                text_a = 0 if won else a  # what the text's drafts earned
             else:
                 if copied:
                     drafts = conts[0]
@@ -151,13 +175,13 @@ class SelfSpeculative(DecodingStrategy):
                     ctx.read(at_d[:, :a + 1], n)  # cur and the accepted drafts, for a block head
                 last = verify[:, a]
                 crop_cache(cache, n + a + 1)
-                new = drafts[:a] + [target[a]]
+                new, text_a = drafts[:a] + [target[a]], a
             res.steps += 1
             res.drafted += g
             res.accepted += a
             if copied:
                 res.stats.lookup_drafted += g
-                res.stats.lookup_accepted += a
+                res.stats.lookup_accepted += text_a
             n += a + 1  # cur and the accepted drafts are now in the cache, in every layer
             if self.finish(out, new, max_new_tokens):
                 return res
@@ -169,7 +193,7 @@ class SelfSpeculative(DecodingStrategy):
             if c.adaptive:
                 g_max = max(map(len, conts)) if copied else g
                 if copied and not c.lookup_tokens and g_max == lookup_limit:  # grow from what was drafted,
-                    lookup_gamma = self._adapt(g_max if a == g_max else lookup_gamma, a == g_max)  # shrink from own
+                    lookup_gamma = self._adapt(g_max if text_a == g_max else lookup_gamma, text_a == g_max)  # or own
                 elif not copied and g == gamma:  # (a draft cut short by low confidence says nothing of gamma)
                     gamma = self._adapt(gamma, a == g)
 
@@ -222,6 +246,43 @@ class SelfSpeculative(DecodingStrategy):
         select_cache(cache, n, [n + i for i in path])
         drafts = [tree.tokens[i] for i in path[1:]]
         return drafts, drafts + [target[path[-1]]], drafted, h[:, path[-1]]
+
+    def _text_block_with_head(self, cache, cur: int, drafts: list[int], n: int, dev,
+                              prev: torch.Tensor | None) -> tuple[list[int], torch.Tensor, bool, bool]:
+        """Verify ``cur`` and the copied ``drafts``, with the head's guess for the token after ``cur`` as a second
+        branch where it is sure of another token than ``drafts[0]`` (``head_branch``). Returns the new tokens (the
+        accepted drafts, or the branch's token, then the final layer's next token), the hidden state whose argmax is
+        the last of them, whether a branch was added and whether it was accepted; the cache keeps ``cur`` and the
+        accepted path only."""
+        m, d, L, c = self.model, self.layer, num_layers(self.model), self.config
+        x = pad_block(embed(m, torch.tensor([[cur] + drafts], device=dev)), c.min_block)
+        q, g = x.shape[1], len(drafts)
+        at_d = run_layers(m, x, 0, d, cache, past=n)
+        guess, conf = self.head.guess_with_confidence(at_d[:, 0], prev)
+        h = int(guess)
+        if h == drafts[0] or float(conf) < c.head_branch_confidence:
+            verify = run_layers(m, at_d, d, L, cache, past=n)
+            target = final_argmax(m, verify[:, :g + 1])[0].tolist()
+            a = accepted_prefix(drafts, target)
+            crop_cache(cache, n + a + 1)
+            return drafts[:a] + [target[a]], verify[:, a], False, False
+        # Column q (after the block's rows and padding) is the branch, at cur's position + 1: in layers 1..d it sees
+        # the prefix and cur; in d+1..L the block's rows see each other causally and the branch sees cur and itself.
+        see = torch.ones(q + 1, q + 1, dtype=torch.bool).tril()
+        see[q, 1:q] = False
+        branch_d = run_layers(m, embed(m, torch.tensor([[h]], device=dev)), 0, d, cache,
+                              position_ids=torch.tensor([[n + 1]], device=dev),
+                              attention_mask=tree_mask(see, [q], n, m.dtype, dev))
+        pos = torch.tensor([list(range(n, n + q)) + [n + 1]], device=dev)
+        verify = run_layers(m, torch.cat([at_d, branch_d], dim=1), d, L, cache, position_ids=pos,
+                            attention_mask=tree_mask(see, list(range(q + 1)), n, m.dtype, dev))
+        target = final_argmax(m, verify)[0].tolist()
+        if target[0] == h:  # the branch is greedy's next token (so the first draft, another token, is not)
+            select_cache(cache, n, [n, n + q])
+            return [h, target[q]], verify[:, q], True, True
+        a = accepted_prefix(drafts, target[:g + 1])
+        crop_cache(cache, n + a + 1)  # (the branch sits after every row kept)
+        return drafts[:a] + [target[a]], verify[:, a], True, False
 
     def _head_drafts(self, cache, cur: int, g: int, n: int, device, prev: torch.Tensor | None,
                      ctx) -> tuple[list[int], torch.Tensor]:
