@@ -312,6 +312,13 @@ def _distributed(model) -> tuple[int, int, bool]:
     return dist.get_rank(), world, owned
 
 
+def _save(obj, path: Path) -> None:
+    """Written whole or not at all (a file is complete once its name appears)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def _all_gather(obj) -> list:
     import torch.distributed as dist
 
@@ -324,8 +331,8 @@ def _evaluate_batches(cfg, model, heads, name, ids, ks, layers, final, out_dir: 
                       world: int) -> dict:
     """This rank's batches of one task (every world-th, longest prompts first), each generated with the heads'
     states captured and scored at once, so only counts and small per-position records are kept (never the hidden
-    states of a whole task). After every batch the partial result is saved under ``out_dir/partial/``: a run
-    started again with the same run directory (``hydra.run.dir=...``) resumes after the last saved batch."""
+    states of a whole task). Every batch's result is saved under ``out_dir/partial/``: a run started again with the
+    same run directory (``hydra.run.dir=...``) resumes with the batches not saved yet."""
     from tqdm import tqdm
 
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # greedy_continuations' order
@@ -334,15 +341,20 @@ def _evaluate_batches(cfg, model, heads, name, ids, ks, layers, final, out_dir: 
     key = {"task": name, "ids": [len(x) for x in ids], "heads": sorted(f"{lab}@{d}" for lab, d in heads),
            "ks": list(ks), "max_new_tokens": cfg.max_new_tokens, "measure": cfg.measure,
            "batch_size": cfg.batch_size, "world": world, "cost_baseline": bool(cfg.cost_baseline)}
-    path = out_dir / "partial" / f"{name}.rank{rank}.pt"
+    # One file per batch (appending costs the same at the last batch as at the first), and the settings they
+    # belong to beside them.
+    folder = out_dir / "partial" / f"{name}.rank{rank}"
     done: dict = {}
-    if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        if saved["key"] != key:
-            raise PPDError(f"{path} is a partial evaluation with other settings; it cannot be resumed with these. "
-                           f"Fix: use a new run directory, or delete {path.parent}")
-        done = {b: {**part, "resumed": True} for b, part in saved["batches"].items()}
-        print(f"[eval] {name}: resuming after {len(done)} of {len(mine)} batches ({path})")
+    if (folder / "key.pt").is_file():
+        if torch.load(folder / "key.pt", weights_only=False) != key:
+            raise PPDError(f"{folder} is a partial evaluation with other settings; it cannot be resumed with these. "
+                           f"Fix: use a new run directory, or delete {folder.parent}")
+        for f in sorted(folder.glob("batch*.pt")):
+            done[int(f.stem[5:])] = {**torch.load(f, weights_only=False), "resumed": True}
+        print(f"[eval] {name}: resuming after {len(done)} of {len(mine)} batches ({folder})")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        _save(key, folder / "key.pt")
     capture = layers if cfg.measure == "capture" else None
     bar = tqdm(total=len(mine), initial=len(done), desc=f"{name}: generate + score", unit="batch",
                dynamic_ncols=True, disable=rank != 0)
@@ -365,10 +377,7 @@ def _evaluate_batches(cfg, model, heads, name, ids, ks, layers, final, out_dir: 
                 part["disagreements"] = st["teacher_forced_disagreements"]
         part["t_score"] = t.seconds
         done[b] = part
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"key": key, "batches": done}, tmp)
-        tmp.replace(path)
+        _save(part, folder / f"batch{b:06d}.pt")
         bar.update(1)
     bar.close()
     return done
