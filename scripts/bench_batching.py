@@ -26,9 +26,8 @@ import statistics
 from pathlib import Path
 
 import torch
-from bench_decode import cpu_name
 
-from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
+from ppd_decode.evaluation.artifacts import add_output_args, cpu_name, finish, output_dir
 from ppd_decode.runtime.exactness import is_near_tie
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,10 +30,8 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,21 +39,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir
+from ppd_decode.evaluation.artifacts import add_output_args, cpu_name, finish, git_commit, output_dir
 from ppd_decode.runtime.exactness import is_near_tie
 from ppd_decode.strategies.base import Totals
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def plot_speedups(methods: list[dict], g1: float, g2: float, path: Path) -> None:
@@ -328,14 +316,6 @@ def markdown(out: dict, prompts: dict, command: str) -> list[str]:
         if m.get("lines"):
             lines += ["", f"{m['row']}: " + m["lines"][0], *m["lines"][1:]]
     return lines
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from bench_decode import git_commit
 
 from ppd_decode.errors import HeadMismatchError, run_cli
+from ppd_decode.evaluation.artifacts import git_commit
 from ppd_decode.models.catalog import SHIPPED
 from ppd_decode.models.heads import head_dirs, read_head_config
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _ship_script():
     if str(REPO / "scripts") not in sys.path:
-        sys.path.insert(0, str(REPO / "scripts"))  # as when it runs: its folder first (it imports bench_decode)
+        sys.path.insert(0, str(REPO / "scripts"))  # as when it runs: its folder first
     spec = importlib.util.spec_from_file_location("ship_heads", REPO / "scripts" / "ship_heads.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -62,6 +62,9 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     assert tm["divisible_seconds_on"]["8"] == pytest.approx(work / 8)
     assert tm["fixed_seconds"] == pytest.approx(tm["wall_seconds"] - work)
     assert "## Time" in (tmp_path / "out" / "match_rate.md").read_text()
+    pv = report["provenance"]  # what a published table must say
+    assert pv["command"].startswith("python -m ppd_decode.evaluation") and pv["date"] and pv["commit"]
+    assert pv["machine"]["cpu"] and f"commit {pv['commit']}" in (tmp_path / "out" / "match_rate.md").read_text()
 
 
 def test_report_scores_a_head_that_reads_f_prev_with_and_without_it(tmp_path, shared_data):

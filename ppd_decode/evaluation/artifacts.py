@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,3 +44,30 @@ def finish(args: argparse.Namespace, out_dir: Path) -> None:
     if args.publish:
         for c in publish(out_dir):
             print(f"[bench] published {c.relative_to(REPO) if c.is_relative_to(REPO) else c}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(command: str) -> dict:
+    """What a published table must say: the command, the date, the machine and the commit that produced it."""
+    import torch
+
+    return {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}

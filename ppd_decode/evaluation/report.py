@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppd_decode.data.prompts import build_prompts, context_length
 from ppd_decode.data.tasks import TaskConfig, load_task
 from ppd_decode.errors import PPDError
+from ppd_decode.evaluation.artifacts import provenance
 from ppd_decode.evaluation.match_rate import (greedy_continuations, merge_scores, refuse_block_heads_for_capture,
                                               score_captured, score_heads)
 from ppd_decode.evaluation.metrics import TASK_METRIC, load_metric
@@ -248,6 +251,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     for t in report["tasks"].values():
         t.pop("_scores", None)
     report["time"] = time_division(report, world, time.perf_counter() - started, resumed)
+    report["provenance"] = provenance("python -m ppd_decode.evaluation " + " ".join(map(shlex.quote, sys.argv[1:]))
+                                      + (f" (under torchrun, {world} processes)" if world > 1 else ""))
     if rank == 0:  # every rank holds the whole report; one writes it
         write_report(report, out_dir, cfg)
         shutil.rmtree(out_dir / "partial", ignore_errors=True)  # the finished report replaces the partial ones
@@ -433,6 +438,10 @@ def write_report(report: dict, out_dir: Path, cfg) -> None:
                 w.writerow([name, r["head"], r["layer"], r["positions"], *[f"{r[f'p@{k}']:.4f}" for k in ks]])
     per_task = "every row of each task" if report["n"] is None else f"{report['n']} prompts per task"
     lines = [f"# Match rates, {report['model']} ({per_task}, up to {report['max_new_tokens']} greedy tokens each)", ""]
+    pv = report.get("provenance")
+    if pv:
+        lines += [f"`{pv['command']}`; {pv['date']}, {pv['machine']['cpu']} ({pv['machine']['cores']} cores"
+                  + (f", {pv['machine']['gpu']}" if pv["machine"].get("gpu") else "") + f"), commit {pv['commit']}.", ""]
     for name, t in report["tasks"].items():
         if "skipped" in t:
             lines += [f"## {name}: skipped ({t['skipped']})", ""]
