@@ -412,12 +412,12 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
     autocast = cfg.trainer.autocast == "bf16"
 
     ckpt_dir = run_dir / "checkpoints"
-    step = 0
+    step, resumed_at = 0, None
     layout = {"world_size": world, "micro_batch": micro, "grad_accum": accum, "heads": _head_shapes(heads)}
     if (ckpt_dir / "latest").is_file():
         _check_layout(ckpt_dir, layout, run_dir)
         _, client = engine.load_checkpoint(str(ckpt_dir))
-        step = int(client["step"])
+        step = resumed_at = int(client["step"])
         torch.set_rng_state(client["torch_rng"])
         if is_main:
             print(f"[ppd_train] resumed from {ckpt_dir} at step {step}/{total_steps}")
@@ -498,7 +498,10 @@ def train(cfg, run_dir: str | Path | None = None) -> dict:
             final.update({k: v for k, v in rec["metrics"].items() if k.endswith(f"/layer{d}")})
             selected[d] = rec["step"]
     result = {"final": final, "steps": total_steps, "train_blocks": len(data.train), "seq_len": seq_len,
-              "selected_steps": selected, "last": last}
+              "selected_steps": selected, "last": last, "resumed_at_step": resumed_at,
+              # this process's peak (a resumed run's from its resumption on): what a GPU user sizes a node by
+              "peak_device_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+              else None}
     if is_main:
         _export(run_dir, engine.module, model, cfg, data, final, selected)
         (run_dir / "metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))

@@ -12,14 +12,8 @@
 # Decoding needs torch, transformers, safetensors, tokenizers and gguf; the tests pytest and hypothesis; Hydra,
 # datasets, DeepSpeed and W&B are not needed. The repository runs from its checkout (PYTHONPATH), not installed.
 set -euo pipefail
-OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR   (DEVICE=cpu for a CPU)}
-DEVICE=${DEVICE:-cuda}
-PY=${PYTHON:-python3}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-cd "$REPO"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+# shellcheck source=gpu_check_env.sh
+source "$(dirname "$0")/gpu_check_env.sh" "$@"
 
 if [ -n "${WHEELS:-}" ]; then
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" transformers safetensors tokenizers gguf pytest \

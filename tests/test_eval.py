@@ -60,7 +60,7 @@ def test_report_with_trained_heads_and_lens(tmp_path, shared_data):
     work = sum(t["process_seconds"] for t in report["tasks"].values())
     assert tm["process_seconds"] == pytest.approx(work) and 0 < work < tm["wall_seconds"]
     assert tm["divisible_seconds_on"]["8"] == pytest.approx(work / 8)
-    assert tm["fixed_seconds"] == pytest.approx(tm["wall_seconds"] - work)
+    assert tm["other_seconds"] == pytest.approx(tm["wall_seconds"] - work)
     assert "## Time" in (tmp_path / "out" / "match_rate.md").read_text()
     pv = report["provenance"]  # what a published table must say
     assert pv["command"].startswith("python -m ppd_decode.evaluation") and pv["date"] and pv["commit"]
@@ -197,7 +197,7 @@ def test_an_interrupted_evaluation_resumes_to_the_same_report(tmp_path, shared_d
     resumed = run(_cfg(*DP), tmp_path / "cut")
     assert _comparable(resumed) == _comparable(whole)
     # the resumed run's work counts the batches timed before the stop; its wall time covers only its own part
-    assert resumed["time"]["resumed"] and "fixed_seconds" not in resumed["time"]
+    assert resumed["time"]["resumed"] and "other_seconds" not in resumed["time"]
     assert resumed["time"]["prompts"] == whole["time"]["prompts"]
     assert "the last part of a resumed run" in (tmp_path / "cut" / "match_rate.md").read_text()
     assert not (tmp_path / "cut" / "partial").exists()  # the finished report replaces the partial ones

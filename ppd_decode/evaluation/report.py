@@ -251,6 +251,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     for t in report["tasks"].values():
         t.pop("_scores", None)
     report["time"] = time_division(report, world, time.perf_counter() - started, resumed)
+    if model.device.type == "cuda":
+        report["time"]["peak_device_memory_mib"] = torch.cuda.max_memory_allocated(model.device) / 2**20
     report["provenance"] = provenance("python -m ppd_decode.evaluation " + " ".join(map(shlex.quote, sys.argv[1:]))
                                       + (f" (under torchrun, {world} processes)" if world > 1 else ""))
     if rank == 0:  # every rank holds the whole report; one writes it
@@ -271,7 +273,8 @@ def time_division(report: dict, world: int, wall_seconds: float, resumed: bool) 
     """The run's wall time and how its work divides over data-parallel processes.
 
     Every prompt's generation and scoring is timed inside the process that ran it; summed over processes and tasks
-    that is the run's divisible work (model loading, warm-up and the latency model's timings are not). Prompts
+    that is the run's divisible work. The rest of the wall time (``other_seconds``: loading, warm-up, saving the
+    partial results, waiting on the other processes, the latency model's timings) is not. Prompts
     share nothing, so N processes each as fast as one of this run's would take the divisible work / N, the per-
     prompt cost being the one measured here: a GPU's own cost is what this report measures when run on it."""
     tasks = [t for t in report["tasks"].values() if "process_seconds" in t]
@@ -281,7 +284,7 @@ def time_division(report: dict, world: int, wall_seconds: float, resumed: bool) 
            "process_seconds": work, "seconds_per_prompt": work / prompts if prompts else None,
            "divisible_seconds_on": {str(n): work / n for n in PROJECTED_DEVICES}}
     if not resumed:  # a resumed run's wall time covers only its last part
-        out["fixed_seconds"] = max(0.0, wall_seconds - work / world)
+        out["other_seconds"] = max(0.0, wall_seconds - work / world)
     return out
 
 
@@ -293,8 +296,9 @@ def time_lines(tm: dict) -> list[str]:
              f"{tm['prompts']} prompts on {tm['processes']} process{'es' if tm['processes'] != 1 else ''}: "
              f"{wall} wall. Generating and scoring took {tm['seconds_per_prompt']:.2f} s per prompt in one "
              f"process ({tm['process_seconds'] / 3600:.2f} process-hours in all)"
-             + (f"; loading, warm-up and the stage timings {tm['fixed_seconds'] / 60:.1f} min" if "fixed_seconds" in tm
-                else "") + ".", "",
+             + (f"; the rest of the wall time (loading, warm-up, saving partial results, waiting on the other "
+                f"processes, the stage timings) {tm['other_seconds'] / 60:.1f} min" if "other_seconds" in tm else "")
+             + ".", "",
              "The prompts are independent, so data-parallel processes divide that work; at this per-prompt cost "
              "(a GPU has its own, which this report measures when run there):", "",
              "| processes | " + " | ".join(tm["divisible_seconds_on"]) + " |",
@@ -491,7 +495,8 @@ def write_report(report: dict, out_dir: Path, cfg) -> None:
         for suffix in ("json", "csv", "md"):
             (docs / f"{name}.{suffix}").write_text((out_dir / f"match_rate.{suffix}").read_text())
         for png in out_dir.glob("*.png"):
-            (docs / (png.name if name == "match_rate" else f"{name}_{png.name}")).write_bytes(png.read_bytes())
+            stem = png.name.replace("match_rate", name, 1) if png.name.startswith("match_rate") else f"{name}_{png.name}"
+            (docs / stem).write_bytes(png.read_bytes())
     log_wandb(report, out_dir, cfg)
     print((out_dir / "match_rate.md").read_text())
 
