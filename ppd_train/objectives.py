@@ -84,16 +84,20 @@ def candidate_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, teache
                     reduction="batchmean") * T * T
 
 
-def frequent_tokens(blocks: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
-    """The ``n`` most frequent token ids of the training blocks (ties broken by id: deterministic)."""
+def _by_frequency(blocks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Every token id, most frequent in the training blocks first (ties broken by id: deterministic)."""
     counts = torch.bincount(blocks.reshape(-1), minlength=vocab_size)[:vocab_size]
-    return torch.argsort(-counts, stable=True)[:n].sort().values
+    return torch.argsort(-counts, stable=True)
+
+
+def frequent_tokens(blocks: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` most frequent token ids of the training blocks, sorted by id."""
+    return _by_frequency(blocks, vocab_size)[:n].sort().values
 
 
 def new_frequent_tokens(blocks: torch.Tensor, have: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
-    """The ``n`` most frequent token ids of the training blocks that are not in ``have`` (ties broken by id)."""
-    counts = torch.bincount(blocks.reshape(-1), minlength=vocab_size)[:vocab_size]
-    order = torch.argsort(-counts, stable=True)
+    """The ``n`` most frequent token ids of the training blocks that are not in ``have``, sorted by id."""
+    order = _by_frequency(blocks, vocab_size)
     return order[~torch.isin(order, have.to(order.device))][:n].sort().values
 
 

@@ -532,11 +532,13 @@ def _check_layout(ckpt_dir: Path, layout: dict, run_dir: Path) -> None:
         return  # written by an older ppd: DeepSpeed's own checks apply
     saved = json.loads(saved_path.read_text())
     if "heads" in saved and saved["heads"] != layout.get("heads"):  # (older layouts did not record the heads)
-        there, here = saved["heads"], layout.get("heads") or {}
-        diff = "; ".join(f"layer {d}: " + ", ".join(f"{k} {there.get(d, {}).get(k)} there, {here.get(d, {}).get(k)} here"
-                                                    for k in sorted({**there.get(d, {}), **here.get(d, {})})
-                                                    if there.get(d, {}).get(k) != here.get(d, {}).get(k))
-                         for d in sorted(set(there) | set(here), key=int) if there.get(d) != here.get(d))
+        there, here, parts = saved["heads"], layout.get("heads") or {}, []
+        for d in sorted(set(there) | set(here), key=int):
+            a, b = there.get(d, {}), here.get(d, {})
+            fields = [f"{k} {a.get(k)} there, {b.get(k)} here" for k in sorted({**a, **b}) if a.get(k) != b.get(k)]
+            if fields:
+                parts.append(f"layer {d}: " + ", ".join(fields))
+        diff = "; ".join(parts)
         raise PPDError(f"{run_dir} holds checkpoints of other heads ({diff}): the run name does not carry every head "
                        f"setting, and such a change is another run. Fix: start a new run (run_name=<new name>), or "
                        f"relaunch with the head settings that wrote it")

@@ -29,17 +29,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ppd_decode.evaluation.artifacts import add_output_args, cpu_name, finish, git_commit, output_dir
+from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir, provenance
 from ppd_decode.runtime.exactness import is_near_tie
 from ppd_decode.strategies.base import Totals
 
@@ -348,14 +346,11 @@ def main() -> None:
         for r in rows:
             r["strategy"].close()
     command = "python scripts/bench_decode.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    out = {"command": command, "model": a.model, "dtype": str(model.dtype).replace("torch.", ""),
+    pv = provenance(command, model.device)
+    out = {**pv, "model": a.model, "dtype": str(model.dtype).replace("torch.", ""),
            "max_new_tokens": a.max_new_tokens, "runs": a.runs, "warmup": a.warmup, "heads": choice.label,
-           "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                       "device": str(model.device),
-                       "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
-                       "transformers": transformers.__version__},
-           "prompt_sets": {s: len(v) for s, v in prompts.items()}, "methods": methods,
-           "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
+           "machine": {**pv["machine"], "transformers": transformers.__version__},
+           "prompt_sets": {s: len(v) for s, v in prompts.items()}, "methods": methods}
     docs = output_dir(a)
     (docs / f"{a.name}.json").write_text(json.dumps(out, indent=1))
     lines = markdown(out, prompts, command) + oracle_curve(methods, docs / f"{a.name}_oracle.png")

@@ -64,10 +64,12 @@ def git_commit() -> str:
         return "unknown"
 
 
-def provenance(command: str) -> dict:
-    """What a published table must say: the command, the date, the machine and the commit that produced it."""
+def provenance(command: str, device=None) -> dict:
+    """What a published table must say: the command, the date, the machine (``device``: where the measured model
+    ran) and the commit that produced it."""
     import torch
 
+    device = torch.device(device or "cpu")
     return {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "device": str(device),
+                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}}

@@ -254,7 +254,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if model.device.type == "cuda":
         report["time"]["peak_device_memory_mib"] = torch.cuda.max_memory_allocated(model.device) / 2**20
     report["provenance"] = provenance("python -m ppd_decode.evaluation " + " ".join(map(shlex.quote, sys.argv[1:]))
-                                      + (f" (under torchrun, {world} processes)" if world > 1 else ""))
+                                      + (f" (under torchrun, {world} processes)" if world > 1 else ""), model.device)
     if rank == 0:  # every rank holds the whole report; one writes it
         write_report(report, out_dir, cfg)
         shutil.rmtree(out_dir / "partial", ignore_errors=True)  # the finished report replaces the partial ones

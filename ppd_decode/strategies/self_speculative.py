@@ -169,13 +169,10 @@ class SelfSpeculative(DecodingStrategy):
                     drafts, verify = self._head_drafts(cache, cur, max(0, min(gamma, room)), n, ids.device, prev, ctx)
                     at_d = None  # (the head read every drafted row's layer-d state already)
                 g = len(drafts)
-                target = final_argmax(m, verify[:, :g + 1])[0].tolist()  # target[i]: greedy token after block[i]
-                a = accepted_prefix(drafts, target)
+                new, last = self._accept(cache, drafts, final_argmax(m, verify[:, :g + 1])[0].tolist(), verify, n)
+                a = text_a = len(new) - 1
                 if at_d is not None:
                     ctx.read(at_d[:, :a + 1], n)  # cur and the accepted drafts, for a block head
-                last = verify[:, a]
-                crop_cache(cache, n + a + 1)
-                new, text_a = drafts[:a] + [target[a]], a
             res.steps += 1
             res.drafted += g
             res.accepted += a
@@ -262,10 +259,7 @@ class SelfSpeculative(DecodingStrategy):
         h = int(guess)
         if h == drafts[0] or float(conf) < c.head_branch_confidence:
             verify = run_layers(m, at_d, d, L, cache, past=n)
-            target = final_argmax(m, verify[:, :g + 1])[0].tolist()
-            a = accepted_prefix(drafts, target)
-            crop_cache(cache, n + a + 1)
-            return drafts[:a] + [target[a]], verify[:, a], False, False
+            return *self._accept(cache, drafts, final_argmax(m, verify[:, :g + 1])[0].tolist(), verify, n), False, False
         # Column q (after the block's rows and padding) is the branch, at cur's position + 1: in layers 1..d it sees
         # the prefix and cur; in d+1..L the block's rows see each other causally and the branch sees cur and itself.
         see = torch.ones(q + 1, q + 1, dtype=torch.bool).tril()
@@ -280,9 +274,17 @@ class SelfSpeculative(DecodingStrategy):
         if target[0] == h:  # the branch is greedy's next token (so the first draft, another token, is not)
             select_cache(cache, n, [n, n + q])
             return [h, target[q]], verify[:, q], True, True
-        a = accepted_prefix(drafts, target[:g + 1])
-        crop_cache(cache, n + a + 1)  # (the branch sits after every row kept)
-        return drafts[:a] + [target[a]], verify[:, a], True, False
+        return *self._accept(cache, drafts, target[:g + 1], verify, n), True, False  # (the branch is cropped)
+
+    @staticmethod
+    def _accept(cache, drafts: list[int], target: list[int], verify: torch.Tensor,
+                n: int) -> tuple[list[int], torch.Tensor]:
+        """A verified chain (``target[i]``: the greedy token after ``cur`` and i drafts): the new tokens (the
+        accepted drafts and the final layer's next one) and the hidden state of the last; the cache keeps ``cur`` and
+        the accepted drafts."""
+        a = accepted_prefix(drafts, target)
+        crop_cache(cache, n + a + 1)
+        return drafts[:a] + [target[a]], verify[:, a]
 
     def _head_drafts(self, cache, cur: int, g: int, n: int, device, prev: torch.Tensor | None,
                      ctx) -> tuple[list[int], torch.Tensor]:
