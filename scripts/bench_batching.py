@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from ppd_decode.evaluation.artifacts import add_output_args, cpu_name, finish, output_dir
+from ppd_decode.evaluation.artifacts import add_output_args, finish, output_dir, provenance
 from ppd_decode.runtime.exactness import is_near_tie
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,8 +194,10 @@ def main() -> None:
     for b in sizes:
         fixed = [r for r in results if r["batch_size"] == b and r["method"] in ("batched_greedy", "self_speculative")]
         best_fixed[b] = max(fixed, key=lambda r: r["tokens_per_s"])["gamma"]
-    out = {"model": a.model, "head": head_kind, "heads": choice.label, "layer": d, "prune_layer": a.prune_layer if trees else None,
-           "branching": list(branching) if trees else None, "acceptance_prior": alpha, "cpu": cpu_name(),
+    pv = provenance("python scripts/bench_batching.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]), model.device)
+    out = {**pv, "model": a.model, "head": head_kind, "heads": choice.label, "layer": d,
+           "prune_layer": a.prune_layer if trees else None,
+           "branching": list(branching) if trees else None, "acceptance_prior": alpha, "cpu": pv["machine"]["cpu"],
            "threads": a.threads, "torch": torch.__version__, "transformers": transformers.__version__,
            "max_new_tokens": a.max_new_tokens, "runs": a.runs, "sets": list(sets), "prompts": len(prompts),
            "gamma_star": cost.table(alpha), "best_fixed_gamma_measured": best_fixed,
@@ -209,9 +213,12 @@ def main() -> None:
 def write_markdown(out: dict, path: Path) -> None:
     trees = (f" Token trees (batched_tree_speculative): drafted at layer {out['layer']}, static branching "
              f"{out['branching']}, pruning at layer {out['prune_layer']}." if out.get("branching") else "")
-    lines = [f"{out['model']}, {out['head']} head at layer {out['layer']} (validation acceptance prior "
-             f"{out['acceptance_prior']:.3f}), {out['cpu']}, {out['threads']} threads, {out['max_new_tokens']} new "
-             f"tokens, median of {out['runs']} runs; prompts from {', '.join(out['sets'])}.{trees}", "",
+    when = f", {out['date']}, commit {out['commit']}" if out.get("date") else ""
+    lines = ([f"`{out['command']}`", ""] if out.get("command") else []) + [
+             f"{out['model']}, {out['head']} head at layer {out['layer']} ({out.get('heads', '')} heads, validation "
+             f"acceptance prior {out['acceptance_prior']:.3f}), {out['cpu']}, {out['threads']} threads"
+             f"{when}, {out['max_new_tokens']} new tokens, median of {out['runs']} runs; prompts from "
+             f"{', '.join(out['sets'])}.{trees}", "",
              f"Cost model's gamma*(b): {out['gamma_star']}; best fixed gamma measured: {out['best_fixed_gamma_measured']}.",
              "", "| batch | method | gamma | tokens/s | vs batched greedy | predicted tokens/s | latency ms/token | "
              "accepted/drafted | mismatches (near-ties) |", "|---|---|---|---|---|---|---|---|---|"]

@@ -57,3 +57,20 @@ def test_oracle_rows_carry_the_ppd_rows_settings():
     built = {r.name: r.config for r in rows(names, overrides + a.overrides)}
     assert {n: (c.k, c.chain, c.oracle_p) for n, c in built.items()} == {
         "ppd_oracle_0": (2, 3, 0.0), "ppd_oracle_50": (2, 3, 0.5)}
+
+
+def test_batching_benchmark_end_to_end_says_what_produced_it(tmp_path, shared_data):
+    cmd = [sys.executable, "scripts/bench_batching.py", "--model", "tiny-random", "--heads", "lens", "--layer", "2",
+           "--prune-layer", "3", "--trees", "static", "--batch-sizes", "1,2", "--gammas", "1", "--min-prompts", "2",
+           "--sets", "squad", "--max-new-tokens", "6", "--max-prompt-tokens", "200", "--runs", "1",
+           "--name", "batching_test", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "batching_test.json").read_text())
+    assert out["command"].startswith("python scripts/bench_batching.py --model tiny-random")
+    assert out["date"] and out["commit"] and out["machine"]["device"] == "cpu"
+    rows = {(x["batch_size"], x["method"]) for x in out["results"]}
+    assert {(1, "batched_greedy"), (2, "batched_greedy"), (1, "tree_static"), (2, "self_speculative")} <= rows
+    assert all(x["mismatches"] == 0 for x in out["results"])
+    md = (tmp_path / "batching_test.md").read_text()
+    assert md.startswith(f"`{out['command']}`") and f"commit {out['commit']}" in md
