@@ -197,8 +197,8 @@ def main() -> None:
     pv = provenance("python scripts/bench_batching.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]), model.device)
     out = {**pv, "model": a.model, "head": head_kind, "heads": choice.label, "layer": d,
            "prune_layer": a.prune_layer if trees else None,
-           "branching": list(branching) if trees else None, "acceptance_prior": alpha, "cpu": pv["machine"]["cpu"],
-           "threads": a.threads, "torch": torch.__version__, "transformers": transformers.__version__,
+           "branching": list(branching) if trees else None, "acceptance_prior": alpha, "threads": a.threads,
+           "machine": {**pv["machine"], "transformers": transformers.__version__},
            "max_new_tokens": a.max_new_tokens, "runs": a.runs, "sets": list(sets), "prompts": len(prompts),
            "gamma_star": cost.table(alpha), "best_fixed_gamma_measured": best_fixed,
            "results": [{k: v for k, v in r.items() if k not in ("throughput", "latency")} | {
@@ -213,12 +213,11 @@ def main() -> None:
 def write_markdown(out: dict, path: Path) -> None:
     trees = (f" Token trees (batched_tree_speculative): drafted at layer {out['layer']}, static branching "
              f"{out['branching']}, pruning at layer {out['prune_layer']}." if out.get("branching") else "")
-    when = f", {out['date']}, commit {out['commit']}" if out.get("date") else ""
-    lines = ([f"`{out['command']}`", ""] if out.get("command") else []) + [
-             f"{out['model']}, {out['head']} head at layer {out['layer']} ({out.get('heads', '')} heads, validation "
-             f"acceptance prior {out['acceptance_prior']:.3f}), {out['cpu']}, {out['threads']} threads"
-             f"{when}, {out['max_new_tokens']} new tokens, median of {out['runs']} runs; prompts from "
-             f"{', '.join(out['sets'])}.{trees}", "",
+    lines = [f"`{out['command']}`", "",
+             f"{out['model']}, {out['head']} head at layer {out['layer']} ({out['heads']} heads, validation "
+             f"acceptance prior {out['acceptance_prior']:.3f}), {out['machine']['cpu']}, {out['threads']} threads, "
+             f"{out['date']}, commit {out['commit']}, {out['max_new_tokens']} new tokens, median of {out['runs']} "
+             f"runs; prompts from {', '.join(out['sets'])}.{trees}", "",
              f"Cost model's gamma*(b): {out['gamma_star']}; best fixed gamma measured: {out['best_fixed_gamma_measured']}.",
              "", "| batch | method | gamma | tokens/s | vs batched greedy | predicted tokens/s | latency ms/token | "
              "accepted/drafted | mismatches (near-ties) |", "|---|---|---|---|---|---|---|---|---|"]
