@@ -74,3 +74,30 @@ def test_batching_benchmark_end_to_end_says_what_produced_it(tmp_path, shared_da
     assert all(x["mismatches"] == 0 for x in out["results"])
     md = (tmp_path / "batching_test.md").read_text()
     assert md.startswith(f"`{out['command']}`") and f"commit {out['commit']}" in md
+
+
+def test_guess_sources_feeds_f_prev_and_bounds_a_text_aware_ranking(tmp_path, shared_data):
+    sys.path.insert(0, str(REPO / "tests"))
+    from prev_heads import prev_head
+
+    from ppd_decode.models.heads import save_heads
+    from ppd_decode.models.loading import load_model
+
+    model, _ = load_model("tiny-random")
+    save_heads(tmp_path / "heads", {2: prev_head(model, 2, 0, mix=1.0)}, model, meta={"objective": "distill"})
+    cmd = [sys.executable, "scripts/guess_sources.py", "--model", "tiny-random", "--heads", str(tmp_path / "heads"),
+           "--layers", "2", "--sets", "squad", "--per-set", "3", "--max-new-tokens", "12", "--max-prompt-tokens", "200", "--k", "3",
+           "--name", "sources_test", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "sources_test.json").read_text())
+    assert out["command"].startswith("python scripts/guess_sources.py") and out["commit"] and out["date"]
+    assert out["inputs"]["2"] == ["h_d", "f_prev"]
+    rates = out["sets"]["squad"]["rates"]["2"]
+    assert out["sets"]["squad"]["positions"] > 0
+    either, first = rates["lookup or shortlist top-1"], rates["lookup first, top-1"]
+    # either source's first guess bounds any ordering of the two, PPD's lookup-first order included
+    assert max(rates["lookup"], rates["shortlist top-1"], first) <= either <= rates["lookup + shortlist top-2"]
+    assert rates["shortlist top-1"] <= rates["shortlist top-3"]
+    md = (tmp_path / "sources_test.md").read_text()
+    assert "lookup or shortlist top-1" in md and f"commit {out['commit']}" in md

@@ -267,12 +267,12 @@ class EarlyExitHead(nn.Module):
         i = logits.topk(k, dim=-1).indices
         return i if short is None else short[i]
 
-    def _ranking(self, hidden: torch.Tensor, k: int, prev: torch.Tensor | None):
+    def _ranking(self, hidden: torch.Tensor, k: int, prev: torch.Tensor | None, known: torch.Tensor | None = None):
         """The logits decoding ranks ``k`` candidates on, and the token id of each column (None: the vocabulary)."""
         short = getattr(self, "shortlist", None)
         if short is None or k > len(short):
-            return self(hidden, prev), None
-        return self.shortlist_logits(hidden, prev), short
+            return self(hidden, prev, known), None
+        return self.shortlist_logits(hidden, prev, known), short
 
     def shortlist_logits(self, hidden: torch.Tensor, prev: torch.Tensor | None = None,
                          known: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,13 +287,13 @@ class EarlyExitHead(nn.Module):
         i, p = self.ranked(hidden, 1, prev)
         return i[..., 0], p[..., 0]
 
-    def ranked(self, hidden: torch.Tensor, k: int,
-               prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def ranked(self, hidden: torch.Tensor, k: int, prev: torch.Tensor | None = None,
+               known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's top-``k`` token ids [..., k] and their softmax probabilities, as ``guess`` ranks them: over the
         shortlist where the head has one (the set its candidate softmax was trained on; over the full vocabulary a
         frequent-rows head's trained rows compete with untrained ones on another scale), else the vocabulary. What
-        token trees branch on."""
-        logits, short = self._ranking(hidden, k, prev)
+        token trees branch on. ``prev``/``known`` as for ``features``."""
+        logits, short = self._ranking(hidden, k, prev, known)
         p, i = logits.float().softmax(-1).topk(k, dim=-1)
         return (i if short is None else short[i]), p
 
