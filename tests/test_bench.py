@@ -96,8 +96,9 @@ def test_guess_sources_feeds_f_prev_and_bounds_a_text_aware_ranking(tmp_path, sh
     rates = out["sets"]["squad"]["rates"]["2"]
     assert out["sets"]["squad"]["positions"] > 0
     either, first = rates["lookup or shortlist top-1"], rates["lookup first, top-1"]
+    sure = rates["head first if >= 0.8, top-1"]
     # either source's first guess bounds any ordering of the two, PPD's lookup-first order included
-    assert max(rates["lookup"], rates["shortlist top-1"], first) <= either <= rates["lookup + shortlist top-2"]
+    assert max(rates["lookup"], rates["shortlist top-1"], first, sure) <= either <= rates["lookup + shortlist top-2"]
     assert rates["shortlist top-1"] <= rates["shortlist top-3"]
     md = (tmp_path / "sources_test.md").read_text()
     assert "lookup or shortlist top-1" in md and f"commit {out['commit']}" in md
