@@ -49,7 +49,8 @@ def _count(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None, answers: list[Path] = ()) -> str:
+def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None, answers: list[Path] = (),
+           label: str | None = None) -> str:
     lines = [f"# Shipped heads for {name}", "",
              "Loaded by default by `ppd-generate`, the decode benchmark and the demo when the model they load is the "
              "one these heads were trained for (`--heads lens` decodes with the untrained logit lens instead).", "",
@@ -81,7 +82,7 @@ def readme(name: str, heads: dict[int, dict], record: dict, rates: dict | None, 
                   "| task | layer | " + " | ".join(f"p@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
         for task, t in rates["tasks"].items():
             for r in t.get("rates", []):
-                if r["head"] != "lens" and r["layer"] in heads:
+                if r["head"] != "lens" and r["layer"] in heads and label in (None, r["head"]):
                     lines.append(f"| {task} | {r['layer']} | " + " | ".join(f"{r[f'p@{k}']:.3f}" for k in ks) + " |")
     return "\n".join(lines) + "\n"
 
@@ -110,7 +111,7 @@ def main(a) -> None:
         print(f"shipped the answers of {cache} to {write_shipped_answers(Path(cache), out / 'self_distill')}")
     rates = json.loads(Path(a.match_rates).read_text()) if a.match_rates else None
     answers = sorted((out / "self_distill").glob("*.jsonl.gz"))
-    (out / "README.md").write_text(readme(a.name, configs, record, rates, answers))
+    (out / "README.md").write_text(readme(a.name, configs, record, rates, answers, a.eval_label))
     total = sum(c["_bytes"] for c in configs.values())
     print(f"shipped {len(layers)} heads ({total / 1e6:.1f} MB) to {out}")
 
@@ -124,6 +125,8 @@ if __name__ == "__main__":
     p.add_argument("--match-rates", default=None, help="an evaluation report (match_rate.json) for the README")
     p.add_argument("--eval-command", default=None, help="the command that produced --match-rates")
     p.add_argument("--eval-when", default="", help="its date, machine and commit, for the README")
+    p.add_argument("--eval-label", default=None,
+                   help="the label of these heads in --match-rates, where it scored other trained heads beside them")
     p.add_argument("--answers", default=None,
                    help="self-distillation caches the run read (comma-separated; ~/.cache/ppd/self_distill/*.jsonl): "
                         "shipped as answers by prompt hash, so training on a fresh machine skips their generation")

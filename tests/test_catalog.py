@@ -62,7 +62,8 @@ def test_shipped_heads_are_found_by_fingerprint_and_bring_their_decode_defaults(
     answers = tmp_path / "dolly_self_distill-0123.jsonl"  # a self-distillation cache the run read
     answers.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(2)))
     args = type("A", (), {"heads": str(tmp_path / "src"), "name": "tiny", "layers": None, "command": "make train",
-                          "match_rates": None, "eval_command": None, "eval_when": "", "answers": str(answers)})
+                          "match_rates": None, "eval_command": None, "eval_when": "", "answers": str(answers),
+                          "eval_label": None})
     ship.main(args)
     assert (shipped / "tiny" / "self_distill" / "dolly_self_distill-0123.jsonl.gz").is_file()
     assert "dolly_self_distill-0123.jsonl.gz: 2 prompts" in (shipped / "tiny" / "README.md").read_text()
@@ -90,6 +91,19 @@ def test_shipped_heads_are_found_by_fingerprint_and_bring_their_decode_defaults(
     chosen = rows(["ppd", "self_speculative", "self_speculative_text"], ["decode.self_speculative_text.layer=1"])
     fill_layer(chosen, choice.layer, choice.row_layers)
     assert [r.config.layer for r in chosen] == [1, 2, 1]
+
+
+def test_the_shipped_readme_quotes_only_the_shipped_heads_rates_from_a_comparison():
+    ship = _ship_script()
+    rates = {"ks": [1], "n": 2, "max_new_tokens": 8, "tasks": {"squad": {"rates": [
+        {"head": "lens", "layer": 2, "p@1": 0.1}, {"head": "distill-argmax", "layer": 2, "p@1": 0.2},
+        {"head": "distill-argmax:new-run", "layer": 2, "p@1": 0.3}]}}}
+    heads = {2: {"inputs": ["h_d"], "projection": "frequent", "_bytes": 1e6}}
+    record = {"command": "make train", "commit": "abc", "source_run": "new-run"}
+    both = ship.readme("tiny", heads, record, rates)
+    assert "| squad | 2 | 0.200 |" in both and "| squad | 2 | 0.300 |" in both
+    mine = ship.readme("tiny", heads, record, rates, label="distill-argmax:new-run")
+    assert "| squad | 2 | 0.300 |" in mine and "0.200" not in mine and "0.100" not in mine
 
 
 def test_a_directory_is_loaded_as_given(tiny, tmp_path):
