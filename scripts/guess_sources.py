@@ -38,10 +38,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="override every task's prompt budget")
     p.add_argument("--k", type=int, default=4, help="guesses per token (PPD's k)")
-    p.add_argument("--head-first", type=float, default=0.8,
-                   help="the confidence at which the head's top-1 goes before the text's guess in the 'head first "
-                        "if sure' column (0.8: the best of 0.3-0.9 on the self-distilled task-format validation "
-                        "prompts, not on these sets)")
+    p.add_argument("--head-first", default="0.5,0.7,0.9",
+                   help="confidences at which the head's top-1 goes before the text's guess: one 'head first if "
+                        "sure' column each")
     add_output_args(p, "guess_sources")
     a = p.parse_args()
 
@@ -61,9 +60,10 @@ def main() -> None:
     reads_prev = any(h.reads_prev for h in heads.values())
     k = a.k
     thresholds = (0.3, 0.5, 0.7, 0.9)
+    firsts = [float(x) for x in a.head_first.split(",") if x]
     sources = ["head top-1", f"head top-{k}", "shortlist top-1", f"shortlist top-{k}", "lookup",
-               "lookup first, top-1", f"head first if >= {a.head_first}, top-1", "lookup or shortlist top-1",
-               f"lookup + shortlist top-{k - 1}"]
+               "lookup first, top-1", *(f"head first if >= {c}, top-1" for c in firsts),
+               "lookup or shortlist top-1", f"lookup + shortlist top-{k - 1}"]
     pv = provenance("python scripts/guess_sources.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]), model.device)
     report = {**pv, "model": a.model, "heads": choice.label, "k": k, "max_new_tokens": a.max_new_tokens,
               "inputs": {d: list(heads[d].inputs) for d in layers},
@@ -110,7 +110,8 @@ def main() -> None:
                         h["lookup"] += y in lk
                         merged = merge_guesses(lk, sh, k)
                         h["lookup first, top-1"] += y == merged[0]
-                        h[f"head first if >= {a.head_first}, top-1"] += y == (sh[0] if c >= a.head_first else merged[0])
+                        for t in firsts:
+                            h[f"head first if >= {t}, top-1"] += y == (sh[0] if c >= t else merged[0])
                         h["lookup or shortlist top-1"] += y in lk or y == sh[0]
                         h[f"lookup + shortlist top-{k - 1}"] += y in merged
         report["sets"][s] = {"positions": positions,
@@ -130,8 +131,8 @@ def main() -> None:
              f"({', '.join(f'{n} at d={d}' for d, n in report['shortlist_rows'].items())}); heads that read f(t-1) "
              "are given it at every position but the first, as the stage-pipelined deployment has it. `lookup`: the "
              "token that followed the text's last 1-3 tokens before. `lookup first, top-1`: PPD's first guess; "
-             f"`head first if >= {a.head_first}`: the head's top-1 where its confidence is at least that, else PPD's "
-             "first guess; `lookup or shortlist top-1`: either source's first guess is right (no ordering of the two "
+             "`head first if >= c`: the head's top-1 where its confidence is at least c, else PPD's first guess; "
+             "`lookup or shortlist top-1`: either source's first guess is right (no ordering of the two "
              f"can do better at top-1); the last column is PPD's default guess set (k = {k}).", "",
              "| set | d | positions | " + " | ".join(sources) + " |", "|---|---|---|" + "---|" * len(sources)]
     for s, r in report["sets"].items():
