@@ -29,3 +29,23 @@ def test_publish_copies_the_run_only_when_asked(tmp_path, monkeypatch, capsys):
     artifacts.finish(_args(["--out", str(run), "--publish"]), run)
     assert sorted(p.name for p in docs.iterdir()) == ["x.json", "x.md"]
     assert (docs / "x.md").read_text() == "| a |"
+
+
+def test_the_commit_says_when_tracked_files_differ_from_it(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    monkeypatch.setattr(artifacts, "REPO", tmp_path)
+    clean = artifacts.git_commit()
+    assert clean and "+" not in clean and clean != "unknown"
+    (tmp_path / "new.txt").write_text("untracked files are not the run's code\n")
+    assert artifacts.git_commit() == clean
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert artifacts.git_commit() == clean + "+changes"
