@@ -112,9 +112,9 @@ def load_prompt_sets(a, tok, model) -> dict[str, list[list[int]]]:
             prompts[s] = [torch.randint(10, model.config.vocab_size, (n,), generator=g).tolist()
                           for _ in range(a.per_set)]
             continue
-        kw = {"max_prompt_tokens": a.max_prompt_tokens} if a.max_prompt_tokens else {}
         ps, report = load_prompts(s, tok, n=a.per_set, source="local", max_new_tokens=a.max_new_tokens,
-                                  context_length=model.config.max_position_embeddings, **kw)
+                                  max_prompt_tokens=a.max_prompt_tokens,  # (None: each task's own budget)
+                                  context_length=model.config.max_position_embeddings)
         prompts[s] = [x.input_ids for x in ps]
         print(report)
     return prompts

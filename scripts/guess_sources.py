@@ -69,9 +69,9 @@ def main() -> None:
               "inputs": {d: list(heads[d].inputs) for d in layers},
               "shortlist_rows": {d: ranked_size(heads[d]) for d in layers}, "sets": {}}
     for s in a.sets.split(","):
-        kw = {"max_prompt_tokens": a.max_prompt_tokens} if a.max_prompt_tokens else {}
         ps, _ = load_prompts(s, tok, n=a.per_set, source="local", max_new_tokens=a.max_new_tokens,
-                             context_length=model.config.max_position_embeddings, **kw)
+                             max_prompt_tokens=a.max_prompt_tokens,  # (None: each task's own budget)
+                             context_length=model.config.max_position_embeddings)
         prompts = [x.input_ids for x in ps]
         conts, states = greedy_continuations(model, prompts, a.max_new_tokens, batch_size=8, capture_layers=layers,
                                              capture_final=reads_prev,
@@ -84,6 +84,7 @@ def main() -> None:
                 if not cont:
                     continue
                 prev, known = previous_states(st[FINAL]) if reads_prev else (None, None)
+                target = torch.tensor(cont)
                 lookup = NextTokenLookup()
                 lookup.extend(prompt)
                 found = []
@@ -100,7 +101,7 @@ def main() -> None:
                     for t in thresholds:
                         above = conf >= t
                         sure[d][t][0] += int(above.sum())
-                        sure[d][t][1] += int((above & (top1 == torch.tensor(cont))).sum())
+                        sure[d][t][1] += int((above & (top1 == target)).sum())
                     for y, f, sh, lk, c in zip(cont, full, short, found, conf.tolist()):
                         h = hits[d]
                         h["head top-1"] += y == f[0]

@@ -77,7 +77,6 @@ def test_batching_benchmark_end_to_end_says_what_produced_it(tmp_path, shared_da
 
 
 def test_guess_sources_feeds_f_prev_and_bounds_a_text_aware_ranking(tmp_path, shared_data):
-    sys.path.insert(0, str(REPO / "tests"))
     from prev_heads import prev_head
 
     from ppd_decode.models.heads import save_heads
